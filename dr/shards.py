@@ -1,0 +1,240 @@
+"""The embedding-shard format shared by `dr encode` (writer) and `dr search` (reader).
+
+One shard is an Arrow IPC *file* (random access, memory-mappable) with two columns:
+
+    id          string
+    embedding   fixed_size_list<float16 | float32>[dim]
+
+and schema metadata (all values are UTF-8 strings, keys prefixed with ``dr.``):
+
+    dr.format_version  "1"
+    dr.model           model path or name that produced the vectors
+    dr.pooling         cls | mean | last
+    dr.normalize       "true" | "false"
+    dr.dim             vector dimension
+    dr.dtype           float16 | float32
+    dr.max_length      tokenizer max length used
+    dr.side            query | passage
+    dr.count           number of rows in the file
+
+It opens without `dr`: ``pyarrow.ipc.open_file(path).read_all()`` or polars' ``pl.read_ipc(path)``. Files are written under a temporary name and renamed when
+complete (`dr.atomic`), so a file under its final name is always whole.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from dr.atomic import atomic_path
+
+FORMAT_VERSION = "1"
+_DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
+
+
+class ShardError(ValueError):
+    """A shard file is unreadable, truncated, or does not match the expected format/metadata."""
+
+
+@dataclass(frozen=True)
+class ShardMeta:
+    """What produced the vectors in a shard; stored as Arrow schema metadata."""
+
+    model: str
+    pooling: str
+    normalize: bool
+    dim: int
+    dtype: str  # "float16" | "float32"
+    max_length: int
+    side: str  # "query" | "passage"
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _DTYPES:
+            raise ShardError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.side not in ("query", "passage"):
+            raise ShardError(f"side must be 'query' or 'passage', got {self.side!r}")
+        if self.dim <= 0 or self.count < 0:
+            raise ShardError(f"dim must be > 0 and count >= 0, got dim={self.dim}, count={self.count}")
+
+    def to_arrow(self) -> dict[bytes, bytes]:
+        meta = {"format_version": FORMAT_VERSION, **asdict(self)}
+        return {f"dr.{k}".encode(): _encode_value(v).encode() for k, v in meta.items()}
+
+    @classmethod
+    def from_arrow(cls, metadata: dict[bytes, bytes] | None, source: str) -> ShardMeta:
+        raw = {k.decode(): v.decode() for k, v in (metadata or {}).items() if k.startswith(b"dr.")}
+        missing = [f"dr.{f}" for f in (*cls.__dataclass_fields__, "format_version") if f"dr.{f}" not in raw]
+        if missing:
+            raise ShardError(f"{source}: not a dr embedding shard (schema metadata lacks {missing})")
+        if raw["dr.format_version"] != FORMAT_VERSION:
+            raise ShardError(f"{source}: shard format version {raw['dr.format_version']} is not supported")
+        try:
+            return cls(
+                model=raw["dr.model"],
+                pooling=raw["dr.pooling"],
+                normalize=raw["dr.normalize"] == "true",
+                dim=int(raw["dr.dim"]),
+                dtype=raw["dr.dtype"],
+                max_length=int(raw["dr.max_length"]),
+                side=raw["dr.side"],
+                count=int(raw["dr.count"]),
+            )
+        except ValueError as err:
+            raise ShardError(f"{source}: bad shard metadata: {err}") from err
+
+    def compatible_with(self, other: ShardMeta) -> list[str]:
+        """Fields (other than count/side) in which two shards disagree: vectors must not be mixed then."""
+        return [f for f in ("model", "pooling", "normalize", "dim", "dtype") if getattr(self, f) != getattr(other, f)]
+
+
+def _encode_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def shard_schema(meta: ShardMeta) -> pa.Schema:
+    """The Arrow schema of a shard with `meta` attached."""
+    value_type = _DTYPES[meta.dtype][1]
+    return pa.schema(
+        [pa.field("id", pa.string(), nullable=False), pa.field("embedding", pa.list_(value_type, meta.dim), nullable=False)],
+        metadata=meta.to_arrow(),
+    )
+
+
+class ShardWriter:
+    """Stream (id, embedding) batches into one shard file; the file appears under its final name on close.
+
+    Rows are buffered and written as record batches of `rows_per_batch`, so memory stays bounded whatever
+    the shard size. `meta.count` is the number of rows promised; `close()` fails if a different number
+    was written (and then nothing is left under the final name).
+
+    Use as a context manager::
+
+        with ShardWriter(path, meta) as writer:
+            writer.write(ids, vectors)   # list[str], float array (n, dim)
+    """
+
+    def __init__(self, path: str | os.PathLike, meta: ShardMeta, rows_per_batch: int = 8192) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.schema = shard_schema(meta)
+        self.rows_per_batch = rows_per_batch
+        self._np_dtype = _DTYPES[meta.dtype][0]
+        self._pending_ids: list[str] = []
+        self._pending_vecs: list[np.ndarray] = []
+        self._pending_rows = 0
+        self.rows_written = 0
+        self._atomic = atomic_path(self.path)
+        self._tmp: Path | None = None
+        self._sink: pa.OSFile | None = None
+        self._writer: ipc.RecordBatchFileWriter | None = None
+
+    def __enter__(self) -> ShardWriter:
+        self._tmp = self._atomic.__enter__()
+        self._sink = pa.OSFile(str(self._tmp), "wb")
+        self._writer = ipc.new_file(self._sink, self.schema)
+        return self
+
+    def write(self, ids: list[str], vectors: np.ndarray) -> None:
+        """Append rows; `vectors` has shape (len(ids), dim) and is cast to the shard dtype."""
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or vectors.shape[1] != self.meta.dim or vectors.shape[0] != len(ids):
+            raise ShardError(
+                f"{self.path}: expected vectors of shape ({len(ids)}, {self.meta.dim}), got {vectors.shape}"
+            )
+        self._pending_ids.extend(ids)
+        self._pending_vecs.append(vectors.astype(self._np_dtype, copy=False))
+        self._pending_rows += len(ids)
+        if self._pending_rows >= self.rows_per_batch:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending_rows:
+            return
+        flat = np.ascontiguousarray(np.concatenate(self._pending_vecs)).reshape(-1)
+        values = pa.array(flat, type=_DTYPES[self.meta.dtype][1])
+        embedding = pa.FixedSizeListArray.from_arrays(values, self.meta.dim)
+        batch = pa.record_batch([pa.array(self._pending_ids, pa.string()), embedding], schema=self.schema)
+        self._writer.write_batch(batch)
+        self.rows_written += self._pending_rows
+        self._pending_ids, self._pending_vecs, self._pending_rows = [], [], 0
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self._flush()
+            self._writer.close()
+            self._sink.close()
+            if exc_type is None and self.rows_written != self.meta.count:
+                raise ShardError(f"{self.path}: {self.rows_written} rows written, metadata promised {self.meta.count}")
+        except BaseException as err:
+            self._atomic.__exit__(type(err), err, err.__traceback__)
+            raise
+        self._atomic.__exit__(exc_type, exc, tb)
+
+
+def write_shard(path: str | os.PathLike, meta: ShardMeta, ids: list[str], vectors: np.ndarray) -> None:
+    """Write a whole shard at once (tests, small outputs)."""
+    with ShardWriter(path, meta) as writer:
+        writer.write(ids, vectors)
+
+
+def _open(path: str | os.PathLike) -> ipc.RecordBatchFileReader:
+    try:
+        return ipc.open_file(pa.memory_map(str(path), "r"))
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as err:
+        raise ShardError(f"{path}: cannot open as an Arrow IPC file (corrupt or truncated?): {err}") from err
+
+
+def read_meta(path: str | os.PathLike) -> ShardMeta:
+    """Read and validate a shard's metadata without touching its rows."""
+    reader = _open(path)
+    meta = ShardMeta.from_arrow(reader.schema.metadata, str(path))
+    _check_schema(reader.schema, meta, str(path))
+    if sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches)) != meta.count:
+        raise ShardError(f"{path}: row count differs from dr.count={meta.count} (truncated or altered)")
+    return meta
+
+
+def _check_schema(schema: pa.Schema, meta: ShardMeta, source: str) -> None:
+    expected = shard_schema(meta)
+    if schema.names != expected.names or not schema.field("embedding").type.equals(expected.field("embedding").type):
+        raise ShardError(f"{source}: columns {schema} do not match the shard schema {expected.remove_metadata()}")
+
+
+def iter_shard(path: str | os.PathLike, max_rows: int | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+    """Yield (ids, vectors) blocks of a shard, memory-mapped where possible.
+
+    Blocks follow the file's record batches, further cut to at most `max_rows` rows, so a caller can bound
+    how many vectors are resident at once. `vectors` is a read-only (rows, dim) view into the mapped file.
+    """
+    reader = _open(path)
+    meta = ShardMeta.from_arrow(reader.schema.metadata, str(path))
+    _check_schema(reader.schema, meta, str(path))
+    for i in range(reader.num_record_batches):
+        batch = reader.get_batch(i)
+        step = max_rows or batch.num_rows or 1
+        for start in range(0, batch.num_rows, step):
+            part = batch.slice(start, step)
+            vectors = part.column(1).flatten().to_numpy(zero_copy_only=False).reshape(-1, meta.dim)
+            yield part.column(0).to_pylist(), vectors
+
+
+def read_shard(path: str | os.PathLike) -> tuple[list[str], np.ndarray, ShardMeta]:
+    """Read a whole shard: (ids, vectors (count, dim), meta). Prefer `iter_shard` for large shards."""
+    meta = read_meta(path)
+    ids: list[str] = []
+    blocks: list[np.ndarray] = []
+    for block_ids, vectors in iter_shard(path):
+        ids.extend(block_ids)
+        blocks.append(vectors)
+    vectors = np.concatenate(blocks) if blocks else np.zeros((0, meta.dim), dtype=_DTYPES[meta.dtype][0])
+    return ids, vectors, meta
