@@ -1,0 +1,386 @@
+"""Training data: load query groups from the hub, local Tevatron-format files or a BEIR folder; validate them;
+serve (query, [positive, negatives...]) text deterministically from (seed, epoch, example).
+
+Tevatron row format (JSONL / Parquet / hub):
+    {"query_id": str, "query": str,
+     "positive_passages": [{"docid": str, "title": str, "text": str}, ...],
+     "negative_passages": [{"docid": str, "title": str, "text": str}, ...]}
+
+BEIR-style folder: `corpus.jsonl` ({"_id"|"docid", "title", "text"}), queries (`queries.<split>.tsv`,
+`queries.tsv`, or `queries.jsonl` with an optional "split" field) and qrels (`qrels.<split>.trec`,
+`qrels/<split>.tsv`, `qrels.trec`). Positives come from the qrels (relevance > 0); negatives are sampled
+uniformly from the corpus, excluding the query's positives, afresh every epoch.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+logger = logging.getLogger(__name__)
+
+DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    """Training data is missing, malformed or inconsistent; the message names file, row and field."""
+
+
+# ---- the served item ------------------------------------------------------------------------------------
+def passage_text(passage: dict[str, Any]) -> str:
+    """Title and text joined by a space; empty titles and MS MARCO's '-' placeholder are skipped."""
+    title = (passage.get("title") or "").strip()
+    text = passage.get("text") or ""
+    return f"{title} {text}" if title and title != "-" else text
+
+
+def choose_group(
+    rng: np.random.Generator, n_positives: int, n_negatives: int, group_size: int
+) -> tuple[int, list[int]]:
+    """Pick one positive and `group_size - 1` negatives (indices); with replacement if too few negatives."""
+    positive = int(rng.integers(n_positives))
+    wanted = group_size - 1
+    if wanted == 0:
+        return positive, []
+    if n_negatives >= wanted:
+        return positive, [int(i) for i in rng.choice(n_negatives, size=wanted, replace=False)]
+    order = [int(i) for i in rng.permutation(n_negatives)]
+    return positive, order + [int(i) for i in rng.choice(n_negatives, size=wanted - n_negatives, replace=True)]
+
+
+class TrainGroups(torch.utils.data.Dataset):
+    """Map-style dataset of training groups: item -> (query text, [positive text, negative texts...]).
+
+    Index with `(epoch, i)` (what `EpochSampler` yields) or a plain `i` (epoch 0). The positive and the
+    negatives are a function of (seed, epoch, i) only, so every rank and every rerun agree, and a resumed
+    run sees exactly the groups the uninterrupted run would have seen.
+    """
+
+    def __init__(self, source: GroupSource, group_size: int, seed: int, query_prefix: str = "",
+                 passage_prefix: str = "") -> None:
+        self.source = source
+        self.group_size = group_size
+        self.seed = seed
+        self.query_prefix = query_prefix
+        self.passage_prefix = passage_prefix
+        short = source.count_short_groups(group_size - 1)
+        if short:
+            logger.warning(
+                "%d of %d queries have fewer than %d negatives: their negatives are sampled with replacement",
+                short, len(source), group_size - 1,
+            )
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[str, list[str]]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        query, passages = self.source.group(index, rng, self.group_size)
+        return self.query_prefix + query, [self.passage_prefix + p for p in passages]
+
+
+class GroupSource:
+    """Where groups come from; subclasses know their storage."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def group(self, index: int, rng: np.random.Generator, group_size: int) -> tuple[str, list[str]]:
+        raise NotImplementedError
+
+    def count_short_groups(self, wanted_negatives: int) -> int:
+        return 0
+
+
+class TevatronGroups(GroupSource):
+    """Groups stored with their passages (Tevatron format), backed by a memory-mapped `datasets.Dataset`."""
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+        negatives = dataset.data.table.column("negative_passages") if "negative_passages" in dataset.column_names else None
+        self._n_negatives = (
+            np.zeros(len(dataset), dtype=np.int64) if negatives is None
+            else pc.list_value_length(negatives).fill_null(0).to_numpy(zero_copy_only=False)
+        )
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def count_short_groups(self, wanted_negatives: int) -> int:
+        return int((self._n_negatives < wanted_negatives).sum())
+
+    def group(self, index: int, rng: np.random.Generator, group_size: int) -> tuple[str, list[str]]:
+        row = self.dataset[index]
+        negatives = row.get("negative_passages") or []
+        pos, neg = choose_group(rng, len(row["positive_passages"]), len(negatives), group_size)
+        passages = [row["positive_passages"][pos]] + [negatives[i] for i in neg]
+        return row["query"], [passage_text(p) for p in passages]
+
+
+class BeirGroups(GroupSource):
+    """Groups built from qrels: positives from relevance > 0, negatives sampled from the whole corpus."""
+
+    def __init__(self, queries: list[tuple[str, str, list[int]]], corpus_texts: list[str]) -> None:
+        self.queries = queries  # (qid, text, positive corpus rows)
+        self.corpus_texts = corpus_texts
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def group(self, index: int, rng: np.random.Generator, group_size: int) -> tuple[str, list[str]]:
+        _, text, positives = self.queries[index]
+        pos = positives[int(rng.integers(len(positives)))]
+        excluded, negatives = set(positives), []
+        while len(negatives) < group_size - 1:  # rejection sampling: positives are few, the corpus large
+            candidate = int(rng.integers(len(self.corpus_texts)))
+            if candidate not in excluded:
+                negatives.append(candidate)
+        return text, [self.corpus_texts[i] for i in [pos, *negatives]]
+
+
+# ---- locating and loading --------------------------------------------------------------------------------
+def local_data_files(spec: str) -> list[Path] | None:
+    """Local files named by a path, a glob or a folder; None when `spec` is not local (a hub name)."""
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
+        if not files:
+            raise DataError(f"{spec}: folder has no .jsonl/.json/.parquet files")
+        return files
+    if any(ch in spec for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
+        if not files:
+            raise DataError(f"{spec}: glob matches no files")
+        return files
+    return None
+
+
+def is_beir_folder(spec: str) -> bool:
+    p = Path(spec)
+    return p.is_dir() and (p / "corpus.jsonl").is_file()
+
+
+def load_train_groups(dataset_name: str, split: str = "train", config: str | None = None,
+                      group_size: int = 8, cache_dir: str | None = None) -> GroupSource:
+    """Load and validate training groups from any supported source (see module docstring)."""
+    if not dataset_name:
+        raise DataError("--dataset_name is required for training (a hub name, a file, a glob or a folder)")
+    if is_beir_folder(dataset_name):
+        return load_beir_groups(Path(dataset_name), split, group_size)
+    files = local_data_files(dataset_name)
+    if files is None:
+        return TevatronGroups(_load_hub(dataset_name, split, config, group_size, cache_dir))
+    import datasets
+
+    parts = [_load_local_file(f, group_size, cache_dir) for f in files]
+    return TevatronGroups(parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts))
+
+
+def _load_hub(name: str, split: str, config: str | None, group_size: int, cache_dir: str | None) -> Any:
+    import datasets
+
+    if name.count("/") == 2:  # Tevatron's "Org/name/split" spelling
+        name, split = name.rsplit("/", 1)
+    try:
+        ds = datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
+    except Exception as err:  # noqa: BLE001 - hub/network/format errors: name the dataset
+        raise DataError(f"cannot load dataset {name!r} (split {split!r}) from the hub: {err}") from err
+    validate_groups(ds.data.table, name, group_size)
+    return ds
+
+
+def _load_local_file(path: Path, group_size: int, cache_dir: str | None) -> Any:
+    import datasets
+
+    builder = DATA_SUFFIXES.get(path.suffix)
+    if builder is None:
+        raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: file is empty")
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+    except Exception as err:  # noqa: BLE001 - parse errors from pyarrow/datasets: name the file
+        cause = err.__cause__ or err
+        raise DataError(f"{path}: cannot parse as {builder}: {cause}") from err
+    validate_groups(ds.data.table, str(path), group_size)
+    return ds
+
+
+def _row_label(source: str, index: int) -> str:
+    line = f" (line {index + 1})" if source.endswith((".jsonl", ".json")) else ""
+    return f"{source}: row {index + 1}{line}"
+
+
+def _first_true(mask: pa.ChunkedArray | pa.Array) -> int | None:
+    hits = np.flatnonzero(np.asarray(mask.fill_null(True).to_numpy(zero_copy_only=False)))
+    return int(hits[0]) if len(hits) else None
+
+
+def validate_groups(table: pa.Table, source: str, group_size: int) -> None:
+    """Check schema and content of Tevatron-format rows, vectorised; raise DataError naming row and field."""
+    if table.num_rows == 0:
+        raise DataError(f"{source}: no rows")
+    required = ["query", "positive_passages"] + (["negative_passages"] if group_size > 1 else [])
+    for name in required:
+        if name not in table.column_names:
+            raise DataError(f"{source}: field {name!r} is missing (row 1 has fields {table.column_names})")
+    if not pa.types.is_string(table.schema.field("query").type) and not pa.types.is_large_string(
+        table.schema.field("query").type
+    ):
+        raise DataError(f"{source}: field 'query' must be a string, found {table.schema.field('query').type}")
+    bad = _first_true(pc.is_null(table.column("query")))
+    if bad is not None:
+        raise DataError(f"{_row_label(source, bad)}: field 'query' is null or missing")
+    for name in ("positive_passages", "negative_passages"):
+        if name not in table.column_names:
+            continue
+        ftype = table.schema.field(name).type
+        if not (pa.types.is_list(ftype) or pa.types.is_large_list(ftype)) or not pa.types.is_struct(ftype.value_type):
+            raise DataError(f"{source}: field {name!r} must be a list of {{docid, title, text}} objects, found {ftype}")
+        struct = ftype.value_type
+        if struct.get_field_index("text") < 0:
+            raise DataError(f"{source}: field {name!r}: passages have no 'text' (fields: {[f.name for f in struct]})")
+        if not pa.types.is_string(struct.field("text").type) and not pa.types.is_large_string(struct.field("text").type):
+            raise DataError(f"{source}: field '{name}.text' must be a string, found {struct.field('text').type}")
+        column = table.column(name)
+        lengths = pc.list_value_length(column).fill_null(0)
+        if name == "positive_passages":
+            bad = _first_true(pc.equal(lengths, 0))
+            if bad is not None:
+                raise DataError(f"{_row_label(source, bad)}: field 'positive_passages' is empty or missing")
+        elif group_size > 1:
+            bad = _first_true(pc.equal(lengths, 0))
+            if bad is not None:
+                raise DataError(
+                    f"{_row_label(source, bad)}: field 'negative_passages' is empty but --train_n_passages "
+                    f"{group_size} needs {group_size - 1} negatives per query (use --train_n_passages 1 for "
+                    "in-batch negatives only)"
+                )
+        texts = pc.struct_field(pc.list_flatten(column), "text")
+        bad_flat = _first_true(pc.is_null(texts))
+        if bad_flat is not None:  # map the flattened passage index back to its row
+            offsets = np.cumsum(lengths.to_numpy(zero_copy_only=False))
+            row = int(np.searchsorted(offsets, bad_flat, side="right"))
+            raise DataError(f"{_row_label(source, row)}: field '{name}[].text' is null or missing")
+
+
+# ---- BEIR-style folders ----------------------------------------------------------------------------------
+def _first_existing(folder: Path, names: list[str]) -> Path | None:
+    for name in names:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_tsv_queries(path: Path) -> dict[str, str]:
+    """`qid<TAB>text` lines (no header)."""
+    queries = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            parts = line.split("\t", 1)
+            if len(parts) != 2:
+                raise DataError(f"{path}: line {line_no}: expected 'qid<TAB>text'")
+            queries[parts[0]] = parts[1]
+    return queries
+
+
+def read_jsonl_queries(path: Path, split: str | None) -> dict[str, str]:
+    """JSONL queries with id in qid/query_id/_id and text in text/query; an optional 'split' filters."""
+    queries = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: line {line_no}: invalid JSON: {err}") from err
+            if split and "split" in row and row["split"] != split:
+                continue
+            qid = next((row[k] for k in ("qid", "query_id", "_id") if k in row), None)
+            text = next((row[k] for k in ("text", "query") if k in row), None)
+            if qid is None or text is None:
+                raise DataError(f"{path}: line {line_no}: needs an id (qid/query_id/_id) and a text (text/query)")
+            queries[str(qid)] = text
+    return queries
+
+
+def read_qrels(path: Path) -> dict[str, dict[str, int]]:
+    """TREC qrels (`qid 0 docid rel`) or BEIR TSV (`query-id corpus-id score`, header skipped)."""
+    qrels: dict[str, dict[str, int]] = {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            parts = line.split()
+            if not parts or (line_no == 1 and parts[0] == "query-id"):
+                continue
+            if len(parts) == 4:
+                qid, _, docid, rel = parts
+            elif len(parts) == 3:
+                qid, docid, rel = parts
+            else:
+                raise DataError(f"{path}: line {line_no}: expected 'qid 0 docid rel' or 'qid docid rel'")
+            try:
+                qrels.setdefault(qid, {})[docid] = int(float(rel))
+            except ValueError as err:
+                raise DataError(f"{path}: line {line_no}: relevance {rel!r} is not a number") from err
+    return qrels
+
+
+def load_beir_groups(folder: Path, split: str, group_size: int) -> BeirGroups:
+    """Training groups from a BEIR-style folder: queries of `split` with at least one relevant document."""
+    corpus_path = folder / "corpus.jsonl"
+    doc_rows: dict[str, int] = {}
+    texts: list[str] = []
+    with open(corpus_path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{corpus_path}: line {line_no}: invalid JSON: {err}") from err
+            docid = row.get("_id", row.get("docid"))
+            if docid is None or row.get("text") is None:
+                raise DataError(f"{corpus_path}: line {line_no}: needs '_id' or 'docid', and 'text'")
+            doc_rows[str(docid)] = len(texts)
+            texts.append(passage_text(row))
+    if not texts:
+        raise DataError(f"{corpus_path}: no documents")
+    q_path = _first_existing(folder, [f"queries.{split}.tsv", f"queries.{split}.jsonl", "queries.jsonl", "queries.tsv"])
+    r_path = _first_existing(folder, [f"qrels.{split}.trec", f"qrels/{split}.tsv", f"qrels.{split}.tsv", "qrels.trec"])
+    if q_path is None or r_path is None:
+        raise DataError(f"{folder}: BEIR folder lacks queries or qrels for split {split!r}")
+    queries = read_tsv_queries(q_path) if q_path.suffix == ".tsv" else read_jsonl_queries(q_path, split)
+    qrels = read_qrels(r_path)
+    groups, missing_docs = [], 0
+    for qid, text in queries.items():
+        positives = []
+        for docid, rel in qrels.get(qid, {}).items():
+            if rel > 0:
+                if docid in doc_rows:
+                    positives.append(doc_rows[docid])
+                else:
+                    missing_docs += 1
+        if positives:
+            groups.append((qid, text, sorted(positives)))
+    if not groups:
+        raise DataError(f"{folder}: no query of split {split!r} in {q_path.name} has a relevant document in {r_path.name}")
+    if len(texts) < group_size + max(len(p) for _, _, p in groups):
+        raise DataError(f"{corpus_path}: {len(texts)} documents are too few to sample {group_size - 1} negatives")
+    logger.info("BEIR folder %s: %d training queries (split %s), %d documents%s", folder, len(groups), split,
+                len(texts), f"; {missing_docs} qrels point to unknown documents" if missing_docs else "")
+    return BeirGroups(groups, texts)

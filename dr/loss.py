@@ -1,0 +1,52 @@
+"""Contrastive (InfoNCE) loss over in-batch and hard negatives, optionally gathered across devices.
+
+Layout: each query contributes a group of n passages, positive first, then its hard negatives:
+
+    passages = [p(q0)+, p(q0)-, ..., p(q0)-, p(q1)+, ..., p(q_{B-1})-]      (B*n rows)
+
+Every query is scored against every passage of the (global) batch; its label is the row of its own
+positive. Other queries' positives and negatives are extra (in-batch) negatives.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dr.distributed import all_gather_with_grad, get_rank, get_world_size, is_initialized
+
+
+class ContrastiveLoss(nn.Module):
+    """Cross-entropy of each local query over all (gathered) passages.
+
+    Args:
+        temperature: scores are divided by it before the softmax.
+        gather_across_devices: score local queries against the passages of every rank.
+
+    Why no world-size factor: each rank's loss is the mean over its B local queries, and passages are
+    gathered *with autograd*, so rank r's passages receive gradient from the queries of every rank (the
+    backward of the gather sums them). DDP / DeepSpeed then average gradients over the W ranks, i.e.
+    the parameter gradient is (1/W) * sum_r d(mean_r)/d(theta) = d(mean over all W*B queries)/d(theta):
+    exactly the single-process loss on the global batch. (Gathering *without* autograd and splicing the
+    local slice back would lose the other ranks' contributions and need a x W correction instead.)
+    """
+
+    def __init__(self, temperature: float = 1.0, gather_across_devices: bool = False) -> None:
+        super().__init__()
+        self.temperature = temperature
+        self.gather_across_devices = gather_across_devices
+
+    def forward(self, q_reps: torch.Tensor, p_reps: torch.Tensor) -> torch.Tensor:
+        """q_reps (B, d), p_reps (B*n, d) grouped per query -> scalar loss (mean over local queries)."""
+        n_local_queries = q_reps.shape[0]
+        if p_reps.shape[0] % n_local_queries:
+            raise ValueError(f"{p_reps.shape[0]} passages do not split into groups for {n_local_queries} queries")
+        group_size = p_reps.shape[0] // n_local_queries
+        rank_offset = 0
+        if self.gather_across_devices and is_initialized() and get_world_size() > 1:
+            p_reps = all_gather_with_grad(p_reps)  # (W*B*n, d), rank-major
+            rank_offset = get_rank() * n_local_queries
+        scores = q_reps @ p_reps.T / self.temperature  # (B, W*B*n)
+        query_index = torch.arange(n_local_queries, device=q_reps.device) + rank_offset  # (B,) global
+        labels = query_index * group_size  # (B,) row of each query's positive in the global layout
+        return nn.functional.cross_entropy(scores.float(), labels)

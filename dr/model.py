@@ -1,0 +1,237 @@
+"""The bi-encoder: a Hugging Face encoder (or two, untied) + pooling + optional L2 normalisation.
+
+`BiEncoder.forward(query=..., passage=...)` returns the contrastive loss so that DDP / DeepSpeed wrap one
+module whose forward covers everything that needs gradients. Encoding-only callers use `encode_query` /
+`encode_passage`.
+
+A saved model is a plain Hugging Face folder (safetensors) plus `dr_config.json` (pooling, normalize,
+prefixes, max lengths) so that `dr encode` needs no repeated flags. Untied encoders are saved as
+`query_model/` and `passage_model/` subfolders; the tokenizer and `dr_config.json` sit at the top.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from dr.arguments import POOLINGS
+from dr.loss import ContrastiveLoss
+
+DR_CONFIG_NAME = "dr_config.json"
+QUERY_SUBDIR, PASSAGE_SUBDIR = "query_model", "passage_model"
+
+
+@dataclass
+class EncoderConfig:
+    """How text becomes a vector; saved as `dr_config.json` next to the weights."""
+
+    pooling: str = "cls"
+    normalize: bool = False
+    untie_encoder: bool = False
+    temperature: float = 1.0
+    query_prefix: str = ""
+    passage_prefix: str = ""
+    q_max_len: int = 32
+    p_max_len: int = 128
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"{DR_CONFIG_NAME}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+
+    @classmethod
+    def load(cls, model_dir: str | os.PathLike) -> EncoderConfig | None:
+        """The folder's dr_config.json, or None for a plain Hugging Face model."""
+        path = Path(model_dir) / DR_CONFIG_NAME
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text(encoding="utf-8"))
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, model_dir: str | os.PathLike) -> None:
+        (Path(model_dir) / DR_CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Reduce token states (B, L, d) to one vector per sequence (B, d)."""
+    if pooling == "cls":
+        return hidden[:, 0]  # (B, d)
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, d)
+    if pooling == "last":
+        # Left padding puts the last real token at position L-1 for every row; right padding at len-1.
+        if bool(attention_mask[:, -1].all()):
+            return hidden[:, -1]  # (B, d)
+        last = attention_mask.sum(1) - 1  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, d)
+    raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
+
+
+def is_dr_model(path: str | os.PathLike) -> bool:
+    return (Path(path) / DR_CONFIG_NAME).is_file()
+
+
+def _encoder_dirs(model_dir: Path) -> tuple[Path, Path | None]:
+    """(query encoder folder, passage encoder folder or None when tied) of a saved model."""
+    if (model_dir / QUERY_SUBDIR).is_dir() and (model_dir / PASSAGE_SUBDIR).is_dir():
+        return model_dir / QUERY_SUBDIR, model_dir / PASSAGE_SUBDIR
+    return model_dir, None
+
+
+class BiEncoder(nn.Module):
+    """Query/passage encoder(s) with pooling, normalisation and the contrastive training loss."""
+
+    # The Trainer must not pass `num_items_in_batch`: our loss is a per-batch mean (see dr/trainer.py).
+    accepts_loss_kwargs = False
+
+    def __init__(
+        self,
+        query_encoder: nn.Module,
+        passage_encoder: nn.Module | None,
+        config: EncoderConfig,
+        negatives_x_device: bool = False,
+    ) -> None:
+        super().__init__()
+        self.query_encoder = query_encoder
+        # Registered only when untied, so tied weights appear once in parameters() and state_dict().
+        self.passage_encoder = passage_encoder
+        self.encoder_config = config
+        self.loss_fn = ContrastiveLoss(temperature=config.temperature, gather_across_devices=negatives_x_device)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name_or_path: str,
+        overrides: dict[str, Any] | None = None,
+        negatives_x_device: bool = False,
+        cache_dir: str | None = None,
+        **hf_kwargs: Any,
+    ) -> BiEncoder:
+        """Load a `dr` output folder or any Hugging Face encoder.
+
+        `overrides` (e.g. pooling, normalize from the command line) win over the saved dr_config.json;
+        `None` values are ignored. For a plain HF model the defaults of `EncoderConfig` fill the rest.
+        """
+        saved = EncoderConfig.load(model_name_or_path) if Path(model_name_or_path).is_dir() else None
+        values = asdict(saved) if saved else {}
+        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        config = EncoderConfig(**{k: v for k, v in values.items() if k in {f.name for f in fields(EncoderConfig)}})
+        q_dir, p_dir = _encoder_dirs(Path(model_name_or_path))
+        q_source = str(q_dir) if Path(model_name_or_path).is_dir() else model_name_or_path
+        query_encoder = AutoModel.from_pretrained(q_source, cache_dir=cache_dir, **hf_kwargs)
+        passage_encoder = None
+        if p_dir is not None:
+            passage_encoder = AutoModel.from_pretrained(str(p_dir), cache_dir=cache_dir, **hf_kwargs)
+            config.untie_encoder = True
+        elif config.untie_encoder:
+            passage_encoder = AutoModel.from_pretrained(q_source, cache_dir=cache_dir, **hf_kwargs)
+        return cls(query_encoder, passage_encoder, config, negatives_x_device=negatives_x_device)
+
+    @property
+    def config(self) -> Any:
+        """The backbone's Hugging Face config (what the Trainer / DeepSpeed "auto" sizing inspect)."""
+        return self.query_encoder.config
+
+    @property
+    def passage_model(self) -> nn.Module:
+        return self.passage_encoder if self.passage_encoder is not None else self.query_encoder
+
+    # ---- encoding -----------------------------------------------------------------------------------
+    def _encode(self, encoder: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        hidden = encoder(**batch, return_dict=True).last_hidden_state  # (B, L, d)
+        reps = pool(hidden, batch["attention_mask"], self.encoder_config.pooling)  # (B, d)
+        if self.encoder_config.normalize:
+            reps = nn.functional.normalize(reps, p=2, dim=-1)
+        return reps
+
+    def encode_query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tokenised queries -> (B, d) vectors."""
+        return self._encode(self.query_encoder, batch)
+
+    def encode_passage(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Tokenised passages -> (B, d) vectors."""
+        return self._encode(self.passage_model, batch)
+
+    def forward(
+        self, query: dict[str, torch.Tensor], passage: dict[str, torch.Tensor], **_: Any
+    ) -> dict[str, torch.Tensor]:
+        """Training step: B queries and B*n passages (grouped per query, positive first) -> loss."""
+        q_reps = self.encode_query(query)  # (B, d)
+        p_reps = self.encode_passage(passage)  # (B*n, d)
+        loss = self.loss_fn(q_reps, p_reps)
+        return {"loss": loss, "q_reps": q_reps.detach(), "p_reps": p_reps.detach()}
+
+    # ---- gradient checkpointing (called by the Trainer) ---------------------------------------------
+    supports_gradient_checkpointing = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        for encoder in {id(m): m for m in (self.query_encoder, self.passage_model)}.values():
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            if hasattr(encoder, "enable_input_require_grads"):
+                encoder.enable_input_require_grads()
+
+    # ---- saving / loading weights -------------------------------------------------------------------
+    def save(
+        self,
+        output_dir: str | os.PathLike,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        """Write the model as Hugging Face folder(s) + tokenizer + dr_config.json.
+
+        Everything is written into `<output_dir>/.saving` first and moved into place afterwards, with
+        dr_config.json last: a folder with dr_config.json is always a complete model.
+        `state_dict` (keys prefixed `query_encoder.` / `passage_encoder.`) is what DeepSpeed ZeRO-3
+        gathers; by default the module's own.
+        """
+        output_dir = Path(output_dir)
+        staging = output_dir / ".saving"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        parts = {"query_encoder.": self.query_encoder}
+        if self.passage_encoder is not None:
+            parts["passage_encoder."] = self.passage_encoder
+        for prefix, encoder in parts.items():
+            sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            target = staging
+            if self.passage_encoder is not None:
+                target = staging / (QUERY_SUBDIR if prefix == "query_encoder." else PASSAGE_SUBDIR)
+            encoder.save_pretrained(target, state_dict=sub, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        (output_dir / DR_CONFIG_NAME).unlink(missing_ok=True)
+        for item in sorted(staging.iterdir()):
+            dest = output_dir / item.name
+            if dest.is_dir():
+                shutil.rmtree(dest)
+            os.replace(item, dest)
+        self.encoder_config.save(output_dir)
+        staging.rmdir()
+
+    def load_weights(self, model_dir: str | os.PathLike) -> None:
+        """Load weights saved by `save` into this module in place (used on resume)."""
+        q_dir, p_dir = _encoder_dirs(Path(model_dir))
+        self.query_encoder.load_state_dict(AutoModel.from_pretrained(str(q_dir)).state_dict())
+        if self.passage_encoder is not None:
+            if p_dir is None:
+                raise ValueError(f"{model_dir}: checkpoint has tied weights but the model is untied")
+            self.passage_encoder.load_state_dict(AutoModel.from_pretrained(str(p_dir)).state_dict())
+
+
+def load_tokenizer(model_name_or_path: str, tokenizer_name: str | None = None, cache_dir: str | None = None):
+    """The tokenizer saved with the model (or `tokenizer_name`); adds a pad token if the model has none."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model_name_or_path, cache_dir=cache_dir)
+    if tokenizer.pad_token is None:  # decoder backbones (last-token pooling) often have no pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

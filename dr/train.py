@@ -1,0 +1,145 @@
+"""`dr train` / `python -m dr.train`: fine-tune a bi-encoder with in-batch + hard negatives.
+
+Launch with plain `python` (one GPU or the CPU), `torchrun --nproc_per_node N` (DDP) or
+`deepspeed --num_gpus N ... --deepspeed configs/deepspeed/zero2.json`. Flags: Tevatron's, see README.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+from dr.arguments import ConfigError, DataArguments, DRTrainingArguments, ModelArguments, load_config_file, parse_args
+
+logger = logging.getLogger("dr.train")
+
+
+def _prepare_environment(argv: list[str]) -> None:
+    """Environment that must exist before TrainingArguments touches torch.distributed / DeepSpeed.
+
+    DeepSpeed started by plain `python` (no launcher) looks for MPI unless the torch.distributed
+    variables are set, so a single-process DeepSpeed run gets a one-process rendezvous here.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    wants_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv)
+    if "--config" in argv:
+        config = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None
+        wants_deepspeed |= bool(config and Path(config).is_file() and load_config_file(config).get("deepspeed"))
+    if wants_deepspeed and "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(port)).items():
+            os.environ.setdefault(key, value)
+
+
+def _check_output_dir(args: DRTrainingArguments) -> None:
+    out = Path(args.output_dir)
+    if not out.is_dir() or args.overwrite_output_dir or args.resume_from_checkpoint:
+        return
+    if (out / "dr_config.json").exists() or any(out.glob("checkpoint-*")):
+        raise ConfigError(
+            f"--output_dir {out} already holds a model or checkpoints: pass --overwrite_output_dir to replace "
+            "it or --resume_from_checkpoint to continue"
+        )
+
+
+def _resolve_resume(value: str | None, output_dir: str) -> str | bool | None:
+    """`latest`/`true` -> the newest checkpoint in output_dir (True for the Trainer); a path must exist."""
+    if value is None or value.lower() in ("", "false", "none", "no"):
+        return None
+    if value.lower() in ("latest", "true", "last", "yes"):
+        return True
+    if not Path(value).is_dir():
+        raise ConfigError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
+    return value
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: DRTrainingArguments) -> None:
+    """Build data, model and trainer from parsed arguments, train, and save the final model."""
+    import torch
+    from transformers import set_seed
+
+    from dr.arguments import to_jsonable
+    from dr.collator import TrainCollator
+    from dr.data import TrainGroups, load_train_groups
+    from dr.model import BiEncoder, load_tokenizer
+    from dr.trainer import BiEncoderTrainer
+
+    if training_args.fp16 and not torch.cuda.is_available():
+        raise ConfigError("--fp16 needs a CUDA GPU; on CPU drop --fp16 (or use --bf16)")
+    _check_output_dir(training_args)
+    resume = _resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    set_seed(training_args.seed)
+
+    with training_args.main_process_first(desc="loading training data"):
+        source = load_train_groups(
+            data_args.dataset_name, split=data_args.dataset_split, config=data_args.dataset_config,
+            group_size=data_args.train_n_passages, cache_dir=model_args.cache_dir,
+        )
+    dataset = TrainGroups(source, data_args.train_n_passages, training_args.seed,
+                          data_args.query_prefix, data_args.passage_prefix)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name, model_args.cache_dir)
+    overrides = dict(
+        pooling=model_args.pooling, normalize=model_args.normalize, untie_encoder=model_args.untie_encoder or None,
+        temperature=model_args.temperature, query_prefix=data_args.query_prefix,
+        passage_prefix=data_args.passage_prefix, q_max_len=data_args.q_max_len, p_max_len=data_args.p_max_len,
+    )
+    model = BiEncoder.from_pretrained(model_args.model_name_or_path, overrides,
+                                      negatives_x_device=training_args.negatives_x_device,
+                                      cache_dir=model_args.cache_dir)
+    resolved = to_jsonable(model_args, data_args, training_args)
+    resolved["encoder_config"] = vars(model.encoder_config)
+    if training_args.process_index == 0:
+        from dr.atomic import write_json_atomic
+        from dr.trainer import RESOLVED_CONFIG_NAME
+
+        write_json_atomic(Path(training_args.output_dir) / RESOLVED_CONFIG_NAME, resolved)
+    logger.info(
+        "training %s (%s pooling, normalize=%s) on %d queries x %d passages; world size %d, gathered negatives %s",
+        model_args.model_name_or_path, model.encoder_config.pooling, model.encoder_config.normalize, len(dataset),
+        data_args.train_n_passages, training_args.world_size, training_args.negatives_x_device,
+    )
+    trainer = BiEncoderTrainer(
+        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
+        data_collator=TrainCollator(tokenizer, data_args.q_max_len, data_args.p_max_len, data_args.pad_to_multiple_of),
+        resolved_config=resolved,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    if training_args.process_index == 0:
+        logger.info("saved the trained model to %s", training_args.output_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2: bad arguments, 1: bad data or failure)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    from dr.data import DataError
+    from dr.distributed import teardown
+
+    try:
+        _prepare_environment(argv)
+        model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, DRTrainingArguments), argv)
+        train(model_args, data_args, training_args)
+    except ConfigError as err:
+        logger.error("%s", err)
+        return 2
+    except DataError as err:
+        logger.error("bad training data: %s", err)
+        return 1
+    finally:
+        teardown()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

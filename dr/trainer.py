@@ -1,0 +1,90 @@
+"""The training loop: a thin `transformers.Trainer` subclass.
+
+Why the Trainer: it already does DDP, DeepSpeed ZeRO 0-3, fp16/bf16, gradient accumulation and
+checkpointing, and its resume restores optimizer, scheduler, RNG state and the position in the data.
+What we add is small and is the part that must be exactly right:
+- `compute_loss` calls the bi-encoder, whose loss gathers passages across ranks with autograd;
+- `EpochSampler` makes the data order, and through `(epoch, index)` items the choice of positives and
+  negatives, a function of (seed, epoch) only, so all ranks and resumed runs agree;
+- `_save` / `_load_from_checkpoint` store the model as Hugging Face folder(s) + dr_config.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from dr.atomic import write_json_atomic
+from dr.model import BiEncoder
+
+logger = logging.getLogger(__name__)
+
+RESOLVED_CONFIG_NAME = "dr_train_args.json"
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields `(epoch, index)` in an order shuffled by (seed, epoch).
+
+    The Trainer (through accelerate) calls `set_epoch` before every epoch, including the resumed one; each
+    rank builds the same permutation and accelerate hands rank r every W-th batch of it.
+    """
+
+    def __init__(self, length: int, seed: int, shuffle: bool = True) -> None:
+        self.length = length
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        else:
+            order = range(self.length)
+        return ((self.epoch, i) for i in order)
+
+
+class BiEncoderTrainer(Trainer):
+    """Trainer for `BiEncoder`; see the module docstring for what differs from the base class."""
+
+    def __init__(self, *args: Any, resolved_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resolved_config = resolved_config or {}
+        # Our loss is a per-batch mean: let the Trainer divide by the accumulation steps, and never rescale
+        # it by the number of processes (the gathered loss needs no world-size factor: dr/loss.py).
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        return EpochSampler(len(dataset), seed=self.args.seed)
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        outputs = model(query=inputs["query"], passage=inputs["passage"])
+        return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        output_dir = output_dir or self.args.output_dir
+        model: BiEncoder = self.accelerator.unwrap_model(self.model)
+        model.save(output_dir, state_dict=state_dict, tokenizer=self.processing_class)
+        write_json_atomic(os.path.join(output_dir, RESOLVED_CONFIG_NAME), self.resolved_config)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        # DeepSpeed restores its own engine state; DDP / single-process runs read our saved folders.
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        logger.info("loading model weights from %s", resume_from_checkpoint)
+        model.load_weights(resume_from_checkpoint)

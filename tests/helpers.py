@@ -1,0 +1,133 @@
+"""Test fixtures that must travel with the repository: a tiny BERT, a learnable retrieval task, launchers.
+
+Nothing here reaches a hub: the tokenizer is a WordPiece vocabulary written by the test, the model is
+built from a config with random weights, and both are saved to a folder and loaded back through the
+same `from_pretrained(path)` code path real models use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# A small closed vocabulary: topics and words that make a learnable query -> passage task.
+TOPICS = [
+    "apple", "river", "engine", "violin", "glacier", "pepper", "falcon", "copper", "tulip", "comet",
+    "harbor", "cactus", "marble", "saddle", "lantern", "walnut", "orchid", "canyon", "pigeon", "quartz",
+    "ferry", "barley", "magnet", "coral", "bison", "cobalt", "maple", "oyster", "piano", "tunnel",
+]
+FILLER = ["the", "a", "of", "and", "is", "in", "about", "with", "for", "this", "that", "text", "story", "notes"]
+
+
+def write_vocab(folder: Path) -> None:
+    """A BERT WordPiece vocabulary covering the fixture words (plus subword pieces for robustness)."""
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
+    pieces = ["##" + ch for ch in letters] + list(".,:;-_!?'\"()/")
+    words = sorted(set(TOPICS + FILLER + ["what", "where", "find", "passage", "doc", "query", "title"]))
+    vocab = list(dict.fromkeys(special + letters + pieces + words))  # unique, order kept: ids are positions
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+
+
+def make_tiny_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny BERT + tokenizer under `folder` and return it."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_vocab(folder)
+    tokens = (folder / "vocab.txt").read_text().split()
+    tokenizer = BertTokenizerFast(vocab={tok: i for i, tok in enumerate(tokens)}, do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden * 2,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(seed)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def make_train_rows(n_queries: int, n_negatives: int = 3, seed: int = 0) -> list[dict]:
+    """A learnable task in Tevatron's training format: the query names a topic, its positive passage is
+    about that topic, negatives are about other topics."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n_queries):
+        topic = TOPICS[i % len(TOPICS)]
+        others = [t for t in TOPICS if t != topic]
+
+        def passage(t: str, j: int) -> dict:
+            words = [t] * 2 + rng.sample(FILLER, 4)
+            rng.shuffle(words)
+            return {"docid": f"{t}-{i}-{j}", "title": "", "text": " ".join(words)}
+
+        rows.append(
+            {
+                "query_id": str(i),
+                "query": f"what about {topic}",
+                "positive_passages": [passage(topic, 0)],
+                "negative_passages": [passage(t, j + 1) for j, t in enumerate(rng.sample(others, n_negatives))],
+            }
+        )
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: repo importable, offline, quiet, deterministic thread count."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        TORCH_EXTENSIONS_DIR=str(Path.home() / ".cache" / "dr-torch-extensions"),
+        WANDB_DISABLED="true",
+    )
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    env.update(extra)
+    return env
+
+
+def run(cmd: list[str], timeout: float = 300, check: bool = True, **env: str) -> subprocess.CompletedProcess:
+    """Run a command with the test environment; on failure show its output."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env), cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def torchrun(nproc: int) -> list[str]:
+    """The torchrun launcher as a module call (works without the console script on PATH)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
