@@ -40,7 +40,8 @@ class ModelArguments:
     )
     normalize: bool | None = field(
         default=None,
-        metadata={"help": "L2-normalise vectors (cosine similarity). Default: dr_config.json, else false."},
+        metadata={"help": "L2-normalise vectors (cosine similarity). Default: dr_config.json, else false.",
+                  "nargs": "?", "const": True},
     )
     untie_encoder: bool = field(
         default=False, metadata={"help": "Separate query and passage encoders (both start from the same weights)."}

@@ -227,6 +227,25 @@ def _first_true(mask: pa.ChunkedArray | pa.Array) -> int | None:
     return int(hits[0]) if len(hits) else None
 
 
+def _locate_bad_passage_row(source: str, name: str) -> str | None:
+    """For a JSONL file whose passages do not share one shape: the first row with a malformed passage."""
+    if not source.endswith((".jsonl", ".json")) or not Path(source).is_file():
+        return None
+    with open(source, encoding="utf-8") as f:
+        for index, line in enumerate(f):
+            if not line.strip():
+                continue
+            value = json.loads(line).get(name)
+            if not isinstance(value, list):
+                return f"{_row_label(source, index)}: field {name!r} must be a list, found {type(value).__name__}"
+            for passage in value:
+                if not isinstance(passage, dict):
+                    return f"{_row_label(source, index)}: field '{name}[]' must be objects, found {type(passage).__name__}"
+                if not isinstance(passage.get("text"), str):
+                    return f"{_row_label(source, index)}: field '{name}[].text' is missing or not a string"
+    return None
+
+
 def validate_groups(table: pa.Table, source: str, group_size: int) -> None:
     """Check schema and content of Tevatron-format rows, vectorised; raise DataError naming row and field."""
     if table.num_rows == 0:
@@ -247,7 +266,9 @@ def validate_groups(table: pa.Table, source: str, group_size: int) -> None:
             continue
         ftype = table.schema.field(name).type
         if not (pa.types.is_list(ftype) or pa.types.is_large_list(ftype)) or not pa.types.is_struct(ftype.value_type):
-            raise DataError(f"{source}: field {name!r} must be a list of {{docid, title, text}} objects, found {ftype}")
+            located = _locate_bad_passage_row(source, name)  # mixed shapes: find the row by reading the file
+            raise DataError(located or f"{source}: field {name!r} must be a list of {{docid, title, text}} "
+                            f"objects, found {ftype}")
         struct = ftype.value_type
         if struct.get_field_index("text") < 0:
             raise DataError(f"{source}: field {name!r}: passages have no 'text' (fields: {[f.name for f in struct]})")

@@ -23,6 +23,8 @@ complete (`dr.atomic`), so a file under its final name is always whole.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.ipc as ipc
+from pyarrow import ipc
 
 from dr.atomic import atomic_path
 
@@ -91,7 +93,11 @@ class ShardMeta:
 
     def compatible_with(self, other: ShardMeta) -> list[str]:
         """Fields (other than count/side) in which two shards disagree: vectors must not be mixed then."""
-        return [f for f in ("model", "pooling", "normalize", "dim", "dtype") if getattr(self, f) != getattr(other, f)]
+        return [
+            f
+            for f in ("model", "pooling", "normalize", "dim", "dtype")
+            if getattr(self, f) != getattr(other, f)
+        ]
 
 
 def _encode_value(value: object) -> str:
@@ -104,7 +110,10 @@ def shard_schema(meta: ShardMeta) -> pa.Schema:
     """The Arrow schema of a shard with `meta` attached."""
     value_type = _DTYPES[meta.dtype][1]
     return pa.schema(
-        [pa.field("id", pa.string(), nullable=False), pa.field("embedding", pa.list_(value_type, meta.dim), nullable=False)],
+        [
+            pa.field("id", pa.string(), nullable=False),
+            pa.field("embedding", pa.list_(value_type, meta.dim), nullable=False),
+        ],
         metadata=meta.to_arrow(),
     )
 
@@ -137,7 +146,7 @@ class ShardWriter:
         self._sink: pa.OSFile | None = None
         self._writer: ipc.RecordBatchFileWriter | None = None
 
-    def __enter__(self) -> ShardWriter:
+    def __enter__(self) -> ShardWriter:  # noqa: PYI034 - final class; Self needs Python 3.11
         self._tmp = self._atomic.__enter__()
         self._sink = pa.OSFile(str(self._tmp), "wb")
         self._writer = ipc.new_file(self._sink, self.schema)
@@ -174,7 +183,9 @@ class ShardWriter:
             self._writer.close()
             self._sink.close()
             if exc_type is None and self.rows_written != self.meta.count:
-                raise ShardError(f"{self.path}: {self.rows_written} rows written, metadata promised {self.meta.count}")
+                raise ShardError(
+                    f"{self.path}: {self.rows_written} rows written, metadata promised {self.meta.count}"
+                )
         except BaseException as err:
             self._atomic.__exit__(type(err), err, err.__traceback__)
             raise
@@ -206,11 +217,17 @@ def read_meta(path: str | os.PathLike) -> ShardMeta:
 
 def _check_schema(schema: pa.Schema, meta: ShardMeta, source: str) -> None:
     expected = shard_schema(meta)
-    if schema.names != expected.names or not schema.field("embedding").type.equals(expected.field("embedding").type):
-        raise ShardError(f"{source}: columns {schema} do not match the shard schema {expected.remove_metadata()}")
+    if schema.names != expected.names or not schema.field("embedding").type.equals(
+        expected.field("embedding").type
+    ):
+        raise ShardError(
+            f"{source}: columns {schema} do not match the shard schema {expected.remove_metadata()}"
+        )
 
 
-def iter_shard(path: str | os.PathLike, max_rows: int | None = None) -> Iterator[tuple[list[str], np.ndarray]]:
+def iter_shard(
+    path: str | os.PathLike, max_rows: int | None = None
+) -> Iterator[tuple[list[str], np.ndarray]]:
     """Yield (ids, vectors) blocks of a shard, memory-mapped where possible.
 
     Blocks follow the file's record batches, further cut to at most `max_rows` rows, so a caller can bound
@@ -238,3 +255,41 @@ def read_shard(path: str | os.PathLike) -> tuple[list[str], np.ndarray, ShardMet
         blocks.append(vectors)
     vectors = np.concatenate(blocks) if blocks else np.zeros((0, meta.dim), dtype=_DTYPES[meta.dtype][0])
     return ids, vectors, meta
+
+
+# ---- additions for `dr encode`: checksums, manifests, cheap content checks ------------------------------
+
+MANIFEST_FORMAT = "dr.embeddings.manifest"
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks (manifests record it so a rerun can verify a shard)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def edge_ids(path: str | os.PathLike) -> tuple[str | None, str | None]:
+    """The first and last id of a shard (None for an empty one), reading only two record batches."""
+    reader = _open(path)
+    batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    batches = [b for b in batches if b.num_rows]
+    if not batches:
+        return None, None
+    return batches[0].column(0)[0].as_py(), batches[-1].column(0)[-1].as_py()
+
+
+def read_manifest(path: str | os.PathLike) -> dict | None:
+    """A manifest written by `dr encode`, or None when there is none; ShardError when it is unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{path}: unreadable manifest: {err}") from err
+    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+        raise ShardError(f"{path}: not a dr embedding manifest (format != {MANIFEST_FORMAT!r})")
+    return data

@@ -116,6 +116,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     if training_args.process_index == 0:
+        trainer.state.save_to_json(str(Path(training_args.output_dir) / "trainer_state.json"))  # loss curve
         logger.info("saved the trained model to %s", training_args.output_dir)
 
 

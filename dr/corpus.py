@@ -1,0 +1,299 @@
+"""Turn any supported text input into an indexable sequence of (id, text) records.
+
+One job: find the rows, find the id/text(/title) fields, and give back `(id, text)` pairs where `text` is
+``prefix + title + " " + text`` (title only when non-empty). `dr encode` uses it today and the training side
+can reuse it.
+
+Supported inputs (``--dataset_name``):
+
+* a Hugging Face hub dataset name, optionally ``NAME/SPLIT`` (Tevatron's ``Tevatron/msmarco-passage/dev``);
+* a local JSONL / JSON / Parquet / Arrow file, a TSV file (``id<TAB>text``, no header), or a glob of them;
+* a folder: BEIR-style (``corpus.jsonl`` for passages; ``queries.<split>.tsv|jsonl`` or ``queries.jsonl|tsv``
+  for queries), otherwise every JSONL/Parquet/TSV/Arrow file in it (sorted).
+
+Rows are read through `datasets.load_dataset`, which converts the input once into an Arrow cache and then
+memory-maps it: the corpus is never held whole in memory, and several ranks can share one cache.
+Field names are found automatically (ids: docid, _id, query_id, qid, id; passage text: text, contents;
+query text: query, text) or given explicitly.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ID_FIELDS = ("docid", "_id", "query_id", "qid", "id")
+TEXT_FIELDS = {"passage": ("text", "contents"), "query": ("query", "text")}
+TITLE_FIELD = "title"
+_FORMATS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".jsonl.gz": "json",
+    ".json.gz": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+    ".tsv": "tsv",
+    ".txt": "tsv",
+}
+_GLOB_CHARS = set("*?[")
+
+
+class CorpusError(ValueError):
+    """The input cannot be read or lacks a required field; the message names the file, row and field."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Where rows come from: a hub dataset, or local files of one format."""
+
+    source: str  # what the user gave, for messages
+    kind: str  # hub | json | parquet | arrow | tsv
+    files: tuple[str, ...] = ()
+    name: str | None = None  # hub dataset name
+    config: str | None = None
+    split: str = "train"
+
+    def describe(self) -> str:
+        if self.kind == "hub":
+            return f"hub dataset {self.name} (config {self.config}, split {self.split})"
+        return (
+            self.files[0] if len(self.files) == 1 else f"{self.source} ({len(self.files)} {self.kind} files)"
+        )
+
+
+def _format_of(path: str) -> str | None:
+    name = path.lower()
+    for suffix in sorted(_FORMATS, key=len, reverse=True):
+        if name.endswith(suffix):
+            return _FORMATS[suffix]
+    return None
+
+
+def _files_spec(source: str, files: Sequence[str]) -> InputSpec:
+    kinds = {_format_of(f) for f in files}
+    if None in kinds:
+        unknown = [f for f in files if _format_of(f) is None]
+        raise CorpusError(
+            f"{source}: unsupported file type {unknown[0]} (expected one of {sorted(_FORMATS)})"
+        )
+    if len(kinds) != 1:
+        raise CorpusError(f"{source}: mixes file formats {sorted(kinds)}; give one format at a time")
+    return InputSpec(source=source, kind=kinds.pop(), files=tuple(files))
+
+
+def _folder_files(folder: Path, side: str, split: str) -> list[str]:
+    """The files of a folder input: BEIR layout first, else every supported file."""
+    if side == "passage":
+        candidates = ["corpus.jsonl", "corpus.jsonl.gz", "corpus.parquet", "corpus.tsv"]
+    else:
+        candidates = [f"queries.{split}.tsv", f"queries.{split}.jsonl", "queries.jsonl", "queries.tsv"]
+    for name in candidates:
+        if (folder / name).is_file():
+            return [str(folder / name)]
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and _format_of(p.name))
+
+
+def resolve_input(
+    source: str, side: str = "passage", split: str = "train", config: str | None = None
+) -> InputSpec:
+    """Decide what `source` (a path, glob, folder or hub name) refers to."""
+    if side not in TEXT_FIELDS:
+        raise CorpusError(f"side must be 'query' or 'passage', got {side!r}")
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = _folder_files(path, side, split)
+        if not files:
+            raise CorpusError(f"{source}: folder holds no JSONL/Parquet/TSV/Arrow files")
+        return _files_spec(source, files)
+    if path.is_file():
+        return _files_spec(source, [str(path)])
+    if _GLOB_CHARS & set(source):
+        files = sorted(glob.glob(os.path.expanduser(source)))
+        if not files:
+            raise CorpusError(f"{source}: glob matches no files")
+        return _files_spec(source, files)
+    if _format_of(source) or source.startswith((".", "/", "~")):
+        raise CorpusError(f"{source}: no such file or folder")
+    parts = source.split("/")
+    if len(parts) == 3:  # Tevatron's NAME/SPLIT form of a hub dataset
+        return InputSpec(source=source, kind="hub", name="/".join(parts[:2]), config=config, split=parts[2])
+    return InputSpec(source=source, kind="hub", name=source, config=config, split=split)
+
+
+def _load_dataset(spec: InputSpec, cache_dir: str | None):
+    """Load (or reuse the Arrow cache of) the input as a memory-mapped `datasets.Dataset`."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    if spec.kind == "hub":
+        return datasets.load_dataset(spec.name, spec.config, split=spec.split, cache_dir=cache_dir)
+    if spec.kind == "tsv":
+        # Tevatron/MS MARCO style: no header, id<TAB>text, no quoting, "NA" stays text.
+        features = datasets.Features({"id": datasets.Value("string"), "text": datasets.Value("string")})
+        return datasets.load_dataset(
+            "csv",
+            data_files=list(spec.files),
+            split="train",
+            sep="\t",
+            header=None,
+            column_names=["id", "text"],
+            quoting=csv.QUOTE_NONE,
+            na_filter=False,
+            features=features,
+            cache_dir=cache_dir,
+        )
+    return datasets.load_dataset(spec.kind, data_files=list(spec.files), split="train", cache_dir=cache_dir)
+
+
+def _pick(
+    columns: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, spec: InputSpec
+) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise CorpusError(f"{spec.describe()}: no {what} field {wanted!r} (fields: {list(columns)})")
+        return wanted
+    for name in candidates:
+        if name in columns:
+            return name
+    raise CorpusError(
+        f"{spec.describe()}: missing {what} field: none of {list(candidates)} found (fields: {list(columns)}); "
+        f"name it with --{what}_field"
+    )
+
+
+def _as_strings(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """A column as Arrow strings: numbers are cast; mixed-type JSON values arrive JSON-encoded and are decoded."""
+    if isinstance(column.type, pa.ExtensionType):  # datasets' arrow.json: mixed types, each value JSON text
+        values = [
+            None if v is None else json.loads(v) for v in column.cast(column.type.storage_type).to_pylist()
+        ]
+        return pa.array([None if v is None else str(v) for v in values], pa.string())
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        return column
+    return pc.cast(column, pa.string())
+
+
+def format_text(text: str, title: str | None = None, prefix: str = "") -> str:
+    """``prefix + title + " " + text``; the title and its space only when the title is non-empty."""
+    if title:
+        text = f"{title} {text}"
+    return prefix + text
+
+
+@dataclass
+class TextCorpus:
+    """Indexable (id, text) records over a memory-mapped Arrow table.
+
+    Row numbers in error messages are 1-based over the input (for one JSONL/TSV file: its line number
+    when it has no blank lines).
+    """
+
+    dataset: object  # datasets.Dataset (memory-mapped; pickles by file reference for DataLoader workers)
+    spec: InputSpec
+    id_field: str
+    text_field: str
+    title_field: str | None = None
+    prefix: str = ""
+    limit: int | None = None
+    _table: pa.Table | None = field(default=None, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        n = len(self.dataset)
+        return n if self.limit is None else min(n, self.limit)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_table"] = None  # re-derived from the dataset after unpickling
+        return state
+
+    @property
+    def table(self) -> pa.Table:
+        if self._table is None:
+            if getattr(self.dataset, "_indices", None) is not None:
+                raise CorpusError(
+                    f"{self.spec.describe()}: datasets with an indices mapping are not supported"
+                )
+            self._table = self.dataset.data.table
+        return self._table
+
+    def _where(self, row: int) -> str:
+        return f"{self.spec.describe()}: row {row + 1}"
+
+    def column(self, name: str, start: int, stop: int) -> pa.ChunkedArray:
+        return self.table.column(name).slice(start, stop - start)
+
+    def ids(self, start: int, stop: int) -> pa.Array | pa.ChunkedArray:
+        """The ids of rows [start, stop) as Arrow strings (vectorised checks)."""
+        return _as_strings(self.column(self.id_field, start, stop))
+
+    def validate(self, start: int, stop: int) -> None:
+        """Fail on the first row in [start, stop) without an id or text (null or absent)."""
+        for name in (self.id_field, self.text_field):
+            values = self.column(name, start, stop)
+            if values.null_count:
+                first = pc.index(pc.is_null(values), True).as_py()
+                raise CorpusError(f"{self._where(start + first)}: missing field {name!r}")
+        empty = pc.equal(pc.utf8_length(self.ids(start, stop)), 0)
+        if pc.any(empty).as_py():
+            raise CorpusError(
+                f"{self._where(start + pc.index(empty, True).as_py())}: empty {self.id_field!r}"
+            )
+
+    def check_unique(self, start: int, stop: int) -> None:
+        """Fail if an id occurs twice in rows [start, stop); vectorised, before anything is encoded."""
+        ids = self.ids(start, stop)
+        if pc.count_distinct(ids).as_py() == len(ids):
+            return
+        counts = pc.value_counts(ids)
+        dup = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        rows = [start + i for i in pc.indices_nonzero(pc.equal(ids, dup)).to_pylist()[:2]]
+        raise CorpusError(
+            f"{self.spec.describe()}: duplicate {self.id_field} {dup!r} at rows {rows[0] + 1} and {rows[1] + 1}"
+        )
+
+    def records(self, start: int, stop: int) -> tuple[list[str], list[str]]:
+        """(ids, texts) of rows [start, stop), text = prefix + optional title + text."""
+        ids = self.ids(start, stop).to_pylist()
+        texts = self.column(self.text_field, start, stop).to_pylist()
+        if self.title_field is None:
+            return ids, [self.prefix + t for t in texts]
+        titles = self.column(self.title_field, start, stop).to_pylist()
+        return ids, [format_text(t, title, self.prefix) for t, title in zip(texts, titles)]
+
+
+def load_corpus(
+    source: str,
+    side: str = "passage",
+    *,
+    split: str = "train",
+    config: str | None = None,
+    prefix: str = "",
+    id_field: str | None = None,
+    text_field: str | None = None,
+    title_field: str | None = None,
+    cache_dir: str | None = None,
+    limit: int | None = None,
+) -> TextCorpus:
+    """Open `source` as (id, text) records for `side` ("passage" joins a title when the rows have one)."""
+    spec = resolve_input(source, side, split, config)
+    try:
+        dataset = _load_dataset(spec, cache_dir)
+    except Exception as err:  # datasets raises many types; re-raised naming the input
+        raise CorpusError(f"{spec.describe()}: cannot read: {type(err).__name__}: {err}") from err
+    columns = list(dataset.column_names)
+    id_name = _pick(columns, id_field, ID_FIELDS, "id", spec)
+    text_name = _pick(columns, text_field, TEXT_FIELDS[side], "text", spec)
+    title_name = title_field
+    if title_field is not None:
+        _pick(columns, title_field, (), "title", spec)
+    elif side == "passage" and TITLE_FIELD in columns:
+        title_name = TITLE_FIELD
+    return TextCorpus(dataset, spec, id_name, text_name, title_name, prefix, limit)

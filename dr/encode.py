@@ -1,0 +1,798 @@
+"""`dr encode` / `python -m dr.encode`: embed a corpus or a query set into Arrow shards (see docs/encode.md).
+
+Launch with plain ``python``, ``torchrun`` or ``deepspeed``; Tevatron v1 encode flags work unchanged.
+The input (after ``--max_rows``) is cut into ``num_shards`` contiguous ranges (flags or a SLURM job array);
+the chosen shard is cut into one contiguous sub-range per rank, and each rank writes its own Arrow file::
+
+    <base>.arrow                                          one shard, one rank
+    <base>.<shard>-of-<N>.rank<r>-of-<W>.arrow            otherwise (5-digit, zero-padded numbers)
+    <base>[.<shard>-of-<N>].manifest.json                 written last by rank 0: files, counts, sha256
+    <base>[.<shard>-of-<N>].config.json                   the resolved arguments
+
+``--encoded_save_path X.pkl`` (Tevatron) writes Arrow with base ``X``: nothing is ever pickled.
+Rows inside each file keep input order (batches are length-sorted only inside a window and put back).
+A rerun skips rank files that are already complete and redoes the rest; ``--overwrite`` redoes all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
+
+from dr import distributed as dist
+from dr.arguments import DataArguments, ModelArguments, parse_args, to_jsonable
+from dr.atomic import remove_stale_temporaries, write_json_atomic
+from dr.corpus import TextCorpus, load_corpus
+from dr.shards import (
+    MANIFEST_FORMAT,
+    ShardError,
+    ShardMeta,
+    ShardWriter,
+    edge_ids,
+    file_sha256,
+    read_manifest,
+    read_meta,
+)
+
+_SAVE_SUFFIXES = (".pkl", ".pickle", ".arrow")
+_DUPLICATE_CHECKS = ("input", "shard", "none")
+
+
+class EncodeError(ValueError):
+    """Invalid encode settings, or existing outputs that conflict with this run; the message says which."""
+
+
+@dataclass
+class EncodeArguments:
+    """Options of `dr encode` besides the model and data (Tevatron v1 spellings first, newer ones as aliases)."""
+
+    output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Accepted for Tevatron compatibility; outputs go to <output_dir>/corpus|query when no "
+            "--encoded_save_path is given."
+        },
+    )
+    encoded_save_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Output base path. A .pkl/.arrow suffix is stripped: Arrow files <base>[...].arrow are "
+            "written (never pickles). An existing folder or a trailing '/' means <folder>/corpus|query.",
+            "aliases": ["--encode_output_path"],
+        },
+    )
+    encode_is_qry: bool = field(
+        default=False, metadata={"help": "Encode queries (else passages).", "aliases": ["--encode_is_query"]}
+    )
+    encode_num_shard: int | None = field(
+        default=None,
+        metadata={
+            "help": "Split the input into this many contiguous shards (default: SLURM_ARRAY_TASK_COUNT, "
+            "else 1).",
+            "aliases": ["--dataset_number_of_shards"],
+        },
+    )
+    encode_shard_index: int | None = field(
+        default=None,
+        metadata={
+            "help": "Which shard to encode, 0-based (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, "
+            "else 0).",
+            "aliases": ["--dataset_shard_index"],
+        },
+    )
+    per_device_eval_batch_size: int = field(
+        default=128, metadata={"help": "Texts per forward pass per rank."}
+    )
+    fp16: bool = field(default=False, metadata={"help": "float16 autocast (needs a CUDA GPU)."})
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (GPU or CPU)."})
+    dataloader_num_workers: int = field(
+        default=1, metadata={"help": "Tokenizer worker processes per rank (0: tokenize in the main process)."}
+    )
+    embedding_dtype: str = field(
+        default="float32", metadata={"help": "Stored vector type: float32 | float16."}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Recompute and replace existing outputs."})
+    id_field: str | None = field(
+        default=None, metadata={"help": "Id field (default: docid/_id/query_id/qid/id)."}
+    )
+    text_field: str | None = field(
+        default=None, metadata={"help": "Text field (default: text/contents; queries: query/text)."}
+    )
+    title_field: str | None = field(
+        default=None, metadata={"help": "Title field joined before the text (default: 'title' when present)."}
+    )
+    max_rows: int | None = field(default=None, metadata={"help": "Use only the first N input rows (tests)."})
+    window_batches: int = field(
+        default=100,
+        metadata={"help": "Length-sort windows of this many batches (1: sort within each batch)."},
+    )
+    sort_by_length: bool = field(
+        default=True, metadata={"help": "Sort texts by token length inside each window (less padding)."}
+    )
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={"help": "Pad every batch to the max length (Tevatron v1 behaviour; benchmarks)."},
+    )
+    duplicate_check: str = field(
+        default="input",
+        metadata={
+            "help": "Reject duplicate ids across the whole input | this shard | none (before encoding)."
+        },
+    )
+    dataset_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Cache for the Arrow copy of the input.", "aliases": ["--data_cache_dir"]},
+    )
+
+    def __post_init__(self) -> None:
+        if self.fp16 and self.bf16:
+            raise EncodeError("--fp16 and --bf16 are mutually exclusive")
+        if self.embedding_dtype not in ("float32", "float16"):
+            raise EncodeError(f"--embedding_dtype must be float32 or float16, got {self.embedding_dtype!r}")
+        if self.duplicate_check not in _DUPLICATE_CHECKS:
+            raise EncodeError(
+                f"--duplicate_check must be one of {_DUPLICATE_CHECKS}, got {self.duplicate_check!r}"
+            )
+        for name in ("per_device_eval_batch_size", "window_batches"):
+            if getattr(self, name) < 1:
+                raise EncodeError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.dataloader_num_workers < 0:
+            raise EncodeError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise EncodeError(f"--max_rows must be >= 1, got {self.max_rows}")
+
+    @property
+    def side(self) -> str:
+        return "query" if self.encode_is_qry else "passage"
+
+
+# ---- planning: which shard, which rows, which files ---------------------------------------------------
+
+
+def resolve_sharding(args: EncodeArguments, env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(num_shards, shard_index) from the flags, else from a SLURM job array, else (1, 0)."""
+    env = os.environ if env is None else env
+    num, index = args.encode_num_shard, args.encode_shard_index
+    if num is None and index is None and "SLURM_ARRAY_TASK_ID" in env:
+        if "SLURM_ARRAY_TASK_COUNT" not in env:
+            raise EncodeError(
+                "SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not; give --encode_num_shard"
+            )
+        num = int(env["SLURM_ARRAY_TASK_COUNT"])
+        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        source = "SLURM_ARRAY_TASK_ID/COUNT/MIN"
+    else:
+        num, index = (1 if num is None else num), (0 if index is None else index)
+        source = "--encode_num_shard/--encode_shard_index"
+    if num < 1 or not 0 <= index < num:
+        raise EncodeError(f"shard index {index} is not in [0, {num}) ({source}); arrays must be contiguous")
+    return num, index
+
+
+def split_range(start: int, stop: int, parts: int, index: int) -> tuple[int, int]:
+    """The `index`-th of `parts` contiguous, near-equal sub-ranges of [start, stop)."""
+    n = stop - start
+    return start + n * index // parts, start + n * (index + 1) // parts
+
+
+def output_base(args: EncodeArguments) -> tuple[Path, str | None]:
+    """The output base path and, when the Tevatron path had a pickle suffix, a note saying so."""
+    default_name = "query" if args.encode_is_qry else "corpus"
+    raw = args.encoded_save_path
+    if raw is None:
+        if args.output_dir is None:
+            raise EncodeError("give --encoded_save_path (or --encode_output_path, or --output_dir)")
+        return Path(args.output_dir) / default_name, None
+    if raw.endswith(("/", os.sep)) or Path(raw).is_dir():
+        return Path(raw) / default_name, None
+    for suffix in _SAVE_SUFFIXES:
+        if raw.endswith(suffix):
+            base = Path(raw[: -len(suffix)])
+            note = (
+                f"{raw}: pickles are never written; writing Arrow files {base}[...].arrow"
+                if suffix != ".arrow"
+                else None
+            )
+            return base, note
+    return Path(raw), None
+
+
+_LONG_NAME = re.compile(r"^(?P<base>.+)\.(\d{5})-of-(\d{5})\.rank(\d{5})-of-(\d{5})\.arrow$")
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """File names of one shard's outputs (see the module docstring)."""
+
+    base: Path
+    num_shards: int
+    shard_index: int
+    world_size: int
+
+    @property
+    def single(self) -> bool:
+        return self.num_shards == 1 and self.world_size == 1
+
+    @property
+    def stem(self) -> str:
+        if self.single:
+            return self.base.name
+        return f"{self.base.name}.{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+    def rank_file(self, rank: int) -> Path:
+        if self.single:
+            return self.base.with_name(self.base.name + ".arrow")
+        return self.base.with_name(f"{self.stem}.rank{rank:05d}-of-{self.world_size:05d}.arrow")
+
+    @property
+    def manifest(self) -> Path:
+        return self.base.with_name(self.stem + ".manifest.json")
+
+    @property
+    def config(self) -> Path:
+        return self.base.with_name(self.stem + ".config.json")
+
+    @property
+    def glob(self) -> str:
+        return str(self.base.with_name(self.base.name + ("*.arrow" if self.single else ".*.arrow")))
+
+    def stale_files(self) -> list[Path]:
+        """Files of the same base from another layout (other shard count or world size): a glob would mix them."""
+        folder = self.base.parent
+        if not folder.is_dir():
+            return []
+        stale = []
+        for path in folder.iterdir():
+            match = _LONG_NAME.match(path.name)
+            if match and match.group("base") == self.base.name:
+                shard, num, _, world = (int(g) for g in match.groups()[1:])
+                other_layout = num != self.num_shards or (
+                    shard == self.shard_index and world != self.world_size
+                )
+                if self.single or other_layout:
+                    stale.append(path)
+        single = self.base.with_name(self.base.name + ".arrow")
+        if not self.single and single.exists():
+            stale.append(single)
+        return sorted(stale)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What this rank does: the shard's row range, its own sub-range and the file names."""
+
+    layout: OutputLayout
+    rank: int
+    total_rows: int
+    shard_range: tuple[int, int]
+
+    def rank_range(self, rank: int) -> tuple[int, int]:
+        return split_range(*self.shard_range, self.layout.world_size, rank)
+
+    @property
+    def own_range(self) -> tuple[int, int]:
+        return self.rank_range(self.rank)
+
+
+def make_plan(args: EncodeArguments, total_rows: int, rank: int, world: int) -> Plan:
+    num, index = resolve_sharding(args)
+    base, _ = output_base(args)
+    layout = OutputLayout(base, num, index, world)
+    return Plan(layout, rank, total_rows, split_range(0, total_rows, num, index))
+
+
+# ---- the model -------------------------------------------------------------------------------------------
+
+
+def model_identity(name_or_path: str) -> str:
+    """What shard metadata records as the model: an absolute path for local folders, else the hub name."""
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.exists() else name_or_path
+
+
+def load_encoder(model_args: ModelArguments, device: torch.device):
+    """(BiEncoder in eval mode on `device`, tokenizer)."""
+    from dr.model import BiEncoder, load_tokenizer
+
+    overrides = {"pooling": model_args.pooling, "normalize": model_args.normalize}
+    model = BiEncoder.from_pretrained(
+        model_args.model_name_or_path, overrides=overrides, cache_dir=model_args.cache_dir
+    )
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name, model_args.cache_dir)
+    return model.to(device).eval(), tokenizer
+
+
+def autocast_context(args: EncodeArguments, device: torch.device):
+    """fp16/bf16 autocast for `device`; fp16 needs CUDA (CPU float16 matmuls are slow or unsupported)."""
+    if args.fp16:
+        if device.type != "cuda":
+            raise EncodeError("--fp16 needs a CUDA GPU; on CPU use --bf16 or leave both off (float32)")
+        return torch.autocast("cuda", dtype=torch.float16)
+    if args.bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+# ---- batches: length-sorted windows, tokenized in DataLoader workers ---------------------------------------
+
+
+@dataclass
+class BatchSettings:
+    max_length: int
+    batch_size: int
+    window: int  # rows per window
+    pad_multiple: int
+    sort_by_length: bool
+    pad_to_max_length: bool
+
+
+def pad_batch(
+    rows: list[dict[str, list[int]]], tokenizer: Any, settings: BatchSettings
+) -> dict[str, torch.Tensor]:
+    """Pad tokenized rows to the batch's longest (rounded up to `pad_multiple`) or to `max_length`."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    width = settings.max_length if settings.pad_to_max_length else longest
+    width = min(
+        math.ceil(width / settings.pad_multiple) * settings.pad_multiple, max(settings.max_length, longest)
+    )
+    pads = {"input_ids": tokenizer.pad_token_id, "token_type_ids": tokenizer.pad_token_type_id}
+    out = {key: np.full((len(rows), width), pads[key], dtype=np.int64) for key in rows[0] if key in pads}
+    out["attention_mask"] = np.zeros((len(rows), width), dtype=np.int64)
+    left = tokenizer.padding_side == "left"
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        cols = slice(width - n, width) if left else slice(0, n)
+        for key in pads.keys() & row.keys():
+            out[key][i, cols] = row[key]
+        out["attention_mask"][i, cols] = 1
+    return {key: torch.from_numpy(value) for key, value in out.items()}
+
+
+class WindowDataset(TorchDataset):
+    """Item w = window w of a row range: its ids and its batches (row positions inside the window, tensors).
+
+    Tokenizing, sorting and padding happen here, i.e. in DataLoader worker processes, off the encode loop.
+    """
+
+    def __init__(
+        self, corpus: TextCorpus, start: int, stop: int, tokenizer: Any, settings: BatchSettings
+    ) -> None:
+        self.corpus, self.start, self.stop = corpus, start, stop
+        self.tokenizer, self.settings = tokenizer, settings
+
+    def __len__(self) -> int:
+        return math.ceil((self.stop - self.start) / self.settings.window)
+
+    def __getitem__(self, w: int) -> tuple[list[str], list[tuple[np.ndarray, dict[str, torch.Tensor]]]]:
+        s = self.settings
+        a = self.start + w * s.window
+        ids, texts = self.corpus.records(a, min(a + s.window, self.stop))
+        enc = self.tokenizer(texts, truncation=True, max_length=s.max_length, return_attention_mask=False)
+        rows = [{key: enc[key][i] for key in enc} for i in range(len(texts))]
+        order = np.arange(len(rows))
+        if s.sort_by_length:  # longest first: a batch that does not fit in memory fails at once
+            order = np.argsort([-len(r["input_ids"]) for r in rows], kind="stable")
+        batches = []
+        for b in range(0, len(order), s.batch_size):
+            positions = order[b : b + s.batch_size]
+            batches.append((positions, pad_batch([rows[i] for i in positions], self.tokenizer, s)))
+        return ids, batches
+
+
+def _no_collate(item: Any) -> Any:
+    return item
+
+
+def make_loader(
+    corpus: TextCorpus, start: int, stop: int, tokenizer: Any, settings: BatchSettings, workers: int
+):
+    dataset = WindowDataset(corpus, start, stop, tokenizer, settings)
+    extra = {"prefetch_factor": 2, "persistent_workers": False} if workers else {}
+    return DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_no_collate, **extra
+    )
+
+
+# ---- encode + write ---------------------------------------------------------------------------------------
+
+
+def encode_fn(model: Any, side: str):
+    return model.encode_query if side == "query" else model.encode_passage
+
+
+def probe_dim(model: Any, tokenizer: Any, side: str, device: torch.device) -> int:
+    """The vector size, by encoding one short text (robust to any backbone's config naming)."""
+    batch = tokenizer(["dimension probe"], return_tensors="pt")
+    with torch.inference_mode():
+        return int(encode_fn(model, side)({k: v.to(device) for k, v in batch.items()}).shape[-1])
+
+
+def encode_range(
+    model: Any,
+    loader: DataLoader,
+    writer: ShardWriter,
+    side: str,
+    device: torch.device,
+    amp: Any,
+    progress: Any,
+) -> None:
+    """Encode every window of `loader` and append it to `writer` in input order."""
+    encode = encode_fn(model, side)
+    for ids, batches in loader:
+        window = np.empty((len(ids), writer.meta.dim), dtype=np.float32)
+        for positions, batch in batches:
+            with torch.inference_mode(), amp:
+                reps = encode({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            window[positions] = reps.float().cpu().numpy()
+            progress.update(len(positions))
+        writer.write(ids, window)
+
+
+# ---- resume: is an existing rank file complete and from this model? ----------------------------------------
+
+
+def _conflicts(found: ShardMeta, expected: ShardMeta) -> list[str]:
+    fields_ = ("model", "pooling", "normalize", "dim", "dtype", "side", "max_length")
+    return [
+        f"{f}={getattr(found, f)!r} (this run: {getattr(expected, f)!r})"
+        for f in fields_
+        if getattr(found, f) != getattr(expected, f)
+    ]
+
+
+def existing_status(path: Path, expected: ShardMeta, corpus: TextCorpus, rows: tuple[int, int]) -> str | None:
+    """Why an existing file must be redone ("" = complete, None = absent). Raises on a different model."""
+    if not path.exists():
+        return None
+    try:
+        found = read_meta(path)
+        conflicts = _conflicts(found, expected)
+        if conflicts:
+            raise EncodeError(
+                f"{path} exists from a different model or settings: {', '.join(conflicts)}; "
+                "use --overwrite or another --encoded_save_path"
+            )
+        if found.count != expected.count:
+            return f"{found.count} rows, expected {expected.count}"
+        first, last = edge_ids(path)
+        a, b = rows
+        want = (corpus.ids(a, a + 1)[0].as_py(), corpus.ids(b - 1, b)[0].as_py()) if b > a else (None, None)
+        if (first, last) != want:
+            return f"ids {first!r}..{last!r} differ from the input's {want[0]!r}..{want[1]!r}"
+    except ShardError as err:
+        return f"unreadable ({err})"
+    return ""
+
+
+def verify_checksum(path: Path, manifest: dict | None) -> str:
+    """Empty string when the manifest does not list `path` or its sha256 matches, else why not."""
+    entry = next((f for f in (manifest or {}).get("files", []) if f.get("path") == path.name), None)
+    if entry is None or file_sha256(path) == entry.get("sha256"):
+        return ""
+    return "sha256 differs from the manifest"
+
+
+# ---- the driver --------------------------------------------------------------------------------------------
+
+
+class _Log:
+    def __init__(self, rank: int, world: int) -> None:
+        self.tag = f"dr encode [rank {rank}/{world}]" if world > 1 else "dr encode"
+
+    def __call__(self, message: str) -> None:
+        print(f"{self.tag}: {message}", file=sys.stderr, flush=True)
+
+
+def _agree(ok: bool) -> bool:
+    """True when every rank reports ok (all-reduce MIN); doubles as a barrier."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], device=dist.default_device())
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def open_input(data_args: DataArguments, args: EncodeArguments, prefix: str) -> TextCorpus:
+    if not data_args.dataset_name:
+        raise EncodeError("give --dataset_name (a hub dataset, a file, a glob or a folder)")
+    corpus = load_corpus(
+        data_args.dataset_name,
+        args.side,
+        split=data_args.dataset_split,
+        config=data_args.dataset_config,
+        prefix=prefix,
+        id_field=args.id_field,
+        text_field=args.text_field,
+        title_field=args.title_field,
+        cache_dir=args.dataset_cache_dir,
+        limit=args.max_rows,
+    )
+    if len(corpus) == 0:
+        raise EncodeError(f"{corpus.spec.describe()}: input is empty (no rows)")
+    return corpus
+
+
+def check_input(corpus: TextCorpus, plan: Plan, args: EncodeArguments) -> None:
+    """Identical on every rank, so all ranks fail together before anything is written."""
+    corpus.validate(*plan.shard_range)
+    if args.duplicate_check == "input":
+        corpus.check_unique(0, len(corpus))
+    elif args.duplicate_check == "shard":
+        corpus.check_unique(*plan.shard_range)
+
+
+def prepare_outputs(
+    plan: Plan, args: EncodeArguments, expected: list[ShardMeta], corpus: TextCorpus, log: _Log
+) -> tuple[bool, bool]:
+    """Check the existing outputs of every rank: (this rank must encode, some rank must encode).
+
+    Conflicts (another model, another layout) raise on every rank alike, so all ranks fail together.
+    """
+    layout = plan.layout
+    stale = layout.stale_files()
+    if stale and not args.overwrite:
+        names = ", ".join(p.name for p in stale[:3])
+        raise EncodeError(
+            f"{layout.base.parent}: outputs of another shard/rank layout exist ({names}); "
+            f"a glob would mix them: use --overwrite or another --encoded_save_path"
+        )
+    if args.overwrite:
+        return True, True
+    statuses = [
+        existing_status(layout.rank_file(r), expected[r], corpus, plan.rank_range(r))
+        for r in range(layout.world_size)
+    ]
+    mine = statuses[plan.rank]
+    if mine == "":
+        try:
+            manifest = read_manifest(layout.manifest)
+        except ShardError:  # unreadable, or rank 0 is replacing it right now: no checksum to verify
+            manifest = None
+        mine = verify_checksum(layout.rank_file(plan.rank), manifest)
+    name = layout.rank_file(plan.rank).name
+    if mine == "":
+        log(f"{name} is complete ({expected[plan.rank].count} rows, same model): skipped")
+    elif mine:
+        log(f"{name}: redoing ({mine})")
+    return mine != "", mine != "" or any(s != "" for s in statuses)
+
+
+def clear_stale(plan: Plan, args: EncodeArguments, redo_any: bool) -> None:
+    """Rank 0: drop other-layout files (--overwrite) and a manifest that no longer describes the files."""
+    if plan.rank != 0:
+        return
+    if args.overwrite:
+        for path in plan.layout.stale_files():
+            path.unlink(missing_ok=True)
+    if redo_any:
+        plan.layout.manifest.unlink(missing_ok=True)
+    remove_stale_temporaries(plan.layout.base.parent, plan.layout.manifest.name)
+    remove_stale_temporaries(plan.layout.base.parent, plan.layout.config.name)
+
+
+def write_manifest(plan: Plan, expected: list[ShardMeta], config: dict[str, Any], corpus: TextCorpus) -> None:
+    """Rank 0, after every rank finished: describe the shard's files (with checksums), atomically."""
+    files = []
+    for r in range(plan.layout.world_size):
+        path = plan.layout.rank_file(r)
+        meta = read_meta(path)
+        if meta.count != expected[r].count:
+            raise EncodeError(f"{path}: {meta.count} rows, expected {expected[r].count}")
+        files.append(
+            {
+                "path": path.name,
+                "rank": r,
+                "rows": meta.count,
+                "range": list(plan.rank_range(r)),
+                "sha256": file_sha256(path),
+            }
+        )
+    meta = expected[0]
+    write_json_atomic(
+        plan.layout.manifest,
+        {
+            "format": MANIFEST_FORMAT,
+            "version": 1,
+            "side": meta.side,
+            "model": meta.model,
+            "pooling": meta.pooling,
+            "normalize": meta.normalize,
+            "dim": meta.dim,
+            "dtype": meta.dtype,
+            "max_length": meta.max_length,
+            "num_shards": plan.layout.num_shards,
+            "shard_index": plan.layout.shard_index,
+            "world_size": plan.layout.world_size,
+            "input": corpus.spec.describe(),
+            "input_rows": plan.total_rows,
+            "range": list(plan.shard_range),
+            "rows": sum(f["rows"] for f in files),
+            "files": files,
+            "glob": plan.layout.glob,
+            "config": config,
+        },
+    )
+
+
+@dataclass
+class RankResult:
+    """What rank 0 needs after every rank finished, to write the manifest."""
+
+    plan: Plan
+    expected: list[ShardMeta]
+    config: dict[str, Any]
+    corpus: TextCorpus
+
+
+def run_encode(model_args: ModelArguments, data_args: DataArguments, args: EncodeArguments) -> RankResult:
+    """Check inputs and existing outputs, then encode this rank's part of the chosen shard (if not done)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    log = _Log(rank, world)
+    device = dist.default_device()
+    amp = autocast_context(args, device)
+    _, pickle_note = output_base(args)
+    if pickle_note and rank == 0:
+        log(pickle_note)
+    model, tokenizer = load_encoder(model_args, device)
+    # dr.model's EncoderConfig (pooling, normalize, prefixes); `.config` is the backbone's HF config.
+    cfg = getattr(model, "encoder_config", None) or model.config
+    query = args.encode_is_qry
+    prefix = (
+        (data_args.query_prefix or cfg.query_prefix)
+        if query
+        else (data_args.passage_prefix or cfg.passage_prefix)
+    )
+    max_length = data_args.q_max_len if query else data_args.p_max_len
+    corpus = open_input(data_args, args, prefix)
+    plan = make_plan(args, len(corpus), rank, world)
+    check_input(corpus, plan, args)
+    dim = probe_dim(model, tokenizer, args.side, device)
+    identity = model_identity(model_args.model_name_or_path)
+    expected = [
+        ShardMeta(
+            identity, cfg.pooling, cfg.normalize, dim, args.embedding_dtype, max_length, args.side, b - a
+        )
+        for a, b in (plan.rank_range(r) for r in range(world))
+    ]
+    start, stop = plan.own_range
+    log(
+        f"model {expected[rank].model} (pooling {cfg.pooling}, normalize {cfg.normalize}, dim {dim}); "
+        f"{args.side} input {corpus.spec.describe()}: {plan.total_rows} rows; shard {plan.layout.shard_index}/"
+        f"{plan.layout.num_shards} rows [{plan.shard_range[0]}, {plan.shard_range[1]}); this rank rows "
+        f"[{start}, {stop}) -> {plan.layout.rank_file(rank)}"
+    )
+    must_encode, redo_any = prepare_outputs(plan, args, expected, corpus, log)
+    clear_stale(plan, args, redo_any)
+    config = {
+        "command": "dr encode",
+        "world_size": world,
+        **to_jsonable(model_args, data_args, args),
+        "resolved": {
+            "pooling": cfg.pooling,
+            "normalize": cfg.normalize,
+            "prefix": prefix,
+            "max_length": max_length,
+            "dim": dim,
+        },
+    }
+    if rank == 0:
+        write_json_atomic(plan.layout.config, config)
+    if must_encode:
+        encode_own(model, tokenizer, corpus, plan, expected[rank], args, data_args, device, amp, log)
+    return RankResult(plan, expected, config, corpus)
+
+
+def encode_own(
+    model, tokenizer, corpus, plan: Plan, meta: ShardMeta, args, data_args, device, amp, log
+) -> None:
+    """Encode this rank's rows into its file (temporary name, renamed when complete)."""
+    from tqdm import tqdm
+
+    start, stop = plan.own_range
+    path = plan.layout.rank_file(plan.rank)
+    remove_stale_temporaries(path.parent, path.name)
+    settings = BatchSettings(
+        meta.max_length,
+        args.per_device_eval_batch_size,
+        args.per_device_eval_batch_size * args.window_batches,
+        data_args.pad_to_multiple_of,
+        args.sort_by_length,
+        args.pad_to_max_length,
+    )
+    loader = make_loader(corpus, start, stop, tokenizer, settings, args.dataloader_num_workers)
+    unit = "q" if meta.side == "query" else "psg"
+    began, cpu_began = time.perf_counter(), _cpu_seconds()
+    bar = tqdm(total=stop - start, unit=unit, disable=plan.rank != 0, mininterval=2.0, file=sys.stderr)
+    with bar as progress, ShardWriter(path, meta) as writer:
+        encode_range(model, loader, writer, meta.side, device, amp, progress)
+    seconds, cpu = time.perf_counter() - began, _cpu_seconds() - cpu_began
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    log(
+        f"wrote {stop - start} rows in {seconds:.1f}s ({(stop - start) / max(seconds, 1e-9):.1f} rows/s, "
+        f"cpu {cpu:.1f}s, peak RSS {peak_mib:.0f} MiB) -> {path}"
+    )
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads; tokenizer workers excluded): robust to a busy machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+_OPTIONAL_BOOL_FLAGS = ("--normalize",)
+
+
+def bare_bool_flags(argv: list[str]) -> list[str]:
+    """Let optional-bool flags stand alone (``--normalize``), as in Tevatron, by adding an explicit ``true``.
+
+    `ModelArguments.normalize` is ``bool | None`` (None = take it from dr_config.json), which argparse
+    otherwise parses as a flag that requires a value.
+    """
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if arg in _OPTIONAL_BOOL_FLAGS and (following is None or following.startswith("--")):
+            out.append("true")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `dr encode`; return the exit status (0 ok, 2 bad input or settings)."""
+    argv = bare_bool_flags(list(sys.argv[1:] if argv is None else argv))
+    try:
+        model_args, data_args, args = parse_args((ModelArguments, DataArguments, EncodeArguments), argv)
+    except ValueError as err:
+        print(f"dr encode: error: {err}", file=sys.stderr)
+        return 2
+    dist.init_process_group()
+    try:
+        return _main_distributed(model_args, data_args, args)
+    finally:
+        dist.teardown()
+
+
+def _main_distributed(model_args: ModelArguments, data_args: DataArguments, args: EncodeArguments) -> int:
+    """Every rank encodes its part; all agree on success before rank 0 writes the manifest."""
+    error: Exception | None = None
+    try:
+        result = run_encode(model_args, data_args, args)
+    except Exception as err:  # noqa: BLE001 - every rank must reach the agreement below, then it is reported
+        error = err
+    all_ok = _agree(error is None)
+    if error is not None:
+        if not isinstance(error, (ValueError, OSError)):
+            raise error  # a bug or a device failure: keep the traceback
+        print(f"dr encode: error: {error}", file=sys.stderr)
+        return 2
+    if not all_ok:
+        print(
+            "dr encode: error: another rank failed (see its message); nothing was published", file=sys.stderr
+        )
+        return 2
+    if dist.get_rank() == 0:
+        try:
+            write_manifest(result.plan, result.expected, result.config, result.corpus)
+        except (ValueError, OSError) as err:
+            print(f"dr encode: error: {err}", file=sys.stderr)
+            return 2
+        layout = result.plan.layout
+        _Log(0, dist.get_world_size())(f"manifest {layout.manifest}; shard files: {layout.glob}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""Run under torchrun: one DDP forward/backward of the bi-encoder on this rank's slice of a global batch.
+
+Rank 0 writes the all-reduced loss and the (DDP-averaged) parameter gradients to a safetensors file so
+the test can compare them with one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+
+from dr.distributed import init_process_group, teardown
+from dr.model import BiEncoder, load_tokenizer
+from tests.test_loss import make_global_batch
+
+
+def main(model_dir: str, out_path: str, gather: str) -> None:
+    init_process_group()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tokenizer = load_tokenizer(model_dir)
+    model = BiEncoder.from_pretrained(model_dir, {"pooling": "mean", "temperature": 0.5},
+                                      negatives_x_device=gather == "gather")
+    queries, passages, group = make_global_batch()
+    per_rank = len(queries) // world
+    local_q = queries[rank * per_rank : (rank + 1) * per_rank]
+    local_p = passages[rank * per_rank * group : (rank + 1) * per_rank * group]
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)  # BERT's pooler gets no gradient
+    q = dict(tokenizer(local_q, padding="max_length", max_length=16, return_tensors="pt"))
+    p = dict(tokenizer(local_p, padding="max_length", max_length=16, return_tensors="pt"))
+    loss = ddp(query=q, passage=p)["loss"]
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= world
+    if rank == 0:
+        tensors = {"loss": mean_loss.reshape(1)}
+        tensors.update({f"grad.{n}": prm.grad.contiguous() for n, prm in model.named_parameters() if prm.grad is not None})
+        save_file(tensors, out_path)
+    del ddp, model
+    teardown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
