@@ -40,16 +40,22 @@ class ModelArguments:
     )
     normalize: bool | None = field(
         default=None,
-        metadata={"help": "L2-normalise vectors (cosine similarity). Default: dr_config.json, else false.",
-                  "nargs": "?", "const": True},
+        metadata={
+            "help": "L2-normalise vectors (cosine similarity). Default: dr_config.json, else false.",
+            "nargs": "?",
+            "const": True,
+        },
     )
     untie_encoder: bool = field(
-        default=False, metadata={"help": "Separate query and passage encoders (both start from the same weights)."}
+        default=False,
+        metadata={"help": "Separate query and passage encoders (both start from the same weights)."},
     )
     temperature: float = field(
         default=1.0,
-        metadata={"help": "Scores are divided by this before the softmax. 1.0 = plain dot product (Tevatron v1); "
-                  "use ~0.01-0.05 with --normalize."},
+        metadata={
+            "help": "Scores are divided by this before the softmax. 1.0 = plain dot product (Tevatron v1); "
+            "use ~0.01-0.05 with --normalize."
+        },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded hub models are cached."})
 
@@ -76,8 +82,10 @@ class DataArguments:
     dataset_split: str = field(default="train", metadata={"help": "Split to read (train, dev, test, ...)."})
     train_n_passages: int = field(
         default=8,
-        metadata={"help": "Passages per query in a training group: 1 positive + (n-1) negatives.",
-                  "aliases": ["--train_group_size"]},
+        metadata={
+            "help": "Passages per query in a training group: 1 positive + (n-1) negatives.",
+            "aliases": ["--train_group_size"],
+        },
     )
     q_max_len: int = field(
         default=32, metadata={"help": "Maximum query length in tokens.", "aliases": ["--query_max_len"]}
@@ -85,9 +93,15 @@ class DataArguments:
     p_max_len: int = field(
         default=128, metadata={"help": "Maximum passage length in tokens.", "aliases": ["--passage_max_len"]}
     )
-    query_prefix: str = field(default="", metadata={"help": "Text prepended to every query (e.g. 'query: ')."})
-    passage_prefix: str = field(default="", metadata={"help": "Text prepended to every passage (e.g. 'passage: ')."})
-    pad_to_multiple_of: int = field(default=8, metadata={"help": "Pad batches to a multiple of this (tensor cores)."})
+    query_prefix: str = field(
+        default="", metadata={"help": "Text prepended to every query (e.g. 'query: ')."}
+    )
+    passage_prefix: str = field(
+        default="", metadata={"help": "Text prepended to every passage (e.g. 'passage: ')."}
+    )
+    pad_to_multiple_of: int = field(
+        default=8, metadata={"help": "Pad batches to a multiple of this (tensor cores)."}
+    )
 
     def __post_init__(self) -> None:
         for name in ("train_n_passages", "q_max_len", "p_max_len", "pad_to_multiple_of"):
@@ -101,12 +115,15 @@ class DRTrainingArguments(TrainingArguments):
 
     negatives_x_device: bool = field(
         default=True,
-        metadata={"help": "Score each query against the passages of all ranks (global in-batch negatives). "
-                  "On by default so N devices train exactly like one device with N times the batch; "
-                  "--negatives_x_device false keeps negatives per device (Tevatron's default)."},
+        metadata={
+            "help": "Score each query against the passages of all ranks (global in-batch negatives). "
+            "On by default so N devices train exactly like one device with N times the batch; "
+            "--negatives_x_device false keeps negatives per device (Tevatron's default)."
+        },
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing into an output_dir that already holds a model or checkpoints."}
+        default=False,
+        metadata={"help": "Allow writing into an output_dir that already holds a model or checkpoints."},
     )
 
     def __post_init__(self) -> None:
@@ -156,7 +173,7 @@ def load_config_file(path: str) -> dict[str, Any]:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-    except Exception as err:  # noqa: BLE001 - re-raised with the file named
+    except Exception as err:
         raise ConfigError(f"--config {path}: cannot parse: {err}") from err
     if data is None:
         return {}

@@ -53,7 +53,9 @@ def choose_group(
     if n_negatives >= wanted:
         return positive, [int(i) for i in rng.choice(n_negatives, size=wanted, replace=False)]
     order = [int(i) for i in rng.permutation(n_negatives)]
-    return positive, order + [int(i) for i in rng.choice(n_negatives, size=wanted - n_negatives, replace=True)]
+    return positive, order + [
+        int(i) for i in rng.choice(n_negatives, size=wanted - n_negatives, replace=True)
+    ]
 
 
 class TrainGroups(torch.utils.data.Dataset):
@@ -64,8 +66,14 @@ class TrainGroups(torch.utils.data.Dataset):
     run sees exactly the groups the uninterrupted run would have seen.
     """
 
-    def __init__(self, source: GroupSource, group_size: int, seed: int, query_prefix: str = "",
-                 passage_prefix: str = "") -> None:
+    def __init__(
+        self,
+        source: GroupSource,
+        group_size: int,
+        seed: int,
+        query_prefix: str = "",
+        passage_prefix: str = "",
+    ) -> None:
         self.source = source
         self.group_size = group_size
         self.seed = seed
@@ -75,7 +83,9 @@ class TrainGroups(torch.utils.data.Dataset):
         if short:
             logger.warning(
                 "%d of %d queries have fewer than %d negatives: their negatives are sampled with replacement",
-                short, len(source), group_size - 1,
+                short,
+                len(source),
+                group_size - 1,
             )
 
     def __len__(self) -> int:
@@ -106,9 +116,14 @@ class TevatronGroups(GroupSource):
 
     def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
-        negatives = dataset.data.table.column("negative_passages") if "negative_passages" in dataset.column_names else None
+        negatives = (
+            dataset.data.table.column("negative_passages")
+            if "negative_passages" in dataset.column_names
+            else None
+        )
         self._n_negatives = (
-            np.zeros(len(dataset), dtype=np.int64) if negatives is None
+            np.zeros(len(dataset), dtype=np.int64)
+            if negatives is None
             else pc.list_value_length(negatives).fill_null(0).to_numpy(zero_copy_only=False)
         )
 
@@ -171,8 +186,13 @@ def is_beir_folder(spec: str) -> bool:
     return p.is_dir() and (p / "corpus.jsonl").is_file()
 
 
-def load_train_groups(dataset_name: str, split: str = "train", config: str | None = None,
-                      group_size: int = 8, cache_dir: str | None = None) -> GroupSource:
+def load_train_groups(
+    dataset_name: str,
+    split: str = "train",
+    config: str | None = None,
+    group_size: int = 8,
+    cache_dir: str | None = None,
+) -> GroupSource:
     """Load and validate training groups from any supported source (see module docstring)."""
     if not dataset_name:
         raise DataError("--dataset_name is required for training (a hub name, a file, a glob or a folder)")
@@ -194,7 +214,7 @@ def _load_hub(name: str, split: str, config: str | None, group_size: int, cache_
         name, split = name.rsplit("/", 1)
     try:
         ds = datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
-    except Exception as err:  # noqa: BLE001 - hub/network/format errors: name the dataset
+    except Exception as err:
         raise DataError(f"cannot load dataset {name!r} (split {split!r}) from the hub: {err}") from err
     validate_groups(ds.data.table, name, group_size)
     return ds
@@ -210,7 +230,7 @@ def _load_local_file(path: Path, group_size: int, cache_dir: str | None) -> Any:
         raise DataError(f"{path}: file is empty")
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
-    except Exception as err:  # noqa: BLE001 - parse errors from pyarrow/datasets: name the file
+    except Exception as err:
         cause = err.__cause__ or err
         raise DataError(f"{path}: cannot parse as {builder}: {cause}") from err
     validate_groups(ds.data.table, str(path), group_size)
@@ -265,15 +285,25 @@ def validate_groups(table: pa.Table, source: str, group_size: int) -> None:
         if name not in table.column_names:
             continue
         ftype = table.schema.field(name).type
-        if not (pa.types.is_list(ftype) or pa.types.is_large_list(ftype)) or not pa.types.is_struct(ftype.value_type):
+        if not (pa.types.is_list(ftype) or pa.types.is_large_list(ftype)) or not pa.types.is_struct(
+            ftype.value_type
+        ):
             located = _locate_bad_passage_row(source, name)  # mixed shapes: find the row by reading the file
-            raise DataError(located or f"{source}: field {name!r} must be a list of {{docid, title, text}} "
-                            f"objects, found {ftype}")
+            raise DataError(
+                located
+                or f"{source}: field {name!r} must be a list of {{docid, title, text}} objects, found {ftype}"
+            )
         struct = ftype.value_type
         if struct.get_field_index("text") < 0:
-            raise DataError(f"{source}: field {name!r}: passages have no 'text' (fields: {[f.name for f in struct]})")
-        if not pa.types.is_string(struct.field("text").type) and not pa.types.is_large_string(struct.field("text").type):
-            raise DataError(f"{source}: field '{name}.text' must be a string, found {struct.field('text').type}")
+            raise DataError(
+                f"{source}: field {name!r}: passages have no 'text' (fields: {[f.name for f in struct]})"
+            )
+        if not pa.types.is_string(struct.field("text").type) and not pa.types.is_large_string(
+            struct.field("text").type
+        ):
+            raise DataError(
+                f"{source}: field '{name}.text' must be a string, found {struct.field('text').type}"
+            )
         column = table.column(name)
         lengths = pc.list_value_length(column).fill_null(0)
         if name == "positive_passages":
@@ -335,7 +365,9 @@ def read_jsonl_queries(path: Path, split: str | None) -> dict[str, str]:
             qid = next((row[k] for k in ("qid", "query_id", "_id") if k in row), None)
             text = next((row[k] for k in ("text", "query") if k in row), None)
             if qid is None or text is None:
-                raise DataError(f"{path}: line {line_no}: needs an id (qid/query_id/_id) and a text (text/query)")
+                raise DataError(
+                    f"{path}: line {line_no}: needs an id (qid/query_id/_id) and a text (text/query)"
+                )
             queries[str(qid)] = text
     return queries
 
@@ -381,8 +413,12 @@ def load_beir_groups(folder: Path, split: str, group_size: int) -> BeirGroups:
             texts.append(passage_text(row))
     if not texts:
         raise DataError(f"{corpus_path}: no documents")
-    q_path = _first_existing(folder, [f"queries.{split}.tsv", f"queries.{split}.jsonl", "queries.jsonl", "queries.tsv"])
-    r_path = _first_existing(folder, [f"qrels.{split}.trec", f"qrels/{split}.tsv", f"qrels.{split}.tsv", "qrels.trec"])
+    q_path = _first_existing(
+        folder, [f"queries.{split}.tsv", f"queries.{split}.jsonl", "queries.jsonl", "queries.tsv"]
+    )
+    r_path = _first_existing(
+        folder, [f"qrels.{split}.trec", f"qrels/{split}.tsv", f"qrels.{split}.tsv", "qrels.trec"]
+    )
     if q_path is None or r_path is None:
         raise DataError(f"{folder}: BEIR folder lacks queries or qrels for split {split!r}")
     queries = read_tsv_queries(q_path) if q_path.suffix == ".tsv" else read_jsonl_queries(q_path, split)
@@ -399,9 +435,19 @@ def load_beir_groups(folder: Path, split: str, group_size: int) -> BeirGroups:
         if positives:
             groups.append((qid, text, sorted(positives)))
     if not groups:
-        raise DataError(f"{folder}: no query of split {split!r} in {q_path.name} has a relevant document in {r_path.name}")
+        raise DataError(
+            f"{folder}: no query of split {split!r} in {q_path.name} has a relevant document in {r_path.name}"
+        )
     if len(texts) < group_size + max(len(p) for _, _, p in groups):
-        raise DataError(f"{corpus_path}: {len(texts)} documents are too few to sample {group_size - 1} negatives")
-    logger.info("BEIR folder %s: %d training queries (split %s), %d documents%s", folder, len(groups), split,
-                len(texts), f"; {missing_docs} qrels point to unknown documents" if missing_docs else "")
+        raise DataError(
+            f"{corpus_path}: {len(texts)} documents are too few to sample {group_size - 1} negatives"
+        )
+    logger.info(
+        "BEIR folder %s: %d training queries (split %s), %d documents%s",
+        folder,
+        len(groups),
+        split,
+        len(texts),
+        f"; {missing_docs} qrels point to unknown documents" if missing_docs else "",
+    )
     return BeirGroups(groups, texts)

@@ -40,7 +40,9 @@ class ContrastiveLoss(nn.Module):
         """q_reps (B, d), p_reps (B*n, d) grouped per query -> scalar loss (mean over local queries)."""
         n_local_queries = q_reps.shape[0]
         if p_reps.shape[0] % n_local_queries:
-            raise ValueError(f"{p_reps.shape[0]} passages do not split into groups for {n_local_queries} queries")
+            raise ValueError(
+                f"{p_reps.shape[0]} passages do not split into groups for {n_local_queries} queries"
+            )
         group_size = p_reps.shape[0] // n_local_queries
         rank_offset = 0
         if self.gather_across_devices and is_initialized() and get_world_size() > 1:

@@ -57,7 +57,9 @@ class EncoderConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save(self, model_dir: str | os.PathLike) -> None:
-        (Path(model_dir) / DR_CONFIG_NAME).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        (Path(model_dir) / DR_CONFIG_NAME).write_text(
+            json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8"
+        )
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -105,7 +107,9 @@ class BiEncoder(nn.Module):
         # Registered only when untied, so tied weights appear once in parameters() and state_dict().
         self.passage_encoder = passage_encoder
         self.encoder_config = config
-        self.loss_fn = ContrastiveLoss(temperature=config.temperature, gather_across_devices=negatives_x_device)
+        self.loss_fn = ContrastiveLoss(
+            temperature=config.temperature, gather_across_devices=negatives_x_device
+        )
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -125,7 +129,9 @@ class BiEncoder(nn.Module):
         saved = EncoderConfig.load(model_name_or_path) if Path(model_name_or_path).is_dir() else None
         values = asdict(saved) if saved else {}
         values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        config = EncoderConfig(**{k: v for k, v in values.items() if k in {f.name for f in fields(EncoderConfig)}})
+        config = EncoderConfig(
+            **{k: v for k, v in values.items() if k in {f.name for f in fields(EncoderConfig)}}
+        )
         q_dir, p_dir = _encoder_dirs(Path(model_name_or_path))
         q_source = str(q_dir) if Path(model_name_or_path).is_dir() else model_name_or_path
         query_encoder = AutoModel.from_pretrained(q_source, cache_dir=cache_dir, **hf_kwargs)
@@ -203,7 +209,7 @@ class BiEncoder(nn.Module):
         if self.passage_encoder is not None:
             parts["passage_encoder."] = self.passage_encoder
         for prefix, encoder in parts.items():
-            sub = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            sub = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
             target = staging
             if self.passage_encoder is not None:
                 target = staging / (QUERY_SUBDIR if prefix == "query_encoder." else PASSAGE_SUBDIR)

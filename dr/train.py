@@ -12,7 +12,14 @@ import socket
 import sys
 from pathlib import Path
 
-from dr.arguments import ConfigError, DataArguments, DRTrainingArguments, ModelArguments, load_config_file, parse_args
+from dr.arguments import (
+    ConfigError,
+    DataArguments,
+    DRTrainingArguments,
+    ModelArguments,
+    load_config_file,
+    parse_args,
+)
 
 logger = logging.getLogger("dr.train")
 
@@ -31,13 +38,20 @@ def _prepare_environment(argv: list[str]) -> None:
     wants_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv)
     if "--config" in argv:
         config = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None
-        wants_deepspeed |= bool(config and Path(config).is_file() and load_config_file(config).get("deepspeed"))
+        wants_deepspeed |= bool(
+            config and Path(config).is_file() and load_config_file(config).get("deepspeed")
+        )
     if wants_deepspeed and "WORLD_SIZE" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                               MASTER_PORT=str(port)).items():
+        for key, value in {
+            "RANK": "0",
+            "LOCAL_RANK": "0",
+            "WORLD_SIZE": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }.items():
             os.environ.setdefault(key, value)
 
 
@@ -82,20 +96,36 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
 
     with training_args.main_process_first(desc="loading training data"):
         source = load_train_groups(
-            data_args.dataset_name, split=data_args.dataset_split, config=data_args.dataset_config,
-            group_size=data_args.train_n_passages, cache_dir=model_args.cache_dir,
+            data_args.dataset_name,
+            split=data_args.dataset_split,
+            config=data_args.dataset_config,
+            group_size=data_args.train_n_passages,
+            cache_dir=model_args.cache_dir,
         )
-    dataset = TrainGroups(source, data_args.train_n_passages, training_args.seed,
-                          data_args.query_prefix, data_args.passage_prefix)
-    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name, model_args.cache_dir)
-    overrides = dict(
-        pooling=model_args.pooling, normalize=model_args.normalize, untie_encoder=model_args.untie_encoder or None,
-        temperature=model_args.temperature, query_prefix=data_args.query_prefix,
-        passage_prefix=data_args.passage_prefix, q_max_len=data_args.q_max_len, p_max_len=data_args.p_max_len,
+    dataset = TrainGroups(
+        source,
+        data_args.train_n_passages,
+        training_args.seed,
+        data_args.query_prefix,
+        data_args.passage_prefix,
     )
-    model = BiEncoder.from_pretrained(model_args.model_name_or_path, overrides,
-                                      negatives_x_device=training_args.negatives_x_device,
-                                      cache_dir=model_args.cache_dir)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name, model_args.cache_dir)
+    overrides = {
+        "pooling": model_args.pooling,
+        "normalize": model_args.normalize,
+        "untie_encoder": model_args.untie_encoder or None,
+        "temperature": model_args.temperature,
+        "query_prefix": data_args.query_prefix,
+        "passage_prefix": data_args.passage_prefix,
+        "q_max_len": data_args.q_max_len,
+        "p_max_len": data_args.p_max_len,
+    }
+    model = BiEncoder.from_pretrained(
+        model_args.model_name_or_path,
+        overrides,
+        negatives_x_device=training_args.negatives_x_device,
+        cache_dir=model_args.cache_dir,
+    )
     resolved = to_jsonable(model_args, data_args, training_args)
     resolved["encoder_config"] = vars(model.encoder_config)
     if training_args.process_index == 0:
@@ -105,12 +135,22 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         write_json_atomic(Path(training_args.output_dir) / RESOLVED_CONFIG_NAME, resolved)
     logger.info(
         "training %s (%s pooling, normalize=%s) on %d queries x %d passages; world size %d, gathered negatives %s",
-        model_args.model_name_or_path, model.encoder_config.pooling, model.encoder_config.normalize, len(dataset),
-        data_args.train_n_passages, training_args.world_size, training_args.negatives_x_device,
+        model_args.model_name_or_path,
+        model.encoder_config.pooling,
+        model.encoder_config.normalize,
+        len(dataset),
+        data_args.train_n_passages,
+        training_args.world_size,
+        training_args.negatives_x_device,
     )
     trainer = BiEncoderTrainer(
-        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-        data_collator=TrainCollator(tokenizer, data_args.q_max_len, data_args.p_max_len, data_args.pad_to_multiple_of),
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        data_collator=TrainCollator(
+            tokenizer, data_args.q_max_len, data_args.p_max_len, data_args.pad_to_multiple_of
+        ),
         resolved_config=resolved,
     )
     trainer.train(resume_from_checkpoint=resume)
@@ -129,7 +169,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         _prepare_environment(argv)
-        model_args, data_args, training_args = parse_args((ModelArguments, DataArguments, DRTrainingArguments), argv)
+        model_args, data_args, training_args = parse_args(
+            (ModelArguments, DataArguments, DRTrainingArguments), argv
+        )
         train(model_args, data_args, training_args)
     except ConfigError as err:
         logger.error("%s", err)

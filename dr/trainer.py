@@ -70,8 +70,9 @@ class BiEncoderTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return EpochSampler(len(dataset), seed=self.args.seed)
 
-    def compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
-                     num_items_in_batch: Any = None) -> Any:
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> Any:
         outputs = model(query=inputs["query"], passage=inputs["passage"])
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
@@ -22,8 +21,9 @@ def main(model_dir: str, out_path: str, gather: str) -> None:
     init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     tokenizer = load_tokenizer(model_dir)
-    model = BiEncoder.from_pretrained(model_dir, {"pooling": "mean", "temperature": 0.5},
-                                      negatives_x_device=gather == "gather")
+    model = BiEncoder.from_pretrained(
+        model_dir, {"pooling": "mean", "temperature": 0.5}, negatives_x_device=gather == "gather"
+    )
     queries, passages, group = make_global_batch()
     per_rank = len(queries) // world
     local_q = queries[rank * per_rank : (rank + 1) * per_rank]
@@ -38,7 +38,13 @@ def main(model_dir: str, out_path: str, gather: str) -> None:
     mean_loss /= world
     if rank == 0:
         tensors = {"loss": mean_loss.reshape(1)}
-        tensors.update({f"grad.{n}": prm.grad.contiguous() for n, prm in model.named_parameters() if prm.grad is not None})
+        tensors.update(
+            {
+                f"grad.{n}": prm.grad.contiguous()
+                for n, prm in model.named_parameters()
+                if prm.grad is not None
+            }
+        )
         save_file(tensors, out_path)
     del ddp, model
     teardown()

@@ -19,11 +19,53 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 # A small closed vocabulary: topics and words that make a learnable query -> passage task.
 TOPICS = [
-    "apple", "river", "engine", "violin", "glacier", "pepper", "falcon", "copper", "tulip", "comet",
-    "harbor", "cactus", "marble", "saddle", "lantern", "walnut", "orchid", "canyon", "pigeon", "quartz",
-    "ferry", "barley", "magnet", "coral", "bison", "cobalt", "maple", "oyster", "piano", "tunnel",
+    "apple",
+    "river",
+    "engine",
+    "violin",
+    "glacier",
+    "pepper",
+    "falcon",
+    "copper",
+    "tulip",
+    "comet",
+    "harbor",
+    "cactus",
+    "marble",
+    "saddle",
+    "lantern",
+    "walnut",
+    "orchid",
+    "canyon",
+    "pigeon",
+    "quartz",
+    "ferry",
+    "barley",
+    "magnet",
+    "coral",
+    "bison",
+    "cobalt",
+    "maple",
+    "oyster",
+    "piano",
+    "tunnel",
 ]
-FILLER = ["the", "a", "of", "and", "is", "in", "about", "with", "for", "this", "that", "text", "story", "notes"]
+FILLER = [
+    "the",
+    "a",
+    "of",
+    "and",
+    "is",
+    "in",
+    "about",
+    "with",
+    "for",
+    "this",
+    "that",
+    "text",
+    "story",
+    "notes",
+]
 
 
 def write_vocab(folder: Path) -> None:
@@ -70,7 +112,7 @@ def make_train_rows(n_queries: int, n_negatives: int = 3, seed: int = 0) -> list
         topic = TOPICS[i % len(TOPICS)]
         others = [t for t in TOPICS if t != topic]
 
-        def passage(t: str, j: int) -> dict:
+        def passage(t: str, j: int, i: int = i) -> dict:
             words = [t] * 2 + rng.sample(FILLER, 4)
             rng.shuffle(words)
             return {"docid": f"{t}-{i}-{j}", "title": "", "text": " ".join(words)}
@@ -80,7 +122,9 @@ def make_train_rows(n_queries: int, n_negatives: int = 3, seed: int = 0) -> list
                 "query_id": str(i),
                 "query": f"what about {topic}",
                 "positive_passages": [passage(topic, 0)],
-                "negative_passages": [passage(t, j + 1) for j, t in enumerate(rng.sample(others, n_negatives))],
+                "negative_passages": [
+                    passage(t, j + 1) for j, t in enumerate(rng.sample(others, n_negatives))
+                ],
             }
         )
     return rows
@@ -114,15 +158,27 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def run(cmd: list[str], timeout: float = 300, check: bool = True, **env: str) -> subprocess.CompletedProcess:
     """Run a command with the test environment; on failure show its output."""
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env), cwd=REPO)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env), cwd=REPO, check=False
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
 def torchrun(nproc: int) -> list[str]:
     """The torchrun launcher as a module call (works without the console script on PATH)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(_free_port())]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(_free_port()),
+    ]
 
 
 def _free_port() -> int:

@@ -20,7 +20,11 @@ def make_global_batch() -> tuple[list[str], list[str], int]:
     queries, passages = [], []
     for i in range(4):
         queries.append(f"what about {TOPICS[i]}")
-        passages += [f"{TOPICS[i]} story {TOPICS[i]}", f"{TOPICS[i + 10]} notes", f"the {TOPICS[i + 20]} text"]
+        passages += [
+            f"{TOPICS[i]} story {TOPICS[i]}",
+            f"{TOPICS[i + 10]} notes",
+            f"the {TOPICS[i + 20]} text",
+        ]
     return queries, passages, GROUP
 
 
@@ -57,8 +61,11 @@ def _reference(model_dir) -> dict[str, torch.Tensor]:
 
 def _two_ranks(model_dir, tmp_path, mode: str) -> dict[str, torch.Tensor]:
     out = tmp_path / f"{mode}.safetensors"
-    run(torchrun(2) + [str(REPO / "tests" / "dist_loss_worker.py"), str(model_dir), str(out), mode], timeout=180,
-        PYTHONPATH=str(REPO))
+    run(
+        torchrun(2) + [str(REPO / "tests" / "dist_loss_worker.py"), str(model_dir), str(out), mode],
+        timeout=180,
+        PYTHONPATH=str(REPO),
+    )
     return load_file(out)
 
 
@@ -69,7 +76,9 @@ def test_two_ranks_with_gathered_negatives_equal_one_process(tiny_model_dir, tmp
     assert distributed["loss"].item() == pytest.approx(reference["loss"].item(), rel=1e-5)
     assert set(distributed) == set(reference)
     for name, grad in reference.items():
-        torch.testing.assert_close(distributed[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            distributed[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 @pytest.mark.slow

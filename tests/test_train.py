@@ -19,20 +19,55 @@ from dr.model import BiEncoder, load_tokenizer
 from dr.train import main as train_main
 from tests.helpers import SHARED_DATA, TOPICS, make_train_rows, run, write_jsonl
 
-REFERENCE_FLAGS = (
-    "--output_dir model_msmarco --model_name_or_path bert-base-uncased --save_steps 20000 "
-    "--dataset_name Tevatron/msmarco-passage --fp16 --per_device_train_batch_size 8 --train_n_passages 8 "
-    "--learning_rate 5e-6 --q_max_len 16 --p_max_len 128 --num_train_epochs 3 --logging_steps 500 "
-    "--overwrite_output_dir"
-).split()
+REFERENCE_FLAGS = [
+    "--output_dir",
+    "model_msmarco",
+    "--model_name_or_path",
+    "bert-base-uncased",
+    "--save_steps",
+    "20000",
+    "--dataset_name",
+    "Tevatron/msmarco-passage",
+    "--fp16",
+    "--per_device_train_batch_size",
+    "8",
+    "--train_n_passages",
+    "8",
+    "--learning_rate",
+    "5e-6",
+    "--q_max_len",
+    "16",
+    "--p_max_len",
+    "128",
+    "--num_train_epochs",
+    "3",
+    "--logging_steps",
+    "500",
+    "--overwrite_output_dir",
+]
 ARG_TYPES = (ModelArguments, DataArguments, DRTrainingArguments)
 
 
 def _train(model_dir: Path, data: Path, out: Path, *extra: str) -> int:
-    return train_main([
-        "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
-        "--q_max_len", "16", "--p_max_len", "32", "--seed", "11", "--logging_steps", "1", *extra,
-    ])
+    return train_main(
+        [
+            "--model_name_or_path",
+            str(model_dir),
+            "--dataset_name",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--q_max_len",
+            "16",
+            "--p_max_len",
+            "32",
+            "--seed",
+            "11",
+            "--logging_steps",
+            "1",
+            *extra,
+        ]
+    )
 
 
 # ---- 3. learning -------------------------------------------------------------------------------------
@@ -52,13 +87,33 @@ def test_training_lowers_loss_and_improves_retrieval(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", make_train_rows(120, n_negatives=3))
     start = tmp_path / "start"
     BiEncoder.from_pretrained(str(tiny_model_dir), {"pooling": "mean", "normalize": True}).save(
-        start, tokenizer=load_tokenizer(str(tiny_model_dir)))
+        start, tokenizer=load_tokenizer(str(tiny_model_dir))
+    )
     before = _top1_accuracy(start)
     out = tmp_path / "out"
-    assert _train(start, data, out, "--per_device_train_batch_size", "8", "--train_n_passages", "4",
-                  "--learning_rate", "3e-3", "--num_train_epochs", "4", "--temperature", "0.05",
-                  "--save_strategy", "no") == 0
-    losses = [e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert (
+        _train(
+            start,
+            data,
+            out,
+            "--per_device_train_batch_size",
+            "8",
+            "--train_n_passages",
+            "4",
+            "--learning_rate",
+            "3e-3",
+            "--num_train_epochs",
+            "4",
+            "--temperature",
+            "0.05",
+            "--save_strategy",
+            "no",
+        )
+        == 0
+    )
+    losses = [
+        e["loss"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in e
+    ]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     after = _top1_accuracy(out)
     assert after >= 0.9 and after > before + 0.2, (before, after)
@@ -71,8 +126,20 @@ def test_training_lowers_loss_and_improves_retrieval(tiny_model_dir, tmp_path):
 def test_resume_equals_uninterrupted(tiny_model_dir, tmp_path):
     """6 steps in one go == 3 steps, a crash, and a resume to 6 (crossing an epoch boundary mid-way)."""
     data = write_jsonl(tmp_path / "train.jsonl", make_train_rows(8, n_negatives=5))
-    flags = ["--per_device_train_batch_size", "2", "--train_n_passages", "3", "--learning_rate", "1e-3",
-             "--max_steps", "6", "--save_steps", "3", "--pooling", "mean"]
+    flags = [
+        "--per_device_train_batch_size",
+        "2",
+        "--train_n_passages",
+        "3",
+        "--learning_rate",
+        "1e-3",
+        "--max_steps",
+        "6",
+        "--save_steps",
+        "3",
+        "--pooling",
+        "mean",
+    ]
     full = tmp_path / "full"
     assert _train(tiny_model_dir, data, full, *flags) == 0
     resumed = tmp_path / "resumed"
@@ -100,23 +167,70 @@ def test_existing_output_needs_overwrite_or_resume(tiny_model_dir, tmp_path, cap
 def test_reference_flags_parse():
     model, data, training = parse_args(ARG_TYPES, REFERENCE_FLAGS)
     assert model.model_name_or_path == "bert-base-uncased" and data.dataset_name == "Tevatron/msmarco-passage"
-    assert (training.per_device_train_batch_size, data.train_n_passages, training.learning_rate) == (8, 8, 5e-6)
+    assert (training.per_device_train_batch_size, data.train_n_passages, training.learning_rate) == (
+        8,
+        8,
+        5e-6,
+    )
     assert (data.q_max_len, data.p_max_len, training.num_train_epochs) == (16, 128, 3)
     assert training.fp16 and training.overwrite_output_dir and training.save_steps == 20000
     assert training.logging_steps == 500 and training.negatives_x_device
 
 
 def test_newer_spellings_and_extra_flags():
-    _, data, training = parse_args(ARG_TYPES, [
-        "--output_dir", "o", "--model_name_or_path", "m", "--train_group_size", "4", "--query_max_len", "20",
-        "--passage_max_len", "64", "--query_prefix", "query: ", "--negatives_x_device", "false", "--bf16",
-        "--gradient_checkpointing", "--max_steps", "5", "--seed", "3",
-    ])
-    assert (data.train_n_passages, data.q_max_len, data.p_max_len, data.query_prefix) == (4, 20, 64, "query: ")
+    _, data, training = parse_args(
+        ARG_TYPES,
+        [
+            "--output_dir",
+            "o",
+            "--model_name_or_path",
+            "m",
+            "--train_group_size",
+            "4",
+            "--query_max_len",
+            "20",
+            "--passage_max_len",
+            "64",
+            "--query_prefix",
+            "query: ",
+            "--negatives_x_device",
+            "false",
+            "--bf16",
+            "--gradient_checkpointing",
+            "--max_steps",
+            "5",
+            "--seed",
+            "3",
+        ],
+    )
+    assert (data.train_n_passages, data.q_max_len, data.p_max_len, data.query_prefix) == (
+        4,
+        20,
+        64,
+        "query: ",
+    )
     assert not training.negatives_x_device and training.bf16 and training.gradient_checkpointing
-    model, _, _ = parse_args(ARG_TYPES, ["--output_dir", "o", "--model_name_or_path", "m", "--pooling", "last",
-                                         "--normalize", "--untie_encoder", "--temperature", "0.02"])
-    assert (model.pooling, model.normalize, model.untie_encoder, model.temperature) == ("last", True, True, 0.02)
+    model, _, _ = parse_args(
+        ARG_TYPES,
+        [
+            "--output_dir",
+            "o",
+            "--model_name_or_path",
+            "m",
+            "--pooling",
+            "last",
+            "--normalize",
+            "--untie_encoder",
+            "--temperature",
+            "0.02",
+        ],
+    )
+    assert (model.pooling, model.normalize, model.untie_encoder, model.temperature) == (
+        "last",
+        True,
+        True,
+        0.02,
+    )
 
 
 def test_config_file_with_command_line_override(tmp_path):
@@ -152,8 +266,21 @@ def test_bad_config_file_keys(tmp_path):
 
 
 def test_bad_flag_exit_code_from_the_command_line(tmp_path):
-    proc = run([sys.executable, "-m", "dr.train", "--output_dir", str(tmp_path), "--model_name_or_path", "m",
-                "--pooling", "max"], check=False, timeout=120)
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "dr.train",
+            "--output_dir",
+            str(tmp_path),
+            "--model_name_or_path",
+            "m",
+            "--pooling",
+            "max",
+        ],
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "--pooling must be one of" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -167,13 +294,28 @@ def _rows_with(change) -> list[dict]:
 
 BAD_DATA = {
     "missing_field": (lambda rows: [r.pop("query") for r in rows], "field 'query' is missing"),
-    "empty_positives": (lambda rows: rows[2].update(positive_passages=[]), "row 3 (line 3): field 'positive_passages' is empty"),
+    "empty_positives": (
+        lambda rows: rows[2].update(positive_passages=[]),
+        "row 3 (line 3): field 'positive_passages' is empty",
+    ),
     "null_query": (lambda rows: rows[1].update(query=None), "row 2 (line 2): field 'query' is null"),
     "wrong_type": (lambda rows: rows[1].update(query=123), "query"),
-    "wrong_type_everywhere": (lambda rows: [r.update(query=7) for r in rows], "field 'query' must be a string"),
-    "passage_not_object": (lambda rows: [r.update(positive_passages=["text"]) for r in rows], "positive_passages"),
-    "no_negatives": (lambda rows: rows[3].update(negative_passages=[]), "row 4 (line 4): field 'negative_passages' is empty"),
-    "passage_text_missing": (lambda rows: rows[1]["negative_passages"][1].pop("text"), "row 2 (line 2): field 'negative_passages[].text'"),
+    "wrong_type_everywhere": (
+        lambda rows: [r.update(query=7) for r in rows],
+        "field 'query' must be a string",
+    ),
+    "passage_not_object": (
+        lambda rows: [r.update(positive_passages=["text"]) for r in rows],
+        "positive_passages",
+    ),
+    "no_negatives": (
+        lambda rows: rows[3].update(negative_passages=[]),
+        "row 4 (line 4): field 'negative_passages' is empty",
+    ),
+    "passage_text_missing": (
+        lambda rows: rows[1]["negative_passages"][1].pop("text"),
+        "row 2 (line 2): field 'negative_passages[].text'",
+    ),
 }
 
 
@@ -199,8 +341,21 @@ def test_empty_file(tiny_model_dir, tmp_path, caplog):
 
 def test_bad_data_exit_code_from_the_command_line(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "bad.jsonl", _rows_with(lambda rows: rows[2].update(positive_passages=[])))
-    proc = run([sys.executable, "-m", "dr.train", "--model_name_or_path", str(tiny_model_dir), "--dataset_name",
-                str(data), "--output_dir", str(tmp_path / "out")], check=False, timeout=120)
+    proc = run(
+        [
+            sys.executable,
+            "-m",
+            "dr.train",
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--dataset_name",
+            str(data),
+            "--output_dir",
+            str(tmp_path / "out"),
+        ],
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "row 3" in proc.stderr and "positive_passages" in proc.stderr
 
 
@@ -243,9 +398,9 @@ def test_beir_folder_scifact():
     source = load_train_groups(str(SHARED_DATA / "scifact"), split="train", group_size=4)
     qrels = {}
     for line in (SHARED_DATA / "scifact" / "qrels.train.trec").read_text().splitlines():
-        qid, _, docid, rel = line.split()
+        qid, _, docid, _rel = line.split()
         qrels.setdefault(qid, set()).add(docid)
     assert len(source) == len(qrels)  # every train query with a judged document
     groups = TrainGroups(source, group_size=4, seed=0)
-    query, passages = groups[(0, 0)]
+    _query, passages = groups[(0, 0)]
     assert len(passages) == 4 and len(set(passages)) == 4

