@@ -180,9 +180,10 @@ class BiEncoder(nn.Module):
     # ---- gradient checkpointing (called by the Trainer) ---------------------------------------------
     supports_gradient_checkpointing = True
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Trade compute for memory in every encoder (called by the Trainer for --gradient_checkpointing)."""
         for encoder in {id(m): m for m in (self.query_encoder, self.passage_model)}.values():
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
             if hasattr(encoder, "enable_input_require_grads"):
                 encoder.enable_input_require_grads()
 
@@ -217,6 +218,7 @@ class BiEncoder(nn.Module):
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (output_dir / DR_CONFIG_NAME).unlink(missing_ok=True)
+        _remove_stale_layout(output_dir, untied=self.passage_encoder is not None)
         for item in sorted(staging.iterdir()):
             dest = output_dir / item.name
             if dest.is_dir():
@@ -233,6 +235,17 @@ class BiEncoder(nn.Module):
             if p_dir is None:
                 raise ValueError(f"{model_dir}: checkpoint has tied weights but the model is untied")
             self.passage_encoder.load_state_dict(AutoModel.from_pretrained(str(p_dir)).state_dict())
+
+
+def _remove_stale_layout(output_dir: Path, untied: bool) -> None:
+    """Drop weights of the other layout (tied vs untied) left by an earlier save into the same folder."""
+    if untied:
+        for pattern in ("config.json", "model*.safetensors", "model.safetensors.index.json"):
+            for path in output_dir.glob(pattern):
+                path.unlink()
+    else:
+        for sub in (QUERY_SUBDIR, PASSAGE_SUBDIR):
+            shutil.rmtree(output_dir / sub, ignore_errors=True)
 
 
 def load_tokenizer(model_name_or_path: str, tokenizer_name: str | None = None, cache_dir: str | None = None):

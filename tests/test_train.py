@@ -404,3 +404,14 @@ def test_beir_folder_scifact():
     groups = TrainGroups(source, group_size=4, seed=0)
     _query, passages = groups[(0, 0)]
     assert len(passages) == 4 and len(set(passages)) == 4
+
+
+@pytest.mark.parametrize("option", ["--gradient_checkpointing", "--untie_encoder", "--bf16"])
+def test_training_options_run_and_reload(tiny_model_dir, tmp_path, option):
+    data = write_jsonl(tmp_path / "train.jsonl", make_train_rows(8))
+    out = tmp_path / "out"
+    assert _train(tiny_model_dir, data, out, "--per_device_train_batch_size", "4", "--train_n_passages", "3",
+                  "--max_steps", "2", "--save_strategy", "no", option) == 0
+    model = BiEncoder.from_pretrained(str(out))
+    assert (model.passage_encoder is not None) == (option == "--untie_encoder")
+    assert (out / "query_model").is_dir() == (option == "--untie_encoder")
