@@ -121,6 +121,18 @@ class DRTrainingArguments(TrainingArguments):
             "--negatives_x_device false keeps negatives per device (Tevatron's default)."
         },
     )
+    mask_false_negatives: bool = field(
+        default=True,
+        metadata={"help": "Mask, for each query, in-batch passages (gathered ones included) whose docid is one of "
+                  "the query's positives: they are not negatives. The masked count is logged."},
+    )
+    grad_cache: bool = field(
+        default=False,
+        metadata={"help": "GradCache: compute representations in chunks without a graph, the loss and its gradient "
+                  "on the full (gathered) batch, then back-propagate chunk by chunk. Same gradients, less memory."},
+    )
+    gc_q_chunk_size: int = field(default=4, metadata={"help": "Queries per GradCache chunk."})
+    gc_p_chunk_size: int = field(default=32, metadata={"help": "Passages per GradCache chunk."})
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Allow writing into an output_dir that already holds a model or checkpoints."},

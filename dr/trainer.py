@@ -70,6 +70,13 @@ class BiEncoderTrainer(Trainer):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return EpochSampler(len(dataset), seed=self.args.seed)
 
+    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        if self.args.grad_cache:
+            from dr.gradcache import grad_cache_training_step
+
+            return grad_cache_training_step(self, model, inputs)
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
