@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from dr.data import TrainItem
+
+NO_ID = -1  # padding in `positive_keys`; never produced by `id_key`
+
+
+def id_key(docid: str) -> int:
+    """A stable non-negative 63-bit integer for a docid (Python's hash() differs between processes)."""
+    return int.from_bytes(hashlib.blake2b(docid.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
 
 @dataclass
 class TrainCollator:
-    """Tokenise a list of (query, passages) items into padded query and passage batches."""
+    """Tokenise TrainItems into padded query and passage batches, plus integer docid keys.
+
+    Output: {"query": tokens (B, Lq), "passage": tokens (B*n, Lp) grouped per query, positive first,
+    "passage_keys": (B*n,) int64, "positive_keys": (B, P) int64 padded with -1}.
+    """
 
     tokenizer: Any
     q_max_len: int
@@ -29,10 +43,20 @@ class TrainCollator:
             )
         )
 
-    def __call__(self, items: list[tuple[str, list[str]]]) -> dict[str, dict[str, torch.Tensor]]:
-        queries = [query for query, _ in items]
-        passages = [p for _, group in items for p in group]  # grouped per query, positive first
+    def __call__(self, items: list[TrainItem]) -> dict[str, Any]:
+        queries = [item.query for item in items]
+        passages = [p for item in items for p in item.passages]
+        width = max(len(item.positive_ids) for item in items)
+        positive_keys = torch.full((len(items), width), NO_ID, dtype=torch.long)
+        for row, item in enumerate(items):
+            positive_keys[row, : len(item.positive_ids)] = torch.tensor(
+                [id_key(d) for d in item.positive_ids]
+            )
         return {
             "query": self._tokenize(queries, self.q_max_len),
             "passage": self._tokenize(passages, self.p_max_len),
+            "passage_keys": torch.tensor(
+                [id_key(d) for item in items for d in item.passage_ids], dtype=torch.long
+            ),
+            "positive_keys": positive_keys,
         }

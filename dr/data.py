@@ -20,6 +20,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from typing import NamedTuple
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -58,8 +60,22 @@ def choose_group(
     ]
 
 
+class TrainItem(NamedTuple):
+    """One training group as text, plus ids used to recognise in-batch false negatives."""
+
+    query: str
+    passages: list[str]  # positive first, then negatives
+    passage_ids: list[str]  # docid of each passage (or "text:<text>" when the data has no docids)
+    positive_ids: list[str]  # docids of *all* the query's positives, not only the one served
+
+
+def passage_id(passage: dict[str, Any]) -> str:
+    docid = passage.get("docid")
+    return str(docid) if docid not in (None, "") else "text:" + passage_text(passage)
+
+
 class TrainGroups(torch.utils.data.Dataset):
-    """Map-style dataset of training groups: item -> (query text, [positive text, negative texts...]).
+    """Map-style dataset of training groups: item -> TrainItem(query, [positive, negatives...], ids).
 
     Index with `(epoch, i)` (what `EpochSampler` yields) or a plain `i` (epoch 0). The positive and the
     negatives are a function of (seed, epoch, i) only, so every rank and every rerun agree, and a resumed
@@ -91,11 +107,13 @@ class TrainGroups(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[str, list[str]]:
+    def __getitem__(self, key: int | tuple[int, int]) -> TrainItem:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         rng = np.random.default_rng([self.seed, epoch, index])
-        query, passages = self.source.group(index, rng, self.group_size)
-        return self.query_prefix + query, [self.passage_prefix + p for p in passages]
+        item = self.source.group(index, rng, self.group_size)
+        return item._replace(
+            query=self.query_prefix + item.query, passages=[self.passage_prefix + p for p in item.passages]
+        )
 
 
 class GroupSource:
@@ -104,7 +122,7 @@ class GroupSource:
     def __len__(self) -> int:
         raise NotImplementedError
 
-    def group(self, index: int, rng: np.random.Generator, group_size: int) -> tuple[str, list[str]]:
+    def group(self, index: int, rng: np.random.Generator, group_size: int) -> TrainItem:
         raise NotImplementedError
 
     def count_short_groups(self, wanted_negatives: int) -> int:
@@ -133,25 +151,34 @@ class TevatronGroups(GroupSource):
     def count_short_groups(self, wanted_negatives: int) -> int:
         return int((self._n_negatives < wanted_negatives).sum())
 
-    def group(self, index: int, rng: np.random.Generator, group_size: int) -> tuple[str, list[str]]:
+    def group(self, index: int, rng: np.random.Generator, group_size: int) -> TrainItem:
         row = self.dataset[index]
+        positives = row["positive_passages"]
         negatives = row.get("negative_passages") or []
-        pos, neg = choose_group(rng, len(row["positive_passages"]), len(negatives), group_size)
-        passages = [row["positive_passages"][pos]] + [negatives[i] for i in neg]
-        return row["query"], [passage_text(p) for p in passages]
+        pos, neg = choose_group(rng, len(positives), len(negatives), group_size)
+        passages = [positives[pos]] + [negatives[i] for i in neg]
+        return TrainItem(
+            row["query"],
+            [passage_text(p) for p in passages],
+            [passage_id(p) for p in passages],
+            [passage_id(p) for p in positives],
+        )
 
 
 class BeirGroups(GroupSource):
     """Groups built from qrels: positives from relevance > 0, negatives sampled from the whole corpus."""
 
-    def __init__(self, queries: list[tuple[str, str, list[int]]], corpus_texts: list[str]) -> None:
+    def __init__(
+        self, queries: list[tuple[str, str, list[int]]], corpus_texts: list[str], corpus_ids: list[str]
+    ) -> None:
         self.queries = queries  # (qid, text, positive corpus rows)
         self.corpus_texts = corpus_texts
+        self.corpus_ids = corpus_ids
 
     def __len__(self) -> int:
         return len(self.queries)
 
-    def group(self, index: int, rng: np.random.Generator, group_size: int) -> tuple[str, list[str]]:
+    def group(self, index: int, rng: np.random.Generator, group_size: int) -> TrainItem:
         _, text, positives = self.queries[index]
         pos = positives[int(rng.integers(len(positives)))]
         excluded, negatives = set(positives), []
@@ -159,7 +186,13 @@ class BeirGroups(GroupSource):
             candidate = int(rng.integers(len(self.corpus_texts)))
             if candidate not in excluded:
                 negatives.append(candidate)
-        return text, [self.corpus_texts[i] for i in [pos, *negatives]]
+        rows = [pos, *negatives]
+        return TrainItem(
+            text,
+            [self.corpus_texts[i] for i in rows],
+            [self.corpus_ids[i] for i in rows],
+            [self.corpus_ids[i] for i in positives],
+        )
 
 
 # ---- locating and loading --------------------------------------------------------------------------------
@@ -398,6 +431,7 @@ def load_beir_groups(folder: Path, split: str, group_size: int) -> BeirGroups:
     corpus_path = folder / "corpus.jsonl"
     doc_rows: dict[str, int] = {}
     texts: list[str] = []
+    ids: list[str] = []
     with open(corpus_path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -411,6 +445,7 @@ def load_beir_groups(folder: Path, split: str, group_size: int) -> BeirGroups:
                 raise DataError(f"{corpus_path}: line {line_no}: needs '_id' or 'docid', and 'text'")
             doc_rows[str(docid)] = len(texts)
             texts.append(passage_text(row))
+            ids.append(str(docid))
     if not texts:
         raise DataError(f"{corpus_path}: no documents")
     q_path = _first_existing(
@@ -450,4 +485,4 @@ def load_beir_groups(folder: Path, split: str, group_size: int) -> BeirGroups:
         len(texts),
         f"; {missing_docs} qrels point to unknown documents" if missing_docs else "",
     )
-    return BeirGroups(groups, texts)
+    return BeirGroups(groups, texts, ids)

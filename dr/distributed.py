@@ -129,3 +129,12 @@ def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     if not is_initialized() or dist.get_world_size() == 1:
         return tensor
     return _AllGather.apply(tensor)
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate `tensor` (rows, equal count on every rank) from every rank in rank order; no autograd."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    out = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, tensor.contiguous())
+    return torch.cat(out, dim=0)

@@ -5,7 +5,8 @@ Layout: each query contributes a group of n passages, positive first, then its h
     passages = [p(q0)+, p(q0)-, ..., p(q0)-, p(q1)+, ..., p(q_{B-1})-]      (B*n rows)
 
 Every query is scored against every passage of the (global) batch; its label is the row of its own
-positive. Other queries' positives and negatives are extra (in-batch) negatives.
+positive. Other queries' positives and negatives are extra (in-batch) negatives -- except passages that
+are in fact positives of the query (same docid), which are masked out when docid keys are given.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dr.distributed import all_gather_with_grad, get_rank, get_world_size, is_initialized
+from dr.distributed import all_gather_tensor, all_gather_with_grad, get_rank, get_world_size, is_initialized
 
 
 class ContrastiveLoss(nn.Module):
@@ -29,15 +30,32 @@ class ContrastiveLoss(nn.Module):
     the parameter gradient is (1/W) * sum_r d(mean_r)/d(theta) = d(mean over all W*B queries)/d(theta):
     exactly the single-process loss on the global batch. (Gathering *without* autograd and splicing the
     local slice back would lose the other ranks' contributions and need a x W correction instead.)
+
+    After each call `last_masked` holds how many (query, passage) pairs were masked as false negatives.
     """
 
     def __init__(self, temperature: float = 1.0, gather_across_devices: bool = False) -> None:
         super().__init__()
         self.temperature = temperature
         self.gather_across_devices = gather_across_devices
+        self.last_masked = torch.zeros((), dtype=torch.long)
 
-    def forward(self, q_reps: torch.Tensor, p_reps: torch.Tensor) -> torch.Tensor:
-        """q_reps (B, d), p_reps (B*n, d) grouped per query -> scalar loss (mean over local queries)."""
+    def forward(
+        self,
+        q_reps: torch.Tensor,
+        p_reps: torch.Tensor,
+        passage_keys: torch.Tensor | None = None,
+        positive_keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scalar loss (mean over local queries).
+
+        Args:
+            q_reps: (B, d) local queries.
+            p_reps: (B*n, d) local passages, grouped per query, positive first.
+            passage_keys: (B*n,) integer docid keys of the passages (see `dr.collator.id_key`).
+            positive_keys: (B, P) keys of each query's positives, padded with -1. With `passage_keys`,
+                in-batch passages that are positives of a query are masked from its negatives.
+        """
         n_local_queries = q_reps.shape[0]
         if p_reps.shape[0] % n_local_queries:
             raise ValueError(
@@ -47,8 +65,16 @@ class ContrastiveLoss(nn.Module):
         rank_offset = 0
         if self.gather_across_devices and is_initialized() and get_world_size() > 1:
             p_reps = all_gather_with_grad(p_reps)  # (W*B*n, d), rank-major
+            if passage_keys is not None:
+                passage_keys = all_gather_tensor(passage_keys)  # (W*B*n,)
             rank_offset = get_rank() * n_local_queries
         scores = q_reps @ p_reps.T / self.temperature  # (B, W*B*n)
         query_index = torch.arange(n_local_queries, device=q_reps.device) + rank_offset  # (B,) global
         labels = query_index * group_size  # (B,) row of each query's positive in the global layout
-        return nn.functional.cross_entropy(scores.float(), labels)
+        scores = scores.float()
+        if passage_keys is not None and positive_keys is not None:
+            is_positive = (passage_keys[None, :, None] == positive_keys[:, None, :]).any(-1)  # (B, W*B*n)
+            is_positive[torch.arange(n_local_queries), labels] = False  # keep each query's own target
+            scores = scores.masked_fill(is_positive, float("-inf"))
+            self.last_masked = is_positive.sum().detach()
+        return nn.functional.cross_entropy(scores, labels)

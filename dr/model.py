@@ -169,21 +169,33 @@ class BiEncoder(nn.Module):
         return self._encode(self.passage_model, batch)
 
     def forward(
-        self, query: dict[str, torch.Tensor], passage: dict[str, torch.Tensor], **_: Any
+        self,
+        query: dict[str, torch.Tensor],
+        passage: dict[str, torch.Tensor],
+        passage_keys: torch.Tensor | None = None,
+        positive_keys: torch.Tensor | None = None,
+        **_: Any,
     ) -> dict[str, torch.Tensor]:
-        """Training step: B queries and B*n passages (grouped per query, positive first) -> loss."""
+        """Training step: B queries and B*n passages (grouped per query, positive first) -> loss.
+
+        With docid keys (from `TrainCollator`), in-batch false negatives are masked (see `ContrastiveLoss`).
+        """
         q_reps = self.encode_query(query)  # (B, d)
         p_reps = self.encode_passage(passage)  # (B*n, d)
-        loss = self.loss_fn(q_reps, p_reps)
+        loss = self.loss_fn(q_reps, p_reps, passage_keys, positive_keys)
         return {"loss": loss, "q_reps": q_reps.detach(), "p_reps": p_reps.detach()}
 
     # ---- gradient checkpointing (called by the Trainer) ---------------------------------------------
     supports_gradient_checkpointing = True
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any
+    ) -> None:
         """Trade compute for memory in every encoder (called by the Trainer for --gradient_checkpointing)."""
         for encoder in {id(m): m for m in (self.query_encoder, self.passage_model)}.values():
-            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+            encoder.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
+            )
             if hasattr(encoder, "enable_input_require_grads"):
                 encoder.enable_input_require_grads()
 

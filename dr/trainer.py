@@ -65,12 +65,15 @@ class BiEncoderTrainer(Trainer):
         # it by the number of processes (the gathered loss needs no world-size factor: dr/loss.py).
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
+        self._masked_since_log = 0
 
     def _get_train_sampler(self, train_dataset: Any = None) -> torch.utils.data.Sampler:
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         return EpochSampler(len(dataset), seed=self.args.seed)
 
-    def training_step(self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+    def training_step(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
         if self.args.grad_cache:
             from dr.gradcache import grad_cache_training_step
 
@@ -80,8 +83,19 @@ class BiEncoderTrainer(Trainer):
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
-        outputs = model(query=inputs["query"], passage=inputs["passage"])
+        keys = {}
+        if self.args.mask_false_negatives:
+            keys = {"passage_keys": inputs["passage_keys"], "positive_keys": inputs["positive_keys"]}
+        outputs = model(query=inputs["query"], passage=inputs["passage"], **keys)
+        self._masked_since_log += int(self.accelerator.unwrap_model(model).loss_fn.last_masked)
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Add the number of in-batch false negatives masked (on this rank) since the last log line."""
+        if "loss" in logs and self.args.mask_false_negatives:
+            logs["masked_false_negatives"] = self._masked_since_log
+            self._masked_since_log = 0
+        super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         if not self.args.should_save:

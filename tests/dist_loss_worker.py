@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dr.distributed import init_process_group, teardown
 from dr.model import BiEncoder, load_tokenizer
-from tests.test_loss import make_global_batch
+from tests.test_loss import make_global_batch, make_global_keys
 
 
 def main(model_dir: str, out_path: str, gather: str) -> None:
@@ -31,7 +31,13 @@ def main(model_dir: str, out_path: str, gather: str) -> None:
     ddp = DistributedDataParallel(model, find_unused_parameters=True)  # BERT's pooler gets no gradient
     q = dict(tokenizer(local_q, padding="max_length", max_length=16, return_tensors="pt"))
     p = dict(tokenizer(local_p, padding="max_length", max_length=16, return_tensors="pt"))
-    loss = ddp(query=q, passage=p)["loss"]
+    passage_keys, positive_keys = make_global_keys()
+    loss = ddp(
+        query=q,
+        passage=p,
+        passage_keys=passage_keys[rank * per_rank * group : (rank + 1) * per_rank * group],
+        positive_keys=positive_keys[rank * per_rank : (rank + 1) * per_rank],
+    )["loss"]
     loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)

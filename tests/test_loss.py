@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dr.collator import id_key
 from dr.loss import ContrastiveLoss
 from dr.model import BiEncoder, load_tokenizer
 from tests.helpers import REPO, TOPICS, run, torchrun
@@ -28,6 +29,18 @@ def make_global_batch() -> tuple[list[str], list[str], int]:
     return queries, passages, GROUP
 
 
+def make_global_keys() -> tuple[torch.Tensor, torch.Tensor]:
+    """Docid keys for `make_global_batch`: query 3's positive is the same document as query 0's.
+
+    Queries 0 and 3 sit on different ranks, so masking that duplicate needs the gathered keys.
+    """
+    docids = [f"d{i}" for i in range(4 * GROUP)]
+    docids[3 * GROUP] = docids[0]
+    passage_keys = torch.tensor([id_key(d) for d in docids])
+    positive_keys = torch.tensor([[id_key(docids[i * GROUP])] for i in range(4)])
+    return passage_keys, positive_keys
+
+
 def test_loss_matches_hand_computation_with_hard_negatives():
     torch.manual_seed(0)
     q = torch.randn(2, 5)
@@ -41,6 +54,23 @@ def test_loss_matches_hand_computation_with_hard_negatives():
     assert loss.item() == pytest.approx(expected / 2, rel=1e-5)
 
 
+def test_duplicated_positive_is_masked_like_the_hand_computation():
+    torch.manual_seed(1)
+    q = torch.randn(2, 5)
+    p = torch.randn(2 * GROUP, 5)
+    # Query 1's positive (row 3) is also query 0's positive: for query 0 it is not a negative.
+    passage_keys = torch.tensor([10, 11, 12, 10, 13, 14])
+    positive_keys = torch.tensor([[10, -1], [10, 99]])
+    loss_fn = ContrastiveLoss(temperature=2.0)
+    loss = loss_fn(q, p, passage_keys, positive_keys)
+    scores = q @ p.T / 2.0
+    row0 = -scores[0, 0] + torch.logsumexp(scores[0, [0, 1, 2, 4, 5]], 0)  # column 3 masked
+    row1 = -scores[1, 3] + torch.logsumexp(scores[1, [1, 2, 3, 4, 5]], 0)  # column 0 masked
+    assert loss.item() == pytest.approx(((row0 + row1) / 2).item(), rel=1e-5)
+    assert int(loss_fn.last_masked) == 2
+    assert loss.item() != pytest.approx(loss_fn(q, p).item(), rel=1e-3)  # unmasked differs
+
+
 def test_loss_rejects_ragged_groups():
     with pytest.raises(ValueError, match="groups"):
         ContrastiveLoss()(torch.randn(2, 4), torch.randn(5, 4))
@@ -52,7 +82,9 @@ def _reference(model_dir) -> dict[str, torch.Tensor]:
     queries, passages, _ = make_global_batch()
     q = dict(tokenizer(queries, padding="max_length", max_length=16, return_tensors="pt"))
     p = dict(tokenizer(passages, padding="max_length", max_length=16, return_tensors="pt"))
-    loss = model(query=q, passage=p)["loss"]
+    loss = model(query=q, passage=p, **dict(zip(("passage_keys", "positive_keys"), make_global_keys())))[
+        "loss"
+    ]
     loss.backward()
     out = {"loss": loss.detach().reshape(1)}
     out.update({f"grad.{n}": prm.grad for n, prm in model.named_parameters() if prm.grad is not None})

@@ -366,8 +366,9 @@ def test_groups_are_deterministic_per_seed_epoch_and_item(tmp_path):
     again = TrainGroups(load_train_groups(str(data), group_size=4), group_size=4, seed=1)
     assert groups[(0, 3)] == again[(0, 3)]
     assert any(groups[(0, i)] != groups[(1, i)] for i in range(6))  # new negatives every epoch
-    query, passages = groups[(2, 5)]
-    assert len(passages) == 4 and "what about" in query
+    item = groups[(2, 5)]
+    assert len(item.passages) == 4 and len(item.passage_ids) == 4 and "what about" in item.query
+    assert item.passage_ids[0] in item.positive_ids
 
 
 def test_too_few_negatives_are_sampled_with_replacement(tmp_path, caplog):
@@ -375,8 +376,7 @@ def test_too_few_negatives_are_sampled_with_replacement(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         groups = TrainGroups(load_train_groups(str(data), group_size=6), group_size=6, seed=0)
     assert "sampled with replacement" in caplog.text
-    _, passages = groups[(0, 0)]
-    assert len(passages) == 6
+    assert len(groups[(0, 0)].passages) == 6
 
 
 def test_folder_and_glob_sources(tmp_path):
@@ -402,16 +402,33 @@ def test_beir_folder_scifact():
         qrels.setdefault(qid, set()).add(docid)
     assert len(source) == len(qrels)  # every train query with a judged document
     groups = TrainGroups(source, group_size=4, seed=0)
-    _query, passages = groups[(0, 0)]
-    assert len(passages) == 4 and len(set(passages)) == 4
+    item = groups[(0, 0)]
+    assert len(item.passages) == 4 and len(set(item.passage_ids)) == 4
+    assert set(item.positive_ids) <= qrels[source.queries[0][0]]
+    assert not set(item.passage_ids[1:]) & set(item.positive_ids)  # sampled negatives exclude positives
 
 
 @pytest.mark.parametrize("option", ["--gradient_checkpointing", "--untie_encoder", "--bf16"])
 def test_training_options_run_and_reload(tiny_model_dir, tmp_path, option):
     data = write_jsonl(tmp_path / "train.jsonl", make_train_rows(8))
     out = tmp_path / "out"
-    assert _train(tiny_model_dir, data, out, "--per_device_train_batch_size", "4", "--train_n_passages", "3",
-                  "--max_steps", "2", "--save_strategy", "no", option) == 0
+    assert (
+        _train(
+            tiny_model_dir,
+            data,
+            out,
+            "--per_device_train_batch_size",
+            "4",
+            "--train_n_passages",
+            "3",
+            "--max_steps",
+            "2",
+            "--save_strategy",
+            "no",
+            option,
+        )
+        == 0
+    )
     model = BiEncoder.from_pretrained(str(out))
     assert (model.passage_encoder is not None) == (option == "--untie_encoder")
     assert (out / "query_model").is_dir() == (option == "--untie_encoder")
