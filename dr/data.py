@@ -18,9 +18,7 @@ import glob
 import json
 import logging
 from pathlib import Path
-from typing import Any
-
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
