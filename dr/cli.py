@@ -11,6 +11,7 @@ COMMANDS = {
     "search": ("dr.search", "exact sharded FAISS search -> run file"),
     "convert": ("dr.convert", "convert run files between tevatron, MS MARCO and TREC formats"),
     "eval": ("dr.evaluate", "MRR@10, nDCG@10, recall, MAP of a run against qrels"),
+    "mine": ("dr.mine", "hard negatives from a run of the training queries -> a new training file"),
     "pipeline": ("dr.pipeline", "train -> encode -> search -> convert -> eval from one config, resumable"),
     "demo": ("dr.demo", "the offline end-to-end demo on an embedded dataset (CPU, a few minutes)"),
 }

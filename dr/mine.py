@@ -1,0 +1,190 @@
+"""`dr mine`: hard negatives from a retrieval run -> a new training file (the mine -> retrain loop).
+
+Round 1 trains with BM25 or random negatives; its model encodes the corpus and the *training* queries,
+`dr search` ranks the corpus for them, and `dr mine` turns that run into Tevatron-format training rows:
+
+    {"query_id", "query", "positive_passages": [{"docid","title","text"}], "negative_passages": [...]}
+
+Negatives are drawn from the hits ranked in [--ranks A B) (1-based, A included, B excluded), never a
+judged-relevant document, optionally only those scoring at least `--margin` below the query's best
+positive (hits scored almost like a positive are often unjudged positives). The draw depends only on
+(--seed, query id), so the same inputs give the same file. Written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dr.atomic import atomic_path, write_json_atomic
+from dr.corpus import CorpusError, load_corpus
+from dr.evaluate import QrelsFormatError, read_qrels
+from dr.runfile import RunFormatError, read_run
+
+logger = logging.getLogger("dr.mine")
+
+
+class MineError(ValueError):
+    """The run, queries, qrels and corpus do not fit together; the message names the file and id."""
+
+
+def stable_seed(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def choose_negatives(
+    hits: list[tuple[str, float]],
+    positives: dict[str, int],
+    ranks: tuple[int, int],
+    n_negatives: int,
+    rng: np.random.Generator,
+    margin: float | None = None,
+) -> list[str]:
+    """Docids sampled (without replacement) from hits ranked in [ranks[0], ranks[1]), positives excluded.
+
+    With `margin`, a hit is kept only if its score <= (best positive score in the run) - margin; when no
+    positive was retrieved there is nothing to compare with and the margin does not apply.
+    """
+    relevant = {d for d, rel in positives.items() if rel > 0}
+    start, stop = ranks
+    candidates = [(d, s) for rank, (d, s) in enumerate(hits, 1) if start <= rank < stop and d not in relevant]
+    positive_scores = [s for d, s in hits if d in relevant]
+    if margin is not None and positive_scores:
+        ceiling = max(positive_scores) - margin
+        candidates = [(d, s) for d, s in candidates if s <= ceiling]
+    if len(candidates) <= n_negatives:
+        return [d for d, _ in candidates]
+    picked = rng.choice(len(candidates), size=n_negatives, replace=False)
+    return [candidates[i][0] for i in sorted(picked)]  # keep run order: easier to read, same set
+
+
+def lookup_passages(corpus_path: str, docids: set[str]) -> dict[str, dict[str, str]]:
+    """docid -> {"docid","title","text"} for the wanted docids only (vectorised scan of the id column)."""
+    corpus = load_corpus(corpus_path, side="passage")
+    ids = corpus.ids(0, len(corpus))
+    wanted = pa.array(sorted(docids), pa.string())
+    rows = pc.indices_nonzero(pc.is_in(ids, value_set=wanted)).to_pylist()
+    table = corpus.table.take(rows)
+    titles = table.column(corpus.title_field).to_pylist() if corpus.title_field else [""] * len(rows)
+    texts = table.column(corpus.text_field).to_pylist()
+    return {
+        str(docid): {"docid": str(docid), "title": title or "", "text": text}
+        for docid, title, text in zip(ids.take(rows).to_pylist(), titles, texts)
+    }
+
+
+def mine(args: argparse.Namespace) -> dict[str, int]:
+    """Build the training rows; return counts for the log and the sidecar JSON."""
+    run, _ = read_run(args.run, args.run_format)
+    if args.margin is not None and not run.scored:
+        logger.warning("--margin with an unscored (MS MARCO) run compares synthetic 1/rank scores")
+    qrels = read_qrels(args.qrels)
+    queries_corpus = load_corpus(args.queries, side="query")
+    query_ids, query_texts = queries_corpus.records(0, len(queries_corpus))
+    queries = dict(zip(query_ids, query_texts))
+    unknown = [qid for qid in run.rankings if qid not in queries]
+    if unknown:
+        raise MineError(
+            f"{args.run}: query id {unknown[0]!r} is not in {args.queries} ({len(unknown)} unknown)"
+        )
+    counts = {"queries_in_run": len(run), "written": 0, "no_positive": 0, "no_negative": 0, "short": 0}
+    plans = []
+    for qid, hits in run.rankings.items():
+        positives = {d: r for d, r in qrels.get(qid, {}).items() if r > 0}
+        if not positives:
+            counts["no_positive"] += 1
+            continue
+        rng = np.random.default_rng([args.seed, stable_seed(qid)])
+        negatives = choose_negatives(hits, positives, tuple(args.ranks), args.n_negatives, rng, args.margin)
+        if not negatives:
+            counts["no_negative"] += 1
+            continue
+        counts["short"] += len(negatives) < args.n_negatives
+        plans.append((qid, sorted(positives), negatives))
+    needed = {d for _, pos, neg in plans for d in (*pos, *neg)}
+    passages = lookup_passages(args.corpus, needed)
+    missing = sorted(needed - passages.keys())
+    if missing:
+        raise MineError(
+            f"{args.corpus}: docid {missing[0]!r} (from the run or qrels) is not in the corpus "
+            f"({len(missing)} missing)"
+        )
+    with atomic_path(args.output) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for qid, pos, neg in plans:
+            row = {
+                "query_id": qid,
+                "query": queries[qid],
+                "positive_passages": [passages[d] for d in pos],
+                "negative_passages": [passages[d] for d in neg],
+            }
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            counts["written"] += 1
+    return counts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dr mine", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="run file of the training queries (any dr run format)")
+    parser.add_argument("--run_format", default="auto", choices=["auto", "tevatron", "marco", "trec"])
+    parser.add_argument("--queries", required=True, help="training queries: TSV (qid<TAB>text) or JSONL")
+    parser.add_argument("--qrels", required=True, help="qrels of the training queries (TREC or MS MARCO TSV)")
+    parser.add_argument("--corpus", required=True, help="the corpus the run ranks (JSONL/Parquet/TSV/folder)")
+    parser.add_argument("--output", required=True, help="training file to write (JSONL, Tevatron format)")
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        nargs=2,
+        default=[10, 100],
+        metavar=("A", "B"),
+        help="sample negatives from hits ranked A <= rank < B (1-based; default 10 100)",
+    )
+    parser.add_argument(
+        "--n_negatives", type=int, default=30, help="negatives per query (fewer if too few hits)"
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=None,
+        help="keep hits scoring <= best positive score - MARGIN (needs a scored run)",
+    )
+    parser.add_argument("--seed", type=int, default=42)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    args = build_parser().parse_args(argv)
+    try:
+        if not 1 <= args.ranks[0] < args.ranks[1]:
+            raise MineError(f"--ranks {args.ranks[0]} {args.ranks[1]}: need 1 <= A < B")
+        if args.n_negatives < 1:
+            raise MineError("--n_negatives must be >= 1")
+        counts = mine(args)
+    except (MineError, RunFormatError, QrelsFormatError, CorpusError, OSError) as err:
+        print(f"dr mine: error: {err}", file=sys.stderr)
+        return 2
+    write_json_atomic(Path(str(args.output) + ".config.json"), {**vars(args), "counts": counts})
+    logger.info(
+        "wrote %d training queries to %s (%d in the run; skipped %d without a positive, %d without a negative; "
+        "%d with fewer than %d negatives)",
+        counts["written"],
+        args.output,
+        counts["queries_in_run"],
+        counts["no_positive"],
+        counts["no_negative"],
+        counts["short"],
+        args.n_negatives,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
