@@ -58,12 +58,45 @@ class ModelArguments:
         },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded hub models are cached."})
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of all weights."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.1, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names to adapt (e.g. q_proj,k_proj,v_proj,o_proj for decoders, "
+            "query,key,value for BERT). Default: PEFT's choice for the architecture."
+        },
+    )
+    lora_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "LoRA adapters to load on top of --model_name_or_path (merged for encoding)."},
+    )
 
     def __post_init__(self) -> None:
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise ConfigError(f"--pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if not self.temperature > 0:
             raise ConfigError(f"--temperature must be > 0, got {self.temperature}")
+        if self.lora_r < 1 or not 0 <= self.lora_dropout < 1:
+            raise ConfigError(
+                f"--lora_r must be >= 1 and --lora_dropout in [0, 1), got {self.lora_r}, {self.lora_dropout}"
+            )
+
+    def lora_settings(self) -> dict[str, Any] | None:
+        """Settings for new adapters (None without --lora)."""
+        if not self.lora:
+            return None
+        targets = (
+            [m.strip() for m in self.lora_target_modules.split(",")] if self.lora_target_modules else None
+        )
+        return {
+            "r": self.lora_r,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": targets,
+        }
 
 
 @dataclass
@@ -123,13 +156,17 @@ class DRTrainingArguments(TrainingArguments):
     )
     mask_false_negatives: bool = field(
         default=True,
-        metadata={"help": "Mask, for each query, in-batch passages (gathered ones included) whose docid is one of "
-                  "the query's positives: they are not negatives. The masked count is logged."},
+        metadata={
+            "help": "Mask, for each query, in-batch passages (gathered ones included) whose docid is one of "
+            "the query's positives: they are not negatives. The masked count is logged."
+        },
     )
     grad_cache: bool = field(
         default=False,
-        metadata={"help": "GradCache: compute representations in chunks without a graph, the loss and its gradient "
-                  "on the full (gathered) batch, then back-propagate chunk by chunk. Same gradients, less memory."},
+        metadata={
+            "help": "GradCache: compute representations in chunks without a graph, the loss and its gradient "
+            "on the full (gathered) batch, then back-propagate chunk by chunk. Same gradients, less memory."
+        },
     )
     gc_q_chunk_size: int = field(default=4, metadata={"help": "Queries per GradCache chunk."})
     gc_p_chunk_size: int = field(default=32, metadata={"help": "Passages per GradCache chunk."})

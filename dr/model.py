@@ -26,6 +26,7 @@ from dr.arguments import POOLINGS
 from dr.loss import ContrastiveLoss
 
 DR_CONFIG_NAME = "dr_config.json"
+ADAPTER_CONFIG = "adapter_config.json"
 QUERY_SUBDIR, PASSAGE_SUBDIR = "query_model", "passage_model"
 
 
@@ -119,12 +120,17 @@ class BiEncoder(nn.Module):
         overrides: dict[str, Any] | None = None,
         negatives_x_device: bool = False,
         cache_dir: str | None = None,
+        lora: dict[str, Any] | None = None,
+        lora_name_or_path: str | None = None,
+        merge_lora: bool = True,
         **hf_kwargs: Any,
     ) -> BiEncoder:
         """Load a `dr` output folder or any Hugging Face encoder.
 
         `overrides` (e.g. pooling, normalize from the command line) win over the saved dr_config.json;
         `None` values are ignored. For a plain HF model the defaults of `EncoderConfig` fill the rest.
+        LoRA: a folder saved with adapters (or `lora_name_or_path`) is loaded on its base model and, with
+        `merge_lora` (encoding), merged into plain weights; `lora` settings add fresh trainable adapters.
         """
         saved = EncoderConfig.load(model_name_or_path) if Path(model_name_or_path).is_dir() else None
         values = asdict(saved) if saved else {}
@@ -134,13 +140,18 @@ class BiEncoder(nn.Module):
         )
         q_dir, p_dir = _encoder_dirs(Path(model_name_or_path))
         q_source = str(q_dir) if Path(model_name_or_path).is_dir() else model_name_or_path
-        query_encoder = AutoModel.from_pretrained(q_source, cache_dir=cache_dir, **hf_kwargs)
+
+        def load(source: str, adapter_subdir: str) -> nn.Module:
+            adapters = str(Path(lora_name_or_path) / adapter_subdir) if lora_name_or_path else None
+            return load_encoder(source, adapters, lora, merge_lora, cache_dir=cache_dir, **hf_kwargs)
+
+        query_encoder = load(q_source, QUERY_SUBDIR if p_dir is not None else "")
         passage_encoder = None
         if p_dir is not None:
-            passage_encoder = AutoModel.from_pretrained(str(p_dir), cache_dir=cache_dir, **hf_kwargs)
+            passage_encoder = load(str(p_dir), PASSAGE_SUBDIR)
             config.untie_encoder = True
         elif config.untie_encoder:
-            passage_encoder = AutoModel.from_pretrained(q_source, cache_dir=cache_dir, **hf_kwargs)
+            passage_encoder = load(q_source, "")
         return cls(query_encoder, passage_encoder, config, negatives_x_device=negatives_x_device)
 
     @property
@@ -242,22 +253,61 @@ class BiEncoder(nn.Module):
     def load_weights(self, model_dir: str | os.PathLike) -> None:
         """Load weights saved by `save` into this module in place (used on resume)."""
         q_dir, p_dir = _encoder_dirs(Path(model_dir))
-        self.query_encoder.load_state_dict(AutoModel.from_pretrained(str(q_dir)).state_dict())
+        _load_into(self.query_encoder, q_dir)
         if self.passage_encoder is not None:
             if p_dir is None:
                 raise ValueError(f"{model_dir}: checkpoint has tied weights but the model is untied")
-            self.passage_encoder.load_state_dict(AutoModel.from_pretrained(str(p_dir)).state_dict())
+            _load_into(self.passage_encoder, p_dir)
+
+
+def _load_into(encoder: nn.Module, folder: Path) -> None:
+    """Copy a saved encoder's weights (full, or LoRA adapters only) into `encoder`."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        from peft import load_peft_weights, set_peft_model_state_dict
+
+        set_peft_model_state_dict(encoder, load_peft_weights(str(folder)))
+    else:
+        encoder.load_state_dict(AutoModel.from_pretrained(str(folder)).state_dict())
 
 
 def _remove_stale_layout(output_dir: Path, untied: bool) -> None:
     """Drop weights of the other layout (tied vs untied) left by an earlier save into the same folder."""
     if untied:
-        for pattern in ("config.json", "model*.safetensors", "model.safetensors.index.json"):
+        for pattern in ("config.json", "model*.safetensors", "model.safetensors.index.json", "adapter_*"):
             for path in output_dir.glob(pattern):
                 path.unlink()
     else:
         for sub in (QUERY_SUBDIR, PASSAGE_SUBDIR):
             shutil.rmtree(output_dir / sub, ignore_errors=True)
+
+
+def load_encoder(
+    source: str,
+    adapters: str | None = None,
+    new_lora: dict[str, Any] | None = None,
+    merge: bool = True,
+    **kwargs: Any,
+) -> nn.Module:
+    """A Hugging Face encoder, with LoRA adapters loaded (from `source` itself or `adapters`) or added.
+
+    A folder holding `adapter_config.json` is an adapter-only save: its base model is read from there.
+    """
+    adapter_dir = adapters or (source if (Path(source) / ADAPTER_CONFIG).is_file() else None)
+    if adapter_dir is None:
+        encoder = AutoModel.from_pretrained(source, **kwargs)
+    else:
+        from peft import PeftModel
+
+        base = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+        encoder = AutoModel.from_pretrained(source if adapters else base, **kwargs)
+        encoder = PeftModel.from_pretrained(encoder, adapter_dir, is_trainable=not merge)
+        if merge:
+            return encoder.merge_and_unload()
+    if new_lora is not None:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        encoder = get_peft_model(encoder, LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, **new_lora))
+    return encoder
 
 
 def load_tokenizer(model_name_or_path: str, tokenizer_name: str | None = None, cache_dir: str | None = None):

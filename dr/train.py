@@ -125,6 +125,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         overrides,
         negatives_x_device=training_args.negatives_x_device,
         cache_dir=model_args.cache_dir,
+        lora=model_args.lora_settings(),
+        lora_name_or_path=model_args.lora_name_or_path,
+        merge_lora=False,  # keep adapters separate and trainable; encoding merges them
     )
     resolved = to_jsonable(model_args, data_args, training_args)
     resolved["encoder_config"] = vars(model.encoder_config)
