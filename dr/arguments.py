@@ -120,11 +120,19 @@ class DataArguments:
             "aliases": ["--train_group_size"],
         },
     )
-    q_max_len: int = field(
-        default=32, metadata={"help": "Maximum query length in tokens.", "aliases": ["--query_max_len"]}
+    q_max_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "Maximum query length in tokens. Default: the model's dr_config.json, else 32.",
+            "aliases": ["--query_max_len"],
+        },
     )
-    p_max_len: int = field(
-        default=128, metadata={"help": "Maximum passage length in tokens.", "aliases": ["--passage_max_len"]}
+    p_max_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "Maximum passage length in tokens. Default: the model's dr_config.json, else 128.",
+            "aliases": ["--passage_max_len"],
+        },
     )
     query_prefix: str = field(
         default="", metadata={"help": "Text prepended to every query (e.g. 'query: ')."}
@@ -138,7 +146,7 @@ class DataArguments:
 
     def __post_init__(self) -> None:
         for name in ("train_n_passages", "q_max_len", "p_max_len", "pad_to_multiple_of"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
 
 

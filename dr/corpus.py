@@ -181,9 +181,16 @@ def _as_strings(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Arra
     return pc.cast(column, pa.string())
 
 
+NO_TITLE = ("", "-")  # MS MARCO (Tevatron) rows carry "-" as a placeholder title
+
+
 def format_text(text: str, title: str | None = None, prefix: str = "") -> str:
-    """``prefix + title + " " + text``; the title and its space only when the title is non-empty."""
-    if title:
+    """``prefix + title + " " + text``; the title and its space only when there is a real title.
+
+    Training (`dr.data`) and encoding both build passage text here, so they always agree.
+    """
+    title = (title or "").strip()
+    if title not in NO_TITLE:
         text = f"{title} {text}"
     return prefix + text
 

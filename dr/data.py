@@ -25,6 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from dr.corpus import format_text
+
 logger = logging.getLogger(__name__)
 
 DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -36,10 +38,8 @@ class DataError(ValueError):
 
 # ---- the served item ------------------------------------------------------------------------------------
 def passage_text(passage: dict[str, Any]) -> str:
-    """Title and text joined by a space; empty titles and MS MARCO's '-' placeholder are skipped."""
-    title = (passage.get("title") or "").strip()
-    text = passage.get("text") or ""
-    return f"{title} {text}" if title and title != "-" else text
+    """The text the encoder sees: title + " " + text, exactly as `dr encode` builds it (`format_text`)."""
+    return format_text(passage.get("text") or "", passage.get("title"))
 
 
 def choose_group(

@@ -309,7 +309,10 @@ def load_encoder(model_args: ModelArguments, device: torch.device):
 
     overrides = {"pooling": model_args.pooling, "normalize": model_args.normalize}
     model = BiEncoder.from_pretrained(
-        model_args.model_name_or_path, overrides=overrides, cache_dir=model_args.cache_dir
+        model_args.model_name_or_path,
+        overrides=overrides,
+        cache_dir=model_args.cache_dir,
+        lora_name_or_path=model_args.lora_name_or_path,  # adapters are merged into the weights for encoding
     )
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name, model_args.cache_dir)
     return model.to(device).eval(), tokenizer
@@ -647,15 +650,15 @@ def run_encode(model_args: ModelArguments, data_args: DataArguments, args: Encod
     if pickle_note and rank == 0:
         log(pickle_note)
     model, tokenizer = load_encoder(model_args, device)
-    # dr.model's EncoderConfig (pooling, normalize, prefixes); `.config` is the backbone's HF config.
-    cfg = getattr(model, "encoder_config", None) or model.config
+    cfg = model.encoder_config  # pooling, normalize, prefixes, max lengths saved by `dr train`
     query = args.encode_is_qry
     prefix = (
         (data_args.query_prefix or cfg.query_prefix)
         if query
         else (data_args.passage_prefix or cfg.passage_prefix)
     )
-    max_length = data_args.q_max_len if query else data_args.p_max_len
+    # Flags win (as in Tevatron); without them, the lengths the model was trained with.
+    max_length = (data_args.q_max_len or cfg.q_max_len) if query else (data_args.p_max_len or cfg.p_max_len)
     corpus = open_input(data_args, args, prefix)
     plan = make_plan(args, len(corpus), rank, world)
     check_input(corpus, plan, args)
@@ -732,27 +735,9 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-_OPTIONAL_BOOL_FLAGS = ("--normalize",)
-
-
-def bare_bool_flags(argv: list[str]) -> list[str]:
-    """Let optional-bool flags stand alone (``--normalize``), as in Tevatron, by adding an explicit ``true``.
-
-    `ModelArguments.normalize` is ``bool | None`` (None = take it from dr_config.json), which argparse
-    otherwise parses as a flag that requires a value.
-    """
-    out = []
-    for i, arg in enumerate(argv):
-        out.append(arg)
-        following = argv[i + 1] if i + 1 < len(argv) else None
-        if arg in _OPTIONAL_BOOL_FLAGS and (following is None or following.startswith("--")):
-            out.append("true")
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run `dr encode`; return the exit status (0 ok, 2 bad input or settings)."""
-    argv = bare_bool_flags(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         model_args, data_args, args = parse_args((ModelArguments, DataArguments, EncodeArguments), argv)
     except ValueError as err:

@@ -85,8 +85,22 @@ def parse_bytes(text: str | int) -> int:
 
 
 def expand_paths(pattern: str, what: str) -> list[str]:
-    """Sorted files matching a path or glob; `what` names the flag in the error when nothing matches."""
+    """Sorted files matching a path or glob; `what` names the flag in the error when nothing matches.
+
+    Tevatron's commands name pickles (`corpus_emb.*.pkl`); `dr encode` writes `.arrow` files in their
+    place, so a `.pkl`/`.pickle` pattern that matches nothing is retried with `.arrow` (never unpickled).
+    """
     paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    stem, suffix = os.path.splitext(pattern)
+    if not paths and suffix in (".pkl", ".pickle"):
+        paths = sorted(p for p in glob.glob(stem + ".arrow") if os.path.isfile(p))
+        if paths:
+            logger.info(
+                "%s: %r names pickles; reading the Arrow files dr encode wrote instead: %s.arrow",
+                what,
+                pattern,
+                stem,
+            )
     if not paths:
         raise SearchError(f"{what}: no file matches {pattern!r}")
     return paths

@@ -152,7 +152,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         train_dataset=dataset,
         processing_class=tokenizer,
         data_collator=TrainCollator(
-            tokenizer, data_args.q_max_len, data_args.p_max_len, data_args.pad_to_multiple_of
+            tokenizer,
+            model.encoder_config.q_max_len,
+            model.encoder_config.p_max_len,
+            data_args.pad_to_multiple_of,
         ),
         resolved_config=resolved,
     )
