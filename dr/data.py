@@ -365,99 +365,35 @@ def _first_existing(folder: Path, names: list[str]) -> Path | None:
     return None
 
 
-def read_tsv_queries(path: Path) -> dict[str, str]:
-    """`qid<TAB>text` lines (no header)."""
-    queries = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line:
-                continue
-            parts = line.split("\t", 1)
-            if len(parts) != 2:
-                raise DataError(f"{path}: line {line_no}: expected 'qid<TAB>text'")
-            queries[parts[0]] = parts[1]
-    return queries
-
-
-def read_jsonl_queries(path: Path, split: str | None) -> dict[str, str]:
-    """JSONL queries with id in qid/query_id/_id and text in text/query; an optional 'split' filters."""
-    queries = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {line_no}: invalid JSON: {err}") from err
-            if split and "split" in row and row["split"] != split:
-                continue
-            qid = next((row[k] for k in ("qid", "query_id", "_id") if k in row), None)
-            text = next((row[k] for k in ("text", "query") if k in row), None)
-            if qid is None or text is None:
-                raise DataError(
-                    f"{path}: line {line_no}: needs an id (qid/query_id/_id) and a text (text/query)"
-                )
-            queries[str(qid)] = text
-    return queries
-
-
-def read_qrels(path: Path) -> dict[str, dict[str, int]]:
-    """TREC qrels (`qid 0 docid rel`) or BEIR TSV (`query-id corpus-id score`, header skipped)."""
-    qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts or (line_no == 1 and parts[0] == "query-id"):
-                continue
-            if len(parts) == 4:
-                qid, _, docid, rel = parts
-            elif len(parts) == 3:
-                qid, docid, rel = parts
-            else:
-                raise DataError(f"{path}: line {line_no}: expected 'qid 0 docid rel' or 'qid docid rel'")
-            try:
-                qrels.setdefault(qid, {})[docid] = int(float(rel))
-            except ValueError as err:
-                raise DataError(f"{path}: line {line_no}: relevance {rel!r} is not a number") from err
-    return qrels
-
-
 def load_beir_groups(folder: Path, split: str, group_size: int) -> BeirGroups:
     """Training groups from a BEIR-style folder: queries of `split` with at least one relevant document."""
-    corpus_path = folder / "corpus.jsonl"
-    doc_rows: dict[str, int] = {}
-    texts: list[str] = []
-    ids: list[str] = []
-    with open(corpus_path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{corpus_path}: line {line_no}: invalid JSON: {err}") from err
-            docid = row.get("_id", row.get("docid"))
-            if docid is None or row.get("text") is None:
-                raise DataError(f"{corpus_path}: line {line_no}: needs '_id' or 'docid', and 'text'")
-            doc_rows[str(docid)] = len(texts)
-            texts.append(passage_text(row))
-            ids.append(str(docid))
+    from dr.corpus import CorpusError, load_corpus
+    from dr.evaluate import QrelsFormatError, read_qrels
+
+    try:
+        corpus = load_corpus(str(folder), side="passage")
+        corpus.validate(0, len(corpus))
+        ids, texts = corpus.records(0, len(corpus))
+        queries = load_corpus(str(folder), side="query", split=split)
+        query_ids, query_texts = queries.records(0, len(queries))
+        if "split" in queries.table.column_names:  # one queries.jsonl for every split
+            splits = queries.table.column("split").to_pylist()
+            query_ids, query_texts = zip(
+                *[(q, t) for q, t, s in zip(query_ids, query_texts, splits) if s == split]
+            )
+        r_path = _first_existing(
+            folder, [f"qrels.{split}.trec", f"qrels/{split}.tsv", f"qrels.{split}.tsv", "qrels.trec"]
+        )
+        if r_path is None:
+            raise DataError(f"{folder}: BEIR folder has no qrels for split {split!r}")
+        qrels = read_qrels(r_path)
+    except (CorpusError, QrelsFormatError, ValueError) as err:
+        raise DataError(str(err)) from err
     if not texts:
-        raise DataError(f"{corpus_path}: no documents")
-    q_path = _first_existing(
-        folder, [f"queries.{split}.tsv", f"queries.{split}.jsonl", "queries.jsonl", "queries.tsv"]
-    )
-    r_path = _first_existing(
-        folder, [f"qrels.{split}.trec", f"qrels/{split}.tsv", f"qrels.{split}.tsv", "qrels.trec"]
-    )
-    if q_path is None or r_path is None:
-        raise DataError(f"{folder}: BEIR folder lacks queries or qrels for split {split!r}")
-    queries = read_tsv_queries(q_path) if q_path.suffix == ".tsv" else read_jsonl_queries(q_path, split)
-    qrels = read_qrels(r_path)
+        raise DataError(f"{folder}: the corpus has no documents")
+    doc_rows = {docid: row for row, docid in enumerate(ids)}
     groups, missing_docs = [], 0
-    for qid, text in queries.items():
+    for qid, text in zip(query_ids, query_texts):
         positives = []
         for docid, rel in qrels.get(qid, {}).items():
             if rel > 0:
@@ -468,13 +404,9 @@ def load_beir_groups(folder: Path, split: str, group_size: int) -> BeirGroups:
         if positives:
             groups.append((qid, text, sorted(positives)))
     if not groups:
-        raise DataError(
-            f"{folder}: no query of split {split!r} in {q_path.name} has a relevant document in {r_path.name}"
-        )
+        raise DataError(f"{folder}: no query of split {split!r} has a relevant document in {r_path.name}")
     if len(texts) < group_size + max(len(p) for _, _, p in groups):
-        raise DataError(
-            f"{corpus_path}: {len(texts)} documents are too few to sample {group_size - 1} negatives"
-        )
+        raise DataError(f"{folder}: {len(texts)} documents are too few to sample {group_size - 1} negatives")
     logger.info(
         "BEIR folder %s: %d training queries (split %s), %d documents%s",
         folder,

@@ -49,7 +49,8 @@ class EvalError(ValueError):
 
 
 def read_qrels(path: str | os.PathLike) -> Qrels:
-    """Read TREC (4-column) or 2-column qrels into qid -> {docid: rel}.
+    """Read qrels into qid -> {docid: rel}: TREC / MS MARCO (`qid iter docid rel`), BEIR TSV
+    (`query-id corpus-id score`, header line skipped) or 2-column (`qid docid`, relevance 1).
 
     Raises:
         QrelsFormatError: naming the file and line of the first malformed line.
@@ -61,19 +62,19 @@ def read_qrels(path: str | os.PathLike) -> Qrels:
     ncols = None
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         fields = line.split()
-        if not fields:
+        if not fields or (number == 1 and fields[0] == "query-id"):  # BEIR header
             continue
         ncols = ncols or len(fields)
-        if len(fields) != ncols or ncols not in (2, 4):
+        if len(fields) != ncols or ncols not in (2, 3, 4):
             raise QrelsFormatError(
-                f"{path}:{number}: {len(fields)} columns; qrels need 4 (qid iter docid rel) or 2 (qid docid) "
-                f"on every line"
+                f"{path}:{number}: {len(fields)} columns; qrels need 4 (qid iter docid rel), 3 (qid docid rel) "
+                f"or 2 (qid docid) on every line"
             )
-        qid, docid = fields[0], fields[-2] if ncols == 4 else fields[1]
+        qid, docid = fields[0], fields[2] if ncols == 4 else fields[1]
         try:
-            rel = int(fields[3]) if ncols == 4 else 1
+            rel = int(fields[-1]) if ncols > 2 else 1
         except ValueError:
-            raise QrelsFormatError(f"{path}:{number}: relevance {fields[3]!r} is not an integer") from None
+            raise QrelsFormatError(f"{path}:{number}: relevance {fields[-1]!r} is not an integer") from None
         qrels.setdefault(qid, {})[docid] = rel
     if not qrels:
         raise QrelsFormatError(f"{path}: the qrels file is empty")
