@@ -60,46 +60,15 @@ def test_reference_commands_end_to_end(tiny_model_dir, tmp_path):
         timeout=300,
     )
     assert (model / "dr_config.json").is_file()
+    # fmt: off
+    encode = py + ["dr.encode", f"--output_dir={tmp_path / 'temp'}", "--model_name_or_path", str(model),
+                   "--per_device_eval_batch_size", "16"]
     for shard in ("00", "01"):
-        run(
-            py
-            + [
-                "dr.encode",
-                f"--output_dir={tmp_path / 'temp'}",
-                "--model_name_or_path",
-                str(model),
-                "--per_device_eval_batch_size",
-                "16",
-                "--p_max_len",
-                "32",
-                "--dataset_name",
-                str(corpus),
-                "--encoded_save_path",
-                str(tmp_path / f"corpus_emb.{shard}.pkl"),
-                "--encode_num_shard",
-                "2",
-                "--encode_shard_index",
-                shard,
-            ]
-        )
-    run(
-        py
-        + [
-            "dr.encode",
-            f"--output_dir={tmp_path / 'temp'}",
-            "--model_name_or_path",
-            str(model),
-            "--per_device_eval_batch_size",
-            "16",
-            "--dataset_name",
-            str(dev),
-            "--encoded_save_path",
-            str(tmp_path / "query_emb.pkl"),
-            "--q_max_len",
-            "16",
-            "--encode_is_qry",
-        ]
-    )
+        run(encode + ["--p_max_len", "32", "--dataset_name", str(corpus), "--encoded_save_path",
+                      str(tmp_path / f"corpus_emb.{shard}.pkl"), "--encode_num_shard", "2", "--encode_shard_index", shard])
+    run(encode + ["--dataset_name", str(dev), "--encoded_save_path", str(tmp_path / "query_emb.pkl"),
+                  "--q_max_len", "16", "--encode_is_qry"])
+    # fmt: on
     assert not list(tmp_path.glob("*.pkl"))  # nothing is pickled
     rank = tmp_path / "rank.txt"
     run(
