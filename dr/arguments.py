@@ -187,6 +187,10 @@ class DRTrainingArguments(TrainingArguments):
         # Our batches are dicts of tokenised query/passage groups, not model-named columns.
         self.remove_unused_columns = False
         self.label_names = []
+        if self.gc_q_chunk_size < 1 or self.gc_p_chunk_size < 1:
+            raise ConfigError(
+                f"--gc_q_chunk_size and --gc_p_chunk_size must be >= 1, got {self.gc_q_chunk_size}, {self.gc_p_chunk_size}"
+            )
         if self.report_to in (None, "all", ["all"]):
             self.report_to = "none"
         import torch

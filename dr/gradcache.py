@@ -71,7 +71,9 @@ def split_batch(batch: Batch, chunk_size: int) -> list[Batch]:
     if chunk_size < 1:
         raise ValueError(f"GradCache chunk size must be >= 1, got {chunk_size}")
     rows = next(iter(batch.values())).shape[0]
-    return [{k: v[start : start + chunk_size] for k, v in batch.items()} for start in range(0, rows, chunk_size)]
+    return [
+        {k: v[start : start + chunk_size] for k, v in batch.items()} for start in range(0, rows, chunk_size)
+    ]
 
 
 @contextlib.contextmanager
@@ -112,7 +114,9 @@ def grad_cache_training_step(trainer: Any, model: nn.Module, inputs: dict[str, A
     args = trainer.args
     accelerator = trainer.accelerator
     if isinstance(model, nn.DataParallel):
-        raise ValueError("--grad_cache does not support nn.DataParallel; launch one process per GPU (torchrun)")
+        raise TypeError(
+            "--grad_cache does not support nn.DataParallel; launch one process per GPU (torchrun)"
+        )
     model.train()
     if hasattr(trainer.optimizer, "train") and callable(trainer.optimizer.train):
         trainer.optimizer.train()

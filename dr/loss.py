@@ -68,10 +68,12 @@ class ContrastiveLoss(nn.Module):
             if passage_keys is not None:
                 passage_keys = all_gather_tensor(passage_keys)  # (W*B*n,)
             rank_offset = get_rank() * n_local_queries
-        scores = q_reps @ p_reps.T / self.temperature  # (B, W*B*n)
+        # Scores in float32 even under fp16/bf16 autocast: softmax over thousands of candidates is
+        # sensitive to rounding, and GradCache (which scores cached float32 vectors) must agree exactly.
+        with torch.autocast(q_reps.device.type, enabled=False):
+            scores = q_reps.float() @ p_reps.float().T / self.temperature  # (B, W*B*n)
         query_index = torch.arange(n_local_queries, device=q_reps.device) + rank_offset  # (B,) global
         labels = query_index * group_size  # (B,) row of each query's positive in the global layout
-        scores = scores.float()
         if passage_keys is not None and positive_keys is not None:
             is_positive = (passage_keys[None, :, None] == positive_keys[:, None, :]).any(-1)  # (B, W*B*n)
             is_positive[torch.arange(n_local_queries), labels] = False  # keep each query's own target
