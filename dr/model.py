@@ -199,16 +199,20 @@ class BiEncoder(nn.Module):
     # ---- gradient checkpointing (called by the Trainer) ---------------------------------------------
     supports_gradient_checkpointing = True
 
-    def gradient_checkpointing_enable(
+    def activation_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any
     ) -> None:
-        """Trade compute for memory in every encoder (called by the Trainer for --gradient_checkpointing)."""
+        """Trade compute for memory in every encoder (the Trainer calls this for --gradient_checkpointing)."""
         for encoder in {id(m): m for m in (self.query_encoder, self.passage_model)}.values():
-            encoder.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
+            enable = (
+                getattr(encoder, "activation_checkpointing_enable", None)
+                or encoder.gradient_checkpointing_enable
             )
+            enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
             if hasattr(encoder, "enable_input_require_grads"):
                 encoder.enable_input_require_grads()
+
+    gradient_checkpointing_enable = activation_checkpointing_enable  # the name transformers < 5 calls
 
     # ---- saving / loading weights -------------------------------------------------------------------
     def save(
