@@ -52,10 +52,10 @@ REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 # is skipped.
 STDLIB_MODULES = """
 abc argparse ast asyncio base64 binascii bisect bz2 calendar cmath codecs collections collections.abc
-colorsys concurrent.futures configparser contextlib copy copyreg csv dataclasses datetime decimal difflib
-dis email email.message email.utils email.headerregistry email.policy enum filecmp fileinput fnmatch
-fractions ftplib functools getopt getpass gettext glob graphlib gzip hashlib heapq hmac html html.parser
-http.client http.cookiejar http.cookies http.server imaplib importlib importlib.metadata
+colorsys concurrent.futures configparser contextlib copy copyreg csv dataclasses datetime decimal
+difflib dis email email.message email.utils email.headerregistry email.policy enum filecmp fileinput
+fnmatch fractions ftplib functools getopt getpass gettext glob graphlib gzip hashlib heapq hmac html
+html.parser http.client http.cookiejar http.cookies http.server imaplib importlib importlib.metadata
 importlib.resources inspect io ipaddress itertools json json.decoder json.encoder keyword linecache
 locale logging logging.config logging.handlers lzma mailbox mimetypes modulefinder multiprocessing
 multiprocessing.pool multiprocessing.managers netrc numbers operator optparse os os.path pathlib pickle
@@ -65,7 +65,7 @@ sqlite3 ssl stat statistics string struct subprocess symtable sysconfig tabnanny
 textwrap threading timeit token tokenize trace traceback tracemalloc types typing unicodedata unittest
 unittest.mock urllib.parse urllib.request urllib.robotparser uuid warnings wave weakref wsgiref.util
 xml.dom.minidom xml.etree.ElementTree xml.sax xml.sax.saxutils zipapp zipfile zipimport zlib zoneinfo
-""".split()
+""".split()  # noqa: SIM905 - a word list reads better
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,9 @@ def _members(module_name: str, module: Any) -> list[tuple[str, Any]]:
         elif inspect.isclass(obj) and (getattr(obj, "__module__", "") or "").split(".")[0] == top:
             out.append((f"{module_name}.{attr}", obj))
             for meth_name, meth in sorted(vars(obj).items()):
-                if not meth_name.startswith("_") and (inspect.isfunction(meth) or inspect.ismethoddescriptor(meth)):
+                if not meth_name.startswith("_") and (
+                    inspect.isfunction(meth) or inspect.ismethoddescriptor(meth)
+                ):
                     out.append((f"{module_name}.{attr}.{meth_name}", meth))
     return out
 
@@ -123,7 +125,7 @@ def collect_items(modules: list[str], min_summary_words: int = 4, min_body_words
         for module_name in modules:
             try:
                 module = importlib.import_module(module_name)
-            except Exception:  # noqa: BLE001 - a module missing or broken on this Python is skipped
+            except Exception:  # noqa: BLE001, S112 - a module missing or broken on this Python is skipped
                 continue
             for name, obj in _members(module_name, module):
                 doc = getattr(obj, "__doc__", None)
@@ -155,7 +157,9 @@ def bm25_search(index: Any, queries: list[str], k: int) -> tuple[Any, Any]:
     """(doc indices, scores), each of shape (len(queries), k)."""
     import bm25s
 
-    return index.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False), k=k, show_progress=False)
+    return index.retrieve(
+        bm25s.tokenize(queries, stopwords="en", show_progress=False), k=k, show_progress=False
+    )
 
 
 def build_task(items: list[Item], test_queries: int, seed: int, negatives: int, max_docs: int | None) -> dict:
@@ -173,11 +177,14 @@ def build_task(items: list[Item], test_queries: int, seed: int, negatives: int, 
     train = []
     for i, row in zip(train_idx, hits):
         negs = [int(j) for j in row if int(j) != i][:negatives]
-        train.append({
-            "query_id": f"q{i}", "query": items[i].summary,
-            "positive_passages": [{"docid": docids[i], "title": "", "text": passages[i]}],
-            "negative_passages": [{"docid": docids[j], "title": "", "text": passages[j]} for j in negs],
-        })
+        train.append(
+            {
+                "query_id": f"q{i}",
+                "query": items[i].summary,
+                "positive_passages": [{"docid": docids[i], "title": "", "text": passages[i]}],
+                "negative_passages": [{"docid": docids[j], "title": "", "text": passages[j]} for j in negs],
+            }
+        )
     return {
         "corpus": [{"docid": d, "title": "", "text": p} for d, p in zip(docids, passages)],
         "train": train,
@@ -228,8 +235,9 @@ def read_queries(path: str) -> tuple[list[str], list[str]]:
     return ids, texts
 
 
-def bm25_baseline(corpus: str, queries: str, qrels: str, out_dir: Path, metrics: list[str],
-                  depth: int = 100) -> dict[str, Any]:
+def bm25_baseline(
+    corpus: str, queries: str, qrels: str, out_dir: Path, metrics: list[str], depth: int = 100
+) -> dict[str, Any]:
     """BM25 (bm25s, English stopwords) run + `dr eval` metrics in out_dir; reuses metrics.json if present."""
     from dr import evaluate
 
@@ -243,11 +251,14 @@ def bm25_baseline(corpus: str, queries: str, qrels: str, out_dir: Path, metrics:
     run_path = out_dir / "run.trec"
     with open(run_path, "w", encoding="utf-8") as f:
         for qid, row, srow in zip(qids, hits, scores):
-            for rank, (j, s) in enumerate(zip(row, srow), 1):
-                f.write(f"{qid} Q0 {docids[int(j)]} {rank} {float(s):.6f} bm25\n")
+            f.writelines(
+                f"{qid} Q0 {docids[int(j)]} {rank} {float(s):.6f} bm25\n"
+                for rank, (j, s) in enumerate(zip(row, srow), 1)
+            )
     with contextlib.redirect_stdout(io.StringIO()):
-        rc = evaluate.main(["--qrels", qrels, "--run", str(run_path), "--metrics", *metrics,
-                            "--output", str(metrics_path)])
+        rc = evaluate.main(
+            ["--qrels", qrels, "--run", str(run_path), "--metrics", *metrics, "--output", str(metrics_path)]
+        )
     if rc != 0:
         raise PipelineError(f"dr eval of the BM25 run failed (exit status {rc})")
     return json.loads(metrics_path.read_text())
@@ -292,27 +303,53 @@ def run_demo(cfg: dict[str, Any], quiet: bool = True) -> dict[str, Any]:
     data_dir = root / "data"
     _log(f"building the docstring retrieval task from {len(STDLIB_MODULES)} standard-library modules")
     items = collect_items(STDLIB_MODULES)
-    task = build_task(items, int(demo.get("test_queries", 300)), int(demo.get("seed", 13)),
-                      int(demo.get("negatives", 3)), demo.get("max_docs"))
+    task = build_task(
+        items,
+        int(demo.get("test_queries", 300)),
+        int(demo.get("seed", 13)),
+        int(demo.get("negatives", 3)),
+        demo.get("max_docs"),
+    )
     paths = write_task(task, data_dir)
-    sizes = {"corpus": len(task["corpus"]), "train_queries": len(task["train"]), "test_queries": len(task["test"])}
-    _log(f"data: {sizes['corpus']} passages, {sizes['train_queries']} train / {sizes['test_queries']} test "
-         f"queries -> {data_dir}")
+    sizes = {
+        "corpus": len(task["corpus"]),
+        "train_queries": len(task["train"]),
+        "test_queries": len(task["test"]),
+    }
+    _log(
+        f"data: {sizes['corpus']} passages, {sizes['train_queries']} train / {sizes['test_queries']} test "
+        f"queries -> {data_dir}"
+    )
     os.environ["DR_DEMO_DATA"] = str(data_dir)  # configs/demo.yaml refers to ${DR_DEMO_DATA}
     metrics = list((cfg.get("eval") or {}).get("metrics") or ["MRR@10", "nDCG@10", "R@100"])
     t = time.monotonic()
-    results = {"BM25 (bm25s)": bm25_baseline(paths["corpus"], paths["queries"], paths["qrels"], root / "bm25",
-                                             metrics, depth=int((cfg.get("search") or {}).get("depth", 100)))}
+    results = {
+        "BM25 (bm25s)": bm25_baseline(
+            paths["corpus"],
+            paths["queries"],
+            paths["qrels"],
+            root / "bm25",
+            metrics,
+            depth=int((cfg.get("search") or {}).get("depth", 100)),
+        )
+    }
     _log(f"bm25: done in {time.monotonic() - t:.1f} s")
-    for label, sub, train in (("MiniLM zero-shot", "zero-shot", None), ("MiniLM fine-tuned (dr)", "fine-tuned", cfg.get("train"))):
+    for label, sub, train in (
+        ("MiniLM zero-shot", "zero-shot", None),
+        ("MiniLM fine-tuned (dr)", "fine-tuned", cfg.get("train")),
+    ):
         variant = copy.deepcopy(cfg)
         variant["run_dir"], variant["train"] = str(root / sub), train
         t = time.monotonic()
         _log(f"{sub}: dr pipeline (stage output in {root / sub / 'logs'})")
         results[label] = run_pipeline(resolve_config(variant), quiet=quiet)
         _log(f"{sub}: done in {time.monotonic() - t:.1f} s")
-    summary = {"task": "python-docstrings", "data": sizes, "systems": results,
-               "wall_seconds": round(time.monotonic() - started, 1)}
+    summary = {
+        "task": "python-docstrings",
+        "data": sizes,
+        "systems": results,
+        "wall_seconds": round(time.monotonic() - started, 1),
+    }
     from dr.atomic import write_json_atomic
 
     write_json_atomic(root / "metrics.json", summary)
@@ -322,11 +359,21 @@ def run_demo(cfg: dict[str, Any], quiet: bool = True) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dr demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run_dir", default=None, help="output folder (default: the config's run_dir)")
-    parser.add_argument("--small", action="store_true", default=os.environ.get("DR_DEMO_SMALL", "") not in ("", "0"),
-                        help="the CI setting (also DR_DEMO_SMALL=1): fewer passages and steps")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        default=os.environ.get("DR_DEMO_SMALL", "") not in ("", "0"),
+        help="the CI setting (also DR_DEMO_SMALL=1): fewer passages and steps",
+    )
     parser.add_argument("--config", default=str(REPO_CONFIG), help="demo config (default configs/demo.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, as in dr pipeline")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, as in dr pipeline",
+    )
     parser.add_argument("--verbose", action="store_true", help="show every stage's output")
     return parser
 
@@ -341,7 +388,9 @@ def bm25_main(argv: list[str]) -> int:
     parser.add_argument("--depth", type=int, default=100)
     parser.add_argument("--metrics", nargs="+", default=["MRR@10", "nDCG@10", "R@100"])
     args = parser.parse_args(argv)
-    metrics = bm25_baseline(args.corpus, args.queries, args.qrels, Path(args.output_dir), args.metrics, args.depth)
+    metrics = bm25_baseline(
+        args.corpus, args.queries, args.qrels, Path(args.output_dir), args.metrics, args.depth
+    )
     print(format_metrics(metrics, title="BM25"))
     return 0
 
@@ -363,10 +412,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     metrics = list((cfg.get("eval") or {}).get("metrics") or ["MRR@10", "nDCG@10", "R@100"])
     data = summary["data"]
-    print(f"\ndr demo ({'small' if args.small else 'default'} setting): Python docstring retrieval, "
-          f"{data['corpus']} passages, {data['train_queries']} train / {data['test_queries']} test queries")
+    print(
+        f"\ndr demo ({'small' if args.small else 'default'} setting): Python docstring retrieval, "
+        f"{data['corpus']} passages, {data['train_queries']} train / {data['test_queries']} test queries"
+    )
     print(results_table(summary["systems"], metrics))
-    print(f"wall time {summary['wall_seconds']:.0f} s; summary: {Path(cfg['run_dir']).absolute() / 'metrics.json'}")
+    print(
+        f"wall time {summary['wall_seconds']:.0f} s; summary: {Path(cfg['run_dir']).absolute() / 'metrics.json'}"
+    )
     return 0
 
 

@@ -31,7 +31,8 @@ Config schema (YAML or JSON; see docs/pipeline.md for a commented example):
       metrics: [MRR@10, nDCG@10, R@100]
       run_format: trec            # `dr convert` target before evaluation (trec | marco | tevatron)
     processes: {train: 1, encode: 2, search: 2}   # > 1: torchrun on this node
-    env: {HF_HUB_OFFLINE: "1"}    # extra environment for every stage (HF_HUB_OFFLINE=1 unless set)
+    env: {HF_HUB_OFFLINE: "0"}    # environment for every stage; wins over the caller's (default:
+                                  # HF_HUB_OFFLINE=1 unless the caller sets it: no hub access)
     stage_timeout_s: null         # kill a stage that runs longer (gloo can hang at exit)
     demo: {...}                   # read by `dr demo` only; ignored here
 
@@ -58,18 +59,37 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 TOP_LEVEL_KEYS = {
-    "run_dir", "model", "train", "encode", "search", "eval", "processes", "env", "stage_timeout_s", "demo",
+    "run_dir",
+    "model",
+    "train",
+    "encode",
+    "search",
+    "eval",
+    "processes",
+    "env",
+    "stage_timeout_s",
+    "demo",
 }
-ENCODE_KEYS = {"corpus", "corpus_split", "queries", "queries_split", "num_shards", "corpus_flags", "query_flags"}
+ENCODE_KEYS = {
+    "corpus",
+    "corpus_split",
+    "queries",
+    "queries_split",
+    "num_shards",
+    "corpus_flags",
+    "query_flags",
+}
 EVAL_KEYS = {"qrels", "metrics", "run_format"}
 DEFAULT_PROCESSES = {"train": 1, "encode": 1, "search": 1}
-DEFAULT_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+DEFAULT_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 RUN_SUFFIX = {"trec": "trec", "marco": "marco", "tevatron": "tevatron"}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -144,7 +164,9 @@ def resolve_package_path(spec: str) -> str:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise PipelineError(f"{spec}: cannot import {module_name} ({err}); install it (pip install -e '.[demo]')") from err
+        raise PipelineError(
+            f"{spec}: cannot import {module_name} ({err}); install it (pip install -e '.[demo]')"
+        ) from err
     func: Callable[[], Any] | None = getattr(module, func_name, None)
     if not callable(func):
         raise PipelineError(f"{spec}: {module_name} has no function {func_name}()")
@@ -169,6 +191,8 @@ def resolve_config(data: dict[str, Any]) -> dict[str, Any]:
     cfg.setdefault("train", None)
     if not (cfg["model"].get("model_name_or_path") or (cfg["train"] or {}).get("model_name_or_path")):
         raise PipelineError("model.model_name_or_path is required")
+    if cfg["train"] is None and not cfg["model"].get("model_name_or_path"):
+        raise PipelineError("train: null (zero-shot) needs model.model_name_or_path")
     for key in ("corpus", "queries"):
         if not cfg["encode"].get(key):
             raise PipelineError(f"encode.{key} is required")
@@ -185,7 +209,9 @@ def resolve_config(data: dict[str, Any]) -> dict[str, Any]:
     processes = {**DEFAULT_PROCESSES, **(cfg.get("processes") or {})}
     for name, n in processes.items():
         if name not in DEFAULT_PROCESSES or not isinstance(n, int) or n < 1:
-            raise PipelineError(f"processes.{name}: expected one of {sorted(DEFAULT_PROCESSES)} with an integer >= 1")
+            raise PipelineError(
+                f"processes.{name}: expected one of {sorted(DEFAULT_PROCESSES)} with an integer >= 1"
+            )
     cfg["processes"] = processes
     cfg["env"] = {str(k): str(v) for k, v in (cfg.get("env") or {}).items()}
     cfg.setdefault("stage_timeout_s", None)
@@ -214,15 +240,25 @@ def launch_prefix(module: str, nproc: int) -> list[str]:
     """`python -m MODULE` for one process, `python -m torch.distributed.run --standalone ...` for more."""
     if nproc <= 1:
         return [sys.executable, "-m", module]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "-m", module]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        module,
+    ]
 
 
 def encode_base_names(base: Path, num_shards: int, world_size: int) -> list[Path]:
     """The manifest path `dr encode` writes for each shard of a layout (see docs/encode.md)."""
     if num_shards == 1 and world_size == 1:
         return [base.with_name(base.name + ".manifest.json")]
-    return [base.with_name(f"{base.name}.{i:05d}-of-{num_shards:05d}.manifest.json") for i in range(num_shards)]
+    return [
+        base.with_name(f"{base.name}.{i:05d}-of-{num_shards:05d}.manifest.json") for i in range(num_shards)
+    ]
 
 
 def manifest_complete(path: Path, num_shards: int, world_size: int) -> bool:
@@ -289,28 +325,71 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
     n_shards, w_enc = int(enc["num_shards"]), procs["encode"]
     corpus_manifests = encode_base_names(lay.corpus_base, n_shards, w_enc)
     for i, manifest in enumerate(corpus_manifests):
-        flags = {**encoder_flags, "dataset_name": enc["corpus"], "dataset_split": enc.get("corpus_split"),
-                 **shared, **(enc.get("corpus_flags") or {}), "encoded_save_path": str(lay.corpus_base),
-                 "encode_num_shard": n_shards, "encode_shard_index": i}
+        flags = {
+            **encoder_flags,
+            "dataset_name": enc["corpus"],
+            "dataset_split": enc.get("corpus_split"),
+            **shared,
+            **(enc.get("corpus_flags") or {}),
+            "encoded_save_path": str(lay.corpus_base),
+            "encode_num_shard": n_shards,
+            "encode_shard_index": i,
+        }
         steps.append(_encode_step(f"encode_corpus[{i}/{n_shards}]", flags, w_enc, manifest, n_shards))
     query_manifest = encode_base_names(lay.query_base, 1, w_enc)[0]
-    qflags = {**encoder_flags, "dataset_name": enc["queries"], "dataset_split": enc.get("queries_split"),
-              **shared, **(enc.get("query_flags") or {}), "encode_is_qry": True,
-              "encoded_save_path": str(lay.query_base), "encode_num_shard": 1, "encode_shard_index": 0}
+    qflags = {
+        **encoder_flags,
+        "dataset_name": enc["queries"],
+        "dataset_split": enc.get("queries_split"),
+        **shared,
+        **(enc.get("query_flags") or {}),
+        "encode_is_qry": True,
+        "encoded_save_path": str(lay.query_base),
+        "encode_num_shard": 1,
+        "encode_shard_index": 0,
+    }
     steps.append(_encode_step("encode_queries", qflags, w_enc, query_manifest, 1))
-    search_flags = {**cfg["search"], "query_reps": f"{lay.query_base}*.arrow",
-                    "passage_reps": f"{lay.corpus_base}.*arrow", "save_ranking_to": str(lay.run),
-                    "format": "tevatron"}
-    steps.append(Step("search", launch_prefix("dr.search", procs["search"]) + flags_to_argv(search_flags, False),
-                      done=lay.run.is_file, invalidate=_remove(lay.run)))
+    search_flags = {
+        **cfg["search"],
+        "query_reps": f"{lay.query_base}*.arrow",
+        "passage_reps": f"{lay.corpus_base}.*arrow",
+        "save_ranking_to": str(lay.run),
+        "format": "tevatron",
+    }
+    steps.append(
+        Step(
+            "search",
+            launch_prefix("dr.search", procs["search"]) + flags_to_argv(search_flags, False),
+            done=lay.run.is_file,
+            invalidate=_remove(lay.run),
+        )
+    )
     converted = lay.converted_run(cfg["eval"]["run_format"])
-    steps.append(Step("convert", launch_prefix("dr.convert", 1) + flags_to_argv(
-        {"input": str(lay.run), "output": str(converted), "to": cfg["eval"]["run_format"]}, False),
-        done=converted.is_file, invalidate=_remove(converted)))
-    eval_flags = {"qrels": cfg["eval"]["qrels"], "run": str(converted), "metrics": list(cfg["eval"]["metrics"]),
-                  "output": str(lay.metrics)}
-    steps.append(Step("eval", launch_prefix("dr.evaluate", 1) + flags_to_argv(eval_flags, False),
-                      done=lay.metrics.is_file, invalidate=_remove(lay.metrics)))
+    steps.append(
+        Step(
+            "convert",
+            launch_prefix("dr.convert", 1)
+            + flags_to_argv(
+                {"input": str(lay.run), "output": str(converted), "to": cfg["eval"]["run_format"]}, False
+            ),
+            done=converted.is_file,
+            invalidate=_remove(converted),
+        )
+    )
+    eval_flags = {
+        "qrels": cfg["eval"]["qrels"],
+        "run": str(converted),
+        "metrics": list(cfg["eval"]["metrics"]),
+        "output": str(lay.metrics),
+    }
+    steps.append(
+        Step(
+            "eval",
+            launch_prefix("dr.evaluate", 1) + flags_to_argv(eval_flags, False),
+            done=lay.metrics.is_file,
+            invalidate=_remove(lay.metrics),
+        )
+    )
     return steps
 
 
@@ -345,7 +424,7 @@ class Runner:
     def __init__(self, cfg: dict[str, Any], quiet: bool = False, force: bool = False) -> None:
         self.cfg, self.quiet, self.force = cfg, quiet, force
         self.layout = Layout(cfg["run_dir"])
-        self.env = {**os.environ, **DEFAULT_ENV, **cfg["env"]}
+        self.env = {**DEFAULT_ENV, **os.environ, **cfg["env"]}
         self.child: subprocess.Popen | None = None
 
     def log(self, message: str) -> None:
@@ -367,7 +446,9 @@ class Runner:
             started = time.monotonic()
             self._execute(step)
             if not step.done():
-                raise StageFailed(f"{step.name}: finished but its outputs are incomplete (see {self._log_path(step)})")
+                raise StageFailed(
+                    f"{step.name}: finished but its outputs are incomplete (see {self._log_path(step)})"
+                )
             self.log(f"{step.name}: done in {time.monotonic() - started:.1f} s")
             ran_upstream = True
 
@@ -375,30 +456,52 @@ class Runner:
         return self.layout.logs / (re.sub(r"[^A-Za-z0-9_.-]+", "_", step.name).strip("_") + ".log")
 
     def _execute(self, step: Step) -> None:
+        """Run one step, copying its output to its log (and stdout unless quiet); raise if it fails."""
         log_path = self._log_path(step)
         timeout = self.cfg.get("stage_timeout_s")
         with open(log_path, "ab") as log:
             log.write(f"$ {shlex.join(step.cmd)}\n".encode())
             log.flush()
-            self.child = subprocess.Popen(step.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env)
-            deadline = time.monotonic() + timeout if timeout else None
-            assert self.child.stdout is not None
-            fd = self.child.stdout.fileno()
-            while True:
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                log.write(chunk)
-                if not self.quiet:
-                    sys.stdout.buffer.write(chunk)
-                    sys.stdout.flush()
-                if deadline and time.monotonic() > deadline:
-                    self.child.kill()
-            rc = self.child.wait()
-            self.child = None
+            self.child = subprocess.Popen(
+                step.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env
+            )
+            watchdog = (
+                threading.Timer(float(timeout), self._stop_child, args=(step.name,)) if timeout else None
+            )
+            if watchdog:
+                watchdog.daemon = True
+                watchdog.start()
+            try:
+                assert self.child.stdout is not None
+                fd = self.child.stdout.fileno()
+                while chunk := os.read(fd, 65536):
+                    log.write(chunk)
+                    log.flush()  # the log is what `tail -f` and a killed run leave behind
+                    if not self.quiet:
+                        sys.stdout.buffer.write(chunk)
+                        sys.stdout.flush()
+                rc = self.child.wait()
+            finally:
+                if watchdog:
+                    watchdog.cancel()
+                self.child = None
         if rc != 0:
             tail = log_path.read_text(errors="replace")[-3000:] if self.quiet else ""
-            raise StageFailed(f"{step.name}: exit status {rc} (log: {log_path})" + (f"\n{tail}" if tail else ""))
+            raise StageFailed(
+                f"{step.name}: exit status {rc} (log: {log_path})" + (f"\n{tail}" if tail else "")
+            )
+
+    def _stop_child(self, name: str) -> None:
+        """Stage timeout: SIGTERM (torchrun forwards it to its workers), SIGKILL if still alive after 30 s."""
+        child = self.child
+        if child is None or child.poll() is not None:
+            return
+        self.log(f"{name}: exceeded stage_timeout_s={self.cfg.get('stage_timeout_s')}; stopping it")
+        child.terminate()
+        try:
+            child.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            child.kill()
 
     def terminate_child(self, signum: int, _frame: Any) -> None:
         """Forward SIGTERM/SIGINT to the running stage (torchrun passes it to its workers), then exit."""
@@ -424,8 +527,10 @@ def save_resolved_config(cfg: dict[str, Any], runner: Runner) -> None:
             old = {}
         changed = sorted(k for k in set(old) | set(cfg) if old.get(k) != cfg.get(k))
         if changed:
-            runner.log(f"warning: config sections {changed} differ from the previous run in this directory; "
-                       "completed stages are kept (pass --force to redo all)")
+            runner.log(
+                f"warning: config sections {changed} differ from the previous run in this directory; "
+                "completed stages are kept (pass --force to redo all)"
+            )
     write_json_atomic(path, cfg)
 
 
@@ -465,8 +570,14 @@ def run_pipeline(cfg: dict[str, Any], quiet: bool = False, force: bool = False) 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dr pipeline", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="pipeline config (YAML/JSON), see docs/pipeline.md")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.max_steps=10 --set train=null")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.max_steps=10 --set train=null",
+    )
     parser.add_argument("--quiet", action="store_true", help="stage output to RUN_DIR/logs only")
     parser.add_argument("--force", action="store_true", help="redo every stage (overwrite outputs)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands and exit")

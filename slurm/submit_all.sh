@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Submit train -> encode (array) + encode queries -> search -> eval as one SLURM dependency chain.
+#
+#   bash slurm/submit_all.sh RUN_DIR
+#
+# Inputs (environment):
+#   TRAIN_CONFIG   dr train --config file (YAML/JSON of flag -> value); empty: skip training and
+#                  encode MODEL zero-shot
+#   MODEL          model for zero-shot runs (default: RUN_DIR/model, i.e. the trained one)
+#   CORPUS         passages for dr encode (--dataset_name)
+#   QUERIES        queries for dr encode --encode_is_qry (--dataset_name)
+#   QRELS          qrels for dr eval
+#   SHARDS         corpus shards = array tasks (default 20)
+#   ENCODE_ARGS    extra dr encode flags, e.g. "--fp16 --per_device_eval_batch_size 156 --p_max_len 128"
+#   QUERY_ARGS     extra flags for the query encode, e.g. "--q_max_len 32"
+#   SEARCH_ARGS    extra dr search flags (default "--depth 100 --batch_size -1")
+#   SBATCH_ARGS    extra sbatch options for every job (e.g. "--account=X --partition=Y")
+# Prints the job ids; every job starts only when the ones it needs succeeded (afterok).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+if [[ $# -ne 1 ]]; then
+  echo "usage: $0 RUN_DIR   (inputs from the environment, see the header)" >&2
+  exit 2
+fi
+run_dir="$1"
+: "${CORPUS:?set CORPUS}" "${QUERIES:?set QUERIES}" "${QRELS:?set QRELS}"
+shards="${SHARDS:-20}"
+model="${MODEL:-$run_dir/model}"
+read -r -a encode_args <<<"${ENCODE_ARGS:-}"
+read -r -a query_args <<<"${QUERY_ARGS:-}"
+read -r -a search_args <<<"${SEARCH_ARGS:---depth 100 --batch_size -1}"
+read -r -a sbatch_args <<<"${SBATCH_ARGS:-}"
+mkdir -p "$run_dir/embeddings"
+export DR_SLURM_DIR="$here"
+
+submit() {  # submit [sbatch options] SCRIPT [flags]: print the command, echo the job id
+  printf '+ sbatch --parsable' >&2
+  printf ' %q' "${sbatch_args[@]}" "$@" >&2
+  printf '\n' >&2
+  sbatch --parsable "${sbatch_args[@]}" "$@" | cut -d';' -f1
+}
+
+after=()
+if [[ -n "${TRAIN_CONFIG:-}" ]]; then
+  train_job=$(submit "$here/train.sbatch" --config "$TRAIN_CONFIG" --output_dir "$run_dir/model")
+  echo "train:          $train_job"
+  after=(--dependency="afterok:$train_job")
+  model="$run_dir/model"
+fi
+corpus_job=$(submit "${after[@]}" --array="0-$((shards - 1))" "$here/encode.sbatch" \
+  --model_name_or_path "$model" --dataset_name "$CORPUS" --encoded_save_path "$run_dir/embeddings/corpus" \
+  "${encode_args[@]}")
+echo "encode corpus:  $corpus_job (array of $shards)"
+query_job=$(submit "${after[@]}" "$here/encode.sbatch" --model_name_or_path "$model" --dataset_name "$QUERIES" \
+  --encode_is_qry --encoded_save_path "$run_dir/embeddings/queries" "${encode_args[@]}" "${query_args[@]}")
+echo "encode queries: $query_job"
+search_job=$(submit --dependency="afterok:$corpus_job:$query_job" "$here/search.sbatch" \
+  --query_reps "$run_dir/embeddings/queries*.arrow" --passage_reps "$run_dir/embeddings/corpus.*.arrow" \
+  --save_ranking_to "$run_dir/rank.txt" "${search_args[@]}")
+echo "search:         $search_job"
+eval_job=$(submit --dependency="afterok:$search_job" "$here/eval.sbatch" \
+  --qrels "$QRELS" --run "$run_dir/rank.txt" --output "$run_dir/metrics.json")
+echo "eval:           $eval_job"
