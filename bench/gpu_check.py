@@ -94,6 +94,70 @@ def training_steps(model: Path, work: Path) -> None:
         )
 
 
+def grad_cache_memory(model: Path, work: Path) -> None:
+    """Peak GPU memory and steps/s at a large batch (64 queries x 8 passages), with and without GradCache."""
+    data = write_jsonl(work / "train-large.jsonl", make_train_rows(1024, n_negatives=7))
+    base = [
+        "--model_name_or_path",
+        str(model),
+        "--dataset_name",
+        str(data),
+        "--per_device_train_batch_size",
+        "64",
+        "--train_n_passages",
+        "8",
+        "--q_max_len",
+        "32",
+        "--p_max_len",
+        "128",
+        "--max_steps",
+        "8",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "4",
+        "--bf16",
+        "--skip_memory_metrics",
+        "false",
+    ]
+    variants = {
+        "DDP": [],
+        "DDP + GradCache": ["--grad_cache", "--gc_q_chunk_size", "32", "--gc_p_chunk_size", "64"],
+        "ZeRO-2": ["--deepspeed", "configs/deepspeed/zero2.json"],
+        "ZeRO-2 + GradCache": [
+            "--deepspeed",
+            "configs/deepspeed/zero2.json",
+            "--grad_cache",
+            "--gc_q_chunk_size",
+            "32",
+            "--gc_p_chunk_size",
+            "64",
+        ],
+    }
+    rows = {}
+    for name, extra in variants.items():
+        out = work / f"gc-{name.replace(' ', '')}"
+        try:
+            run(torchrun(1) + ["-m", "dr.train"] + base + ["--output_dir", str(out)] + extra, timeout=240)
+            history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+            final = next(e for e in history if "train_runtime" in e)
+            rows[name] = {
+                "steps_per_s": 8 / final["train_runtime"],
+                "peak_gpu_mib": final.get("train_mem_gpu_peaked_delta", float("nan")) / 2**20
+                + final.get("train_mem_gpu_alloc_delta", 0) / 2**20,
+            }
+        except Exception as err:  # noqa: BLE001
+            rows[name] = {"error": str(err)[-500:]}
+    RESULTS["grad_cache"] = rows
+    print(
+        "\n| bert-base, 64 q x 8 p, bf16 | steps/s | peak GPU MiB (Trainer memory tracker) |\n|---|---|---|"
+    )
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r.get('steps_per_s', float('nan')):.2f} | {r.get('peak_gpu_mib', r.get('error', ''))} |"
+        )
+
+
 def encoding_throughput(model_dir: Path) -> None:
     model = BiEncoder.from_pretrained(str(model_dir), {"pooling": "cls"}).cuda().eval()
     rng = np.random.default_rng(0)
