@@ -199,20 +199,20 @@ class BiEncoder(nn.Module):
     # ---- gradient checkpointing (called by the Trainer) ---------------------------------------------
     supports_gradient_checkpointing = True
 
-    def activation_checkpointing_enable(
-        self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any
-    ) -> None:
+    def activation_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
         """Trade compute for memory in every encoder (the Trainer calls this for --gradient_checkpointing)."""
+        self._enable_checkpointing("activation_checkpointing_enable", *args, **kwargs)
+
+    def gradient_checkpointing_enable(self, *args: Any, **kwargs: Any) -> None:
+        """The name transformers < 5 calls (and 5.x still accepts); same as `activation_checkpointing_enable`."""
+        self._enable_checkpointing("gradient_checkpointing_enable", *args, **kwargs)
+
+    def _enable_checkpointing(self, method: str, *args: Any, **kwargs: Any) -> None:
+        # Forward to the encoder's method of the same name: each spelling has its own keyword names.
         for encoder in {id(m): m for m in (self.query_encoder, self.passage_model)}.values():
-            enable = (
-                getattr(encoder, "activation_checkpointing_enable", None)
-                or encoder.gradient_checkpointing_enable
-            )
-            enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+            getattr(encoder, method, encoder.gradient_checkpointing_enable)(*args, **kwargs)
             if hasattr(encoder, "enable_input_require_grads"):
                 encoder.enable_input_require_grads()
-
-    gradient_checkpointing_enable = activation_checkpointing_enable  # the name transformers < 5 calls
 
     # ---- saving / loading weights -------------------------------------------------------------------
     def save(

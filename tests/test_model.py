@@ -36,3 +36,10 @@ def test_last_token_pooling_on_a_decoder_backbone(tmp_path, tiny_model_dir):
         alone = model.encode_passage(short)
         batched = model.encode_passage(padded)
     torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=0)
+
+
+def test_checkpointing_reaches_every_encoder_under_both_names(tiny_model_dir):
+    for method in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
+        model = BiEncoder.from_pretrained(str(tiny_model_dir), {"untie_encoder": True})
+        getattr(model, method)()
+        assert model.query_encoder.is_gradient_checkpointing and model.passage_encoder.is_gradient_checkpointing
