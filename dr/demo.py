@@ -43,7 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dr.pipeline import PipelineError, format_metrics, resolve_config, run_pipeline, set_dotted
+from dr.pipeline import (
+    PipelineError,
+    add_override_flag,
+    format_metrics,
+    resolve_config,
+    run_pipeline,
+    set_dotted,
+)
 
 REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -366,14 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the CI setting (also DR_DEMO_SMALL=1): fewer passages and steps",
     )
     parser.add_argument("--config", default=str(REPO_CONFIG), help="demo config (default configs/demo.yaml)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config key, as in dr pipeline",
-    )
+    add_override_flag(parser)
     parser.add_argument("--verbose", action="store_true", help="show every stage's output")
     return parser
 

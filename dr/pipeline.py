@@ -567,9 +567,8 @@ def run_pipeline(cfg: dict[str, Any], quiet: bool = False, force: bool = False) 
     return metrics
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dr pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", help="pipeline config (YAML/JSON), see docs/pipeline.md")
+def add_override_flag(parser: argparse.ArgumentParser) -> None:
+    """`--set KEY=VALUE` (repeatable): override a config key; shared by `dr pipeline` and `dr demo`."""
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -578,6 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.max_steps=10 --set train=null",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dr pipeline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("config", help="pipeline config (YAML/JSON), see docs/pipeline.md")
+    add_override_flag(parser)
     parser.add_argument("--quiet", action="store_true", help="stage output to RUN_DIR/logs only")
     parser.add_argument("--force", action="store_true", help="redo every stage (overwrite outputs)")
     parser.add_argument("--dry_run", action="store_true", help="print the commands and exit")
