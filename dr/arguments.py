@@ -198,10 +198,36 @@ class DRTrainingArguments(TrainingArguments):
         if not torch.cuda.is_available() and not self.deepspeed:
             # accelerate treats a multi-process launch as distributed (gloo) only when told it is on the CPU.
             self.use_cpu = True
+        if self.deepspeed:
+            _single_process_rendezvous()
         if not torch.cuda.is_available() and self.deepspeed and self.accelerator_config is None:
             _configure_deepspeed_on_cpu()
             self.accelerator_config = {"use_configured_state": True}
         super().__post_init__()
+
+
+def _single_process_rendezvous() -> None:
+    """torch.distributed variables for a DeepSpeed run started without a launcher (plain `python`).
+
+    DeepSpeed looks for MPI unless RANK/WORLD_SIZE/... are set; a launcher sets them, so only an
+    unlaunched run gets a one-process rendezvous on a free local port.
+    """
+    import os
+    import socket
+
+    if "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }.items():
+        os.environ.setdefault(key, value)
 
 
 def _configure_deepspeed_on_cpu() -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -17,42 +16,19 @@ from dr.arguments import (
     DataArguments,
     DRTrainingArguments,
     ModelArguments,
-    load_config_file,
     parse_args,
 )
 
 logger = logging.getLogger("dr.train")
 
 
-def _prepare_environment(argv: list[str]) -> None:
-    """Environment that must exist before TrainingArguments touches torch.distributed / DeepSpeed.
-
-    DeepSpeed started by plain `python` (no launcher) looks for MPI unless the torch.distributed
-    variables are set, so a single-process DeepSpeed run gets a one-process rendezvous here.
-    """
+def _prepare_environment() -> None:
+    """Defaults that must be in place before torch / DeepSpeed are imported by the Trainer."""
     import torch
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    wants_deepspeed = any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in argv)
-    if "--config" in argv:
-        config = argv[argv.index("--config") + 1] if argv.index("--config") + 1 < len(argv) else None
-        wants_deepspeed |= bool(
-            config and Path(config).is_file() and load_config_file(config).get("deepspeed")
-        )
-    if wants_deepspeed and "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for key, value in {
-            "RANK": "0",
-            "LOCAL_RANK": "0",
-            "WORLD_SIZE": "1",
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
-        }.items():
-            os.environ.setdefault(key, value)
 
 
 def _check_output_dir(args: DRTrainingArguments) -> None:
@@ -174,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from dr.distributed import teardown
 
     try:
-        _prepare_environment(argv)
+        _prepare_environment()
         model_args, data_args, training_args = parse_args(
             (ModelArguments, DataArguments, DRTrainingArguments), argv
         )
