@@ -162,7 +162,7 @@ def grad_cache_training_step(trainer: Any, model: nn.Module, inputs: dict[str, A
     with torch.autocast(device_type=device.type, enabled=False):
         loss = module.loss_fn(q_reps, p_reps, passage_keys, positive_keys)
         (loss / ga_steps).backward()
-    trainer._masked_since_log = getattr(trainer, "_masked_since_log", 0) + int(module.loss_fn.last_masked)
+    trainer._masked_since_log = getattr(trainer, "_masked_since_log", 0) + module.loss_fn.last_masked
     cached = list(q_reps.grad.split(args.gc_q_chunk_size)) + list(p_reps.grad.split(args.gc_p_chunk_size))
     del q_reps, p_reps
 

@@ -87,13 +87,16 @@ class BiEncoderTrainer(Trainer):
         if self.args.mask_false_negatives:
             keys = {"passage_keys": inputs["passage_keys"], "positive_keys": inputs["positive_keys"]}
         outputs = model(query=inputs["query"], passage=inputs["passage"], **keys)
-        self._masked_since_log += int(self.accelerator.unwrap_model(model).loss_fn.last_masked)
+        # A tensor sum: int() here would force a device sync on every step; the log line converts it.
+        self._masked_since_log = (
+            self._masked_since_log + self.accelerator.unwrap_model(model).loss_fn.last_masked
+        )
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """Add the number of in-batch false negatives masked (on this rank) since the last log line."""
         if "loss" in logs and self.args.mask_false_negatives:
-            logs["masked_false_negatives"] = self._masked_since_log
+            logs["masked_false_negatives"] = int(self._masked_since_log)
             self._masked_since_log = 0
         super().log(logs, *args, **kwargs)
 
