@@ -79,10 +79,6 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
 
 
-def is_dr_model(path: str | os.PathLike) -> bool:
-    return (Path(path) / DR_CONFIG_NAME).is_file()
-
-
 def _encoder_dirs(model_dir: Path) -> tuple[Path, Path | None]:
     """(query encoder folder, passage encoder folder or None when tied) of a saved model."""
     if (model_dir / QUERY_SUBDIR).is_dir() and (model_dir / PASSAGE_SUBDIR).is_dir():
