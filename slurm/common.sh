@@ -8,12 +8,7 @@ dr_gpus_per_node() {
   echo "${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-1}}"
 }
 
-# Print the command (shell-quoted, prefixed by "+") on stderr, then replace this shell with it.
-dr_run() {
-  printf '+' >&2
-  printf ' %q' "$@" >&2
-  printf '\n' >&2
-  exec "$@"
-}
-
-export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+# dr_run and the environment defaults are the launchers' own (this file is sourced by its real path,
+# from the submit directory, so the repository's launch/ sits next to it).
+# shellcheck source=SCRIPTDIR/../launch/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../launch/common.sh"
