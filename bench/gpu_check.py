@@ -1,18 +1,25 @@
-"""GPU measurements for bench/gpu_check.sh: training steps, encoding and search throughput.
+"""GPU measurements for bench/gpu_check.sh: training precision, GradCache memory, encoding and search.
 
 Every number is measured in this one process on the GPU it finds, with a baseline in the same run:
-fp32 vs fp16/bf16 for training, fixed padding vs length-sorted batches for encoding, and the roofline
-(compute bound for encoding, memory-bandwidth bound for search).
+fp32 vs fp16/bf16 for training, plain vs GradCache for peak memory at a large batch, fixed padding vs
+length-sorted batches for encoding, and the roofline (compute bound for encoding, memory-bandwidth bound
+for search).
+
+GPU time is scarce, so the script must not fail on its first GPU run: `--smoke` runs every check with a
+tiny model and small sizes on the CPU (bf16 where the GPU run uses fp16), which CI-like machines can do.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +29,35 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dr.model import BiEncoder
-from tests.helpers import make_train_rows, run, torchrun, write_jsonl, write_vocab
+from tests.helpers import FILLER, make_tiny_model, make_train_rows, run, torchrun, write_jsonl, write_vocab
 
 RESULTS: dict[str, object] = {}
+
+# Dense tensor-core peak (fp16/bf16 FLOP/s) and memory bandwidth (bytes/s) of the cards we may be lent.
+CARDS = {"H200": (989e12, 4.8e12), "H100": (989e12, 3.35e12), "A100": (312e12, 2.0e12)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of every check: the GPU plan (bert-base, real batch sizes) or the CPU smoke plan."""
+
+    device: str  # "cuda" or "cpu"
+    half: str  # the mixed precision whose loss scaling is exercised: fp16 on a GPU, bf16 on the CPU
+    train_steps: int
+    large_batch: int  # queries per device in the GradCache memory check (x 8 passages each)
+    gc_chunks: tuple[int, int]  # (query, passage) GradCache chunk sizes
+    p_max_len: int
+    encode_passages: int
+    search_shape: tuple[int, int, int]  # (passages, dim, queries)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Child-process settings over tests.helpers' CPU defaults (which pin DeepSpeed to its CPU accelerator)."""
+        return {"DS_ACCELERATOR": "cuda", "OMP_NUM_THREADS": "4"} if self.device == "cuda" else {}
+
+
+GPU_PLAN = Plan("cuda", "fp16", 20, 64, (32, 64), 128, 8192, (1_000_000, 768, 8000))
+SMOKE_PLAN = Plan("cpu", "bf16", 2, 8, (4, 16), 32, 256, (20_000, 64, 100))
 
 
 def bert_base_dir(folder: Path) -> Path:
@@ -39,174 +72,196 @@ def bert_base_dir(folder: Path) -> Path:
     return folder
 
 
-def training_steps(model: Path, work: Path) -> None:
-    data = write_jsonl(work / "train.jsonl", make_train_rows(512, n_negatives=7))
-    base = [
+def full_length_rows(n_queries: int, plan: Plan, q_words: int) -> list[dict]:
+    """Training groups (1 positive + 7 hard negatives) whose texts fill q_max_len / p_max_len tokens.
+
+    The collator pads to the longest text in the batch, so short fixture texts would measure a much
+    smaller step than the recipe's 16/128-token shapes.
+    """
+    rows = make_train_rows(n_queries, n_negatives=7)
+    for row in rows:
+        row["query"] = " ".join((row["query"].split() + FILLER * q_words)[:q_words])
+        for passage in row["positive_passages"] + row["negative_passages"]:
+            passage["text"] = " ".join((passage["text"].split() + FILLER * plan.p_max_len)[: plan.p_max_len])
+    return rows
+
+
+def train_flags(model: Path, data: Path, plan: Plan, batch: int, q_max_len: int) -> list[str]:
+    return [
         "--model_name_or_path",
         str(model),
         "--dataset_name",
         str(data),
         "--per_device_train_batch_size",
-        "8",
+        str(batch),
         "--train_n_passages",
         "8",
         "--q_max_len",
-        "16",
+        str(q_max_len),
         "--p_max_len",
-        "128",
+        str(plan.p_max_len),
         "--max_steps",
-        "30",
+        str(plan.train_steps),
         "--save_strategy",
         "no",
         "--logging_steps",
-        "10",
+        "1",
         "--learning_rate",
         "5e-6",
     ]
-    rows = {}
-    for name, extra in {
-        "fp32": [],
-        "fp16": ["--fp16"],
-        "bf16": ["--bf16"],
-        "fp16+zero2": ["--fp16", "--deepspeed", "configs/deepspeed/zero2.json"],
-        "bf16+zero3": ["--bf16", "--deepspeed", "configs/deepspeed/zero3.json"],
-    }.items():
-        out = work / f"train-{name}"
-        launcher = torchrun(1) + ["-m", "dr.train"] if "zero" in name else [sys.executable, "-m", "dr.train"]
-        try:
-            run(launcher + base + ["--output_dir", str(out)] + extra, timeout=240)
-            history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-            losses = [e["loss"] for e in history if "loss" in e]
-            runtime = next(e["train_runtime"] for e in history if "train_runtime" in e)
-            rows[name] = {
-                "steps_per_s": 30 / runtime,
-                "last_loss": losses[-1],
-                "finite": all(map(math.isfinite, losses)),
-            }
-        except Exception as err:  # noqa: BLE001 - report and continue with the other checks
-            rows[name] = {"error": str(err)[-500:]}
-    RESULTS["training"] = rows
-    print("\n| training (bert-base, 8 q x 8 p, q16/p128) | steps/s | last loss | finite |\n|---|---|---|---|")
+
+
+def run_training(name: str, cmd: list[str], out: Path, plan: Plan) -> dict[str, object]:
+    """Run one `dr train` and summarise its log: steps/s, last loss, all losses finite, peak GPU memory."""
+    try:
+        run(cmd + ["--output_dir", str(out)], timeout=240, **plan.env)
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        steps = [e for e in history if "loss" in e]
+        runtime = next(e["train_runtime"] for e in history if "train_runtime" in e)
+        return {
+            "steps_per_s": plan.train_steps / runtime,
+            "last_loss": steps[-1]["loss"],
+            "finite": all(math.isfinite(e["loss"]) for e in steps),
+            "peak_gpu_gib": max(
+                (e.get("peak_gpu_mem_gib", float("nan")) for e in steps), default=float("nan")
+            ),
+        }
+    except Exception as err:  # noqa: BLE001 - report and continue with the other variants
+        return {"error": error_summary(err)}
+
+
+def error_summary(err: Exception) -> str:
+    """The last `...Error: message` line of a failed run's output (torchrun's own trailer says nothing)."""
+    lines = [line for line in str(err).splitlines() if "Error" in line and "ChildFailedError" not in line]
+    return (lines[-1] if lines else str(err))[-400:]
+
+
+def print_table(title: str, rows: dict[str, dict[str, object]]) -> None:
+    print(f"\n| {title} | steps/s | last loss | finite | peak GPU GiB |\n|---|---|---|---|---|")
     for name, r in rows.items():
-        print(
-            f"| {name} | {r.get('steps_per_s', float('nan')):.2f} | {r.get('last_loss', float('nan')):.3f} | "
-            f"{r.get('finite', r.get('error', ''))} |"
-        )
+        if "error" in r:
+            print(f"| {name} | error: {r['error'][-300:]} | | | |")
+        else:
+            print(
+                f"| {name} | {r['steps_per_s']:.2f} | {r['last_loss']:.3f} | {r['finite']} | {r['peak_gpu_gib']:.2f} |"
+            )
 
 
-def grad_cache_memory(model: Path, work: Path) -> None:
-    """Peak GPU memory and steps/s at a large batch (64 queries x 8 passages), with and without GradCache."""
-    data = write_jsonl(work / "train-large.jsonl", make_train_rows(1024, n_negatives=7))
-    base = [
-        "--model_name_or_path",
-        str(model),
-        "--dataset_name",
-        str(data),
-        "--per_device_train_batch_size",
-        "64",
-        "--train_n_passages",
-        "8",
-        "--q_max_len",
-        "32",
-        "--p_max_len",
-        "128",
-        "--max_steps",
-        "8",
-        "--save_strategy",
-        "no",
-        "--logging_steps",
-        "4",
-        "--bf16",
-        "--skip_memory_metrics",
-        "false",
-    ]
-    variants = {
-        "DDP": [],
-        "DDP + GradCache": ["--grad_cache", "--gc_q_chunk_size", "32", "--gc_p_chunk_size", "64"],
-        "ZeRO-2": ["--deepspeed", "configs/deepspeed/zero2.json"],
-        "ZeRO-2 + GradCache": [
-            "--deepspeed",
-            "configs/deepspeed/zero2.json",
-            "--grad_cache",
-            "--gc_q_chunk_size",
-            "32",
-            "--gc_p_chunk_size",
-            "64",
-        ],
+def training_steps(model: Path, work: Path, plan: Plan) -> None:
+    """The reference recipe's shapes (8 q x 8 p, q16/p128) in fp32, fp16, bf16 and under ZeRO-2/3."""
+    data = write_jsonl(work / "train.jsonl", full_length_rows(256, plan, q_words=16))
+    base = train_flags(model, data, plan, batch=8, q_max_len=16)
+    variants = {"fp32": []}
+    if plan.device == "cuda":
+        variants |= {"fp16": ["--fp16"]}
+    variants |= {
+        "bf16": ["--bf16"],
+        f"{plan.half} + ZeRO-2": [f"--{plan.half}", "--deepspeed", "configs/deepspeed/zero2.json"],
+        "bf16 + ZeRO-3": ["--bf16", "--deepspeed", "configs/deepspeed/zero3.json"],
     }
     rows = {}
     for name, extra in variants.items():
-        out = work / f"gc-{name.replace(' ', '')}"
-        try:
-            run(torchrun(1) + ["-m", "dr.train"] + base + ["--output_dir", str(out)] + extra, timeout=240)
-            history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-            final = next(e for e in history if "train_runtime" in e)
-            rows[name] = {
-                "steps_per_s": 8 / final["train_runtime"],
-                "peak_gpu_mib": final.get("train_mem_gpu_peaked_delta", float("nan")) / 2**20
-                + final.get("train_mem_gpu_alloc_delta", 0) / 2**20,
-            }
-        except Exception as err:  # noqa: BLE001
-            rows[name] = {"error": str(err)[-500:]}
-    RESULTS["grad_cache"] = rows
-    print(
-        "\n| bert-base, 64 q x 8 p, bf16 | steps/s | peak GPU MiB (Trainer memory tracker) |\n|---|---|---|"
-    )
-    for name, r in rows.items():
-        print(
-            f"| {name} | {r.get('steps_per_s', float('nan')):.2f} | {r.get('peak_gpu_mib', r.get('error', ''))} |"
-        )
+        launcher = torchrun(1) if "ZeRO" in name else [sys.executable]
+        out = work / ("train-" + "".join(c for c in name if c.isalnum()))
+        rows[name] = run_training(name, launcher + ["-m", "dr.train"] + base + extra, out, plan)
+    RESULTS["training"] = rows
+    print_table("training (8 q x 8 p)", rows)
 
 
-def encoding_throughput(model_dir: Path) -> None:
-    model = BiEncoder.from_pretrained(str(model_dir), {"pooling": "cls"}).cuda().eval()
-    rng = np.random.default_rng(0)
-    lengths = np.clip(rng.lognormal(4.1, 0.45, size=8192).astype(int), 8, 128)  # MS MARCO-like lengths
-    batch = 256
-    flops_per_token = 2 * 85e6  # ~170 MFLOP per token forward for bert-base encoder layers
-    peak = {"fp16": 989e12, "bf16": 989e12}  # H100 SXM dense tensor-core peak; adjust for other cards
+def grad_cache_memory(model: Path, work: Path, plan: Plan) -> None:
+    """Peak GPU memory and steps/s at a large batch, with and without GradCache, plainly and under ZeRO-2.
+
+    In the plan's half precision: on a GPU that is fp16, so the chunk backwards also go through torch's
+    GradScaler and DeepSpeed's dynamic loss scale. One GPU, so "DDP" is the plain (unwrapped) path.
+    """
+    data = write_jsonl(work / "train-large.jsonl", full_length_rows(4 * plan.large_batch, plan, q_words=32))
+    base = train_flags(model, data, plan, batch=plan.large_batch, q_max_len=32) + [f"--{plan.half}"]
+    q_chunk, p_chunk = plan.gc_chunks
+    grad_cache = ["--grad_cache", "--gc_q_chunk_size", str(q_chunk), "--gc_p_chunk_size", str(p_chunk)]
+    zero2 = ["--deepspeed", "configs/deepspeed/zero2.json"]
+    variants = {
+        "DDP": [],
+        "DDP + GradCache": grad_cache,
+        "ZeRO-2": zero2,
+        "ZeRO-2 + GradCache": zero2 + grad_cache,
+    }
     rows = {}
-    for dtype_name, dtype in {"fp16": torch.float16, "bf16": torch.bfloat16}.items():
+    for name, extra in variants.items():
+        out = work / ("gc-" + "".join(c for c in name if c.isalnum()))
+        rows[name] = run_training(name, torchrun(1) + ["-m", "dr.train"] + base + extra, out, plan)
+    for plain, cached in (("DDP", "DDP + GradCache"), ("ZeRO-2", "ZeRO-2 + GradCache")):
+        if "error" not in rows[plain] and "error" not in rows[cached]:
+            rows[cached]["memory_ratio"] = rows[cached]["peak_gpu_gib"] / rows[plain]["peak_gpu_gib"]
+            rows[cached]["speed_ratio"] = rows[cached]["steps_per_s"] / rows[plain]["steps_per_s"]
+    RESULTS["grad_cache"] = rows
+    print_table(f"{plan.large_batch} q x 8 p, {plan.half}, chunks {q_chunk}/{p_chunk}", rows)
+    for name, r in rows.items():
+        if "memory_ratio" in r:
+            print(
+                f"{name}: peak memory {r['memory_ratio']:.2f}x, speed {r['speed_ratio']:.2f}x of the plain step"
+            )
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def encoding_throughput(model_dir: Path, plan: Plan, card: tuple[float, float] | None) -> None:
+    """Passages/s with fixed (p_max_len) vs length-sorted padding, and the fraction of the compute peak."""
+    device = plan.device
+    model = BiEncoder.from_pretrained(str(model_dir), {"pooling": "cls"}).to(device).eval()
+    params = sum(p.numel() for n, p in model.named_parameters() if "embeddings" not in n)
+    flops_per_token = 2 * params  # forward FLOPs per token of the transformer layers (~170 M for bert-base)
+    rng = np.random.default_rng(0)
+    lengths = np.clip(rng.lognormal(4.1, 0.45, size=plan.encode_passages).astype(int), 8, plan.p_max_len)
+    batch = 256
+    vocab = model.config.vocab_size
+    dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16} if device == "cuda" else {"bf16": torch.bfloat16}
+    rows = {}
+    for dtype_name, dtype in dtypes.items():
         for mode in ("fixed", "sorted"):
             order = np.argsort(lengths) if mode == "sorted" else np.arange(len(lengths))
-            torch.cuda.synchronize()
+            synchronize(device)
             start = time.perf_counter()
             tokens = 0
-            with torch.inference_mode(), torch.autocast("cuda", dtype=dtype):
+            with torch.inference_mode(), torch.autocast(device, dtype=dtype):
                 for i in range(0, len(order), batch):
                     idx = order[i : i + batch]
-                    width = 128 if mode == "fixed" else int(math.ceil(lengths[idx].max() / 8) * 8)
-                    ids = torch.randint(1000, 30000, (len(idx), width), device="cuda")
+                    width = plan.p_max_len if mode == "fixed" else int(math.ceil(lengths[idx].max() / 8) * 8)
+                    ids = torch.randint(vocab // 2, vocab, (len(idx), width), device=device)
                     mask = (
-                        torch.arange(width, device="cuda")[None]
-                        < torch.as_tensor(lengths[idx], device="cuda")[:, None]
+                        torch.arange(width, device=device)[None]
+                        < torch.as_tensor(lengths[idx], device=device)[:, None]
                     ).long()
                     model.encode_passage({"input_ids": ids, "attention_mask": mask})
                     tokens += int(lengths[idx].sum())
-            torch.cuda.synchronize()
+            synchronize(device)
             seconds = time.perf_counter() - start
+            useful = tokens * flops_per_token / seconds
             rows[f"{dtype_name}/{mode}"] = {
                 "passages_per_s": len(order) / seconds,
-                "useful_tflops": tokens * flops_per_token / seconds / 1e12,
-                "fraction_of_peak": tokens * flops_per_token / seconds / peak[dtype_name],
+                "useful_tflops": useful / 1e12,
+                "fraction_of_peak": useful / card[0] if card else float("nan"),
             }
     RESULTS["encoding"] = rows
-    print("\n| encoding (bert-base) | passages/s | useful TFLOP/s | of peak |\n|---|---|---|---|")
+    print("\n| encoding | passages/s | useful TFLOP/s | of peak |\n|---|---|---|---|")
     for name, r in rows.items():
         print(
-            f"| {name} | {r['passages_per_s']:.0f} | {r['useful_tflops']:.1f} | {r['fraction_of_peak']:.2f} |"
+            f"| {name} | {r['passages_per_s']:.0f} | {r['useful_tflops']:.2f} | {r['fraction_of_peak']:.2f} |"
         )
-    for d in ("fp16", "bf16"):
-        print(
-            f"sorted / fixed padding ({d}): {rows[f'{d}/sorted']['passages_per_s'] / rows[f'{d}/fixed']['passages_per_s']:.2f}x"
-        )
+    for d in dtypes:
+        ratio = rows[f"{d}/sorted"]["passages_per_s"] / rows[f"{d}/fixed"]["passages_per_s"]
+        print(f"sorted / fixed padding ({d}): {ratio:.2f}x")
 
 
-def search_throughput(work: Path) -> None:
-    from dr.search import search_shards
+def search_throughput(work: Path, plan: Plan, card: tuple[float, float] | None) -> None:
+    """Exact search over float16 shards: the GPU backend vs the CPU, and vs one pass at memory bandwidth."""
+    from dr.search import choose_backend, search_shards
     from dr.shards import ShardMeta, write_shard
 
-    n, dim, nq, shards = 1_000_000, 768, 8000, 4
+    n, dim, nq = plan.search_shape
+    shards = 4
     rng = np.random.default_rng(0)
     paths = []
     for s in range(shards):
@@ -225,44 +280,70 @@ def search_throughput(work: Path) -> None:
         write_shard(path, meta, [f"d{s}-{i}" for i in range(len(vecs))], vecs)
         paths.append(str(path))
     queries = rng.standard_normal((nq, dim), dtype=np.float32)
-    rows = {}
-    from dr.search import choose_backend
-
-    for backend in (choose_backend(True), "cpu"):
+    gpu = choose_backend(plan.device == "cuda")
+    rows: dict[str, object] = {}
+    for backend in dict.fromkeys((gpu, "cpu")):
         start = time.perf_counter()
         search_shards(queries, paths, depth=100, max_memory_bytes=4 << 30, batch_size=-1, backend=backend)
         seconds = time.perf_counter() - start
         rows[backend] = {"seconds": seconds, "queries_per_s": nq / seconds}
-    bandwidth = 3.35e12  # H100 SXM HBM3 bytes/s; one pass over fp16 vectors per query batch
-    rows["bandwidth_bound_s"] = n * dim * 2 / bandwidth
+    rows["bandwidth_bound_s"] = n * dim * 2 / card[1] if card else float("nan")
     RESULTS["search"] = rows
-    gpu = choose_backend(True)
     print(
-        f"\nsearch 1M x {dim} fp16, {nq} queries, depth 100: GPU ({gpu}) {rows[gpu]['seconds']:.2f} s "
-        f"({rows[gpu]['queries_per_s']:.0f} q/s), CPU {rows['cpu']['seconds']:.2f} s; "
+        f"\nsearch {n} x {dim} fp16, {nq} queries, depth 100: {gpu} {rows[gpu]['seconds']:.2f} s "
+        f"({rows[gpu]['queries_per_s']:.0f} q/s), cpu {rows['cpu']['seconds']:.2f} s; "
         f"one pass at memory bandwidth {rows['bandwidth_bound_s'] * 1e3:.2f} ms"
     )
 
 
 def main() -> None:
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA GPU visible")
-    RESULTS["device"] = torch.cuda.get_device_name(0)
-    print("device:", RESULTS["device"], "| torch", torch.__version__)
-    subprocess.run(["nvidia-smi", "-L"], check=False)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: check the script runs")
+    parser.add_argument("--only", nargs="*", default=None, help="run only these checks (by name)")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "bench", help="folder for gpu_results[.smoke].json"
+    )
+    args = parser.parse_args()
+    if args.smoke:
+        plan = SMOKE_PLAN
+    elif torch.cuda.is_available():
+        plan = GPU_PLAN
+    else:
+        raise SystemExit("no CUDA GPU visible (use --smoke to check the script on the CPU)")
+    name = torch.cuda.get_device_name(0) if plan.device == "cuda" else "cpu (smoke)"
+    card = next((v for k, v in CARDS.items() if k in name), None)
+    RESULTS["device"] = name
+    print("device:", name, "| torch", torch.__version__)
+    if plan.device == "cuda":
+        subprocess.run(["nvidia-smi", "-L"], check=False)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model = bert_base_dir(work / "bert-base")
-        for check in (
-            lambda: encoding_throughput(model),
-            lambda: search_throughput(work),
-            lambda: training_steps(model, work),
-        ):
+        model = make_tiny_model(work / "tiny") if args.smoke else bert_base_dir(work / "bert-base")
+        checks = {  # most wanted first: a run cut short by its time limit keeps what it measured
+            "grad_cache": lambda: grad_cache_memory(model, work, plan),
+            "training": lambda: training_steps(model, work, plan),
+            "encoding": lambda: encoding_throughput(model, plan, card),
+            "search": lambda: search_throughput(work, plan, card),
+        }
+        for check_name, check in checks.items():
+            if args.only is not None and check_name not in args.only:
+                continue
             try:
                 check()
             except Exception as err:  # noqa: BLE001 - one failing check must not hide the others
-                print("check failed:", repr(err)[-800:])
-    (REPO / "bench" / "gpu_results.json").write_text(json.dumps(RESULTS, indent=2, default=str) + "\n")
+                RESULTS[check_name] = {"error": repr(err)[-800:]}
+                print(f"check {check_name} failed:", repr(err)[-800:])
+            save_results(args.out, args.smoke)
+
+
+def save_results(folder: Path, smoke: bool) -> None:
+    """gpu_results[.smoke].json in `folder`, and a copy in $OUT (what comes back from a lent machine)."""
+    name = "gpu_results.smoke.json" if smoke else "gpu_results.json"
+    text = json.dumps(RESULTS, indent=2, default=str) + "\n"
+    targets = [folder / name] + ([Path(os.environ["OUT"]) / name] if os.environ.get("OUT") else [])
+    for target in targets:
+        target.write_text(text)
+    print("wrote", ", ".join(map(str, targets)), flush=True)
 
 
 if __name__ == "__main__":

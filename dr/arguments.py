@@ -8,8 +8,10 @@ Each field is documented where it is declared and validated in `__post_init__` w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -200,10 +202,29 @@ class DRTrainingArguments(TrainingArguments):
             self.use_cpu = True
         if self.deepspeed:
             _single_process_rendezvous()
-        if not torch.cuda.is_available() and self.deepspeed and self.accelerator_config is None:
+        cpu_deepspeed = not torch.cuda.is_available() and bool(self.deepspeed)
+        if cpu_deepspeed and self.accelerator_config is None:
             _configure_deepspeed_on_cpu()
             self.accelerator_config = {"use_configured_state": True}
-        super().__post_init__()
+        with _bf16_allowed_on_cpu() if cpu_deepspeed and self.bf16 else contextlib.nullcontext():
+            super().__post_init__()
+
+
+@contextlib.contextmanager
+def _bf16_allowed_on_cpu() -> Iterator[None]:
+    """Let `--bf16 --deepspeed` pass TrainingArguments' device check on a machine without a GPU.
+
+    The check accepts bf16 without a GPU only with `use_cpu`, which a DeepSpeed run cannot set (DeepSpeed
+    brings its own CPU accelerator, whose bf16 works). Scoped to the one validation call.
+    """
+    from transformers import training_args
+
+    saved = training_args.is_torch_bf16_gpu_available
+    training_args.is_torch_bf16_gpu_available = lambda: True
+    try:
+        yield
+    finally:
+        training_args.is_torch_bf16_gpu_available = saved
 
 
 def _single_process_rendezvous() -> None:

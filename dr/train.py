@@ -31,6 +31,14 @@ def _prepare_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _check_precision(args: DRTrainingArguments) -> None:
+    """Refuse --fp16 without a CUDA GPU: accelerate would silently train in float32 on the CPU."""
+    import torch
+
+    if args.fp16 and not torch.cuda.is_available():
+        raise ConfigError("--fp16 needs a CUDA GPU; on CPU drop --fp16 (or use --bf16)")
+
+
 def _check_output_dir(args: DRTrainingArguments) -> None:
     out = Path(args.output_dir)
     if not out.is_dir() or args.overwrite_output_dir or args.resume_from_checkpoint:
@@ -55,7 +63,6 @@ def _resolve_resume(value: str | None, output_dir: str) -> str | bool | None:
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: DRTrainingArguments) -> None:
     """Build data, model and trainer from parsed arguments, train, and save the final model."""
-    import torch
     from transformers import set_seed
 
     from dr.arguments import to_jsonable
@@ -64,8 +71,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     from dr.model import BiEncoder, load_tokenizer
     from dr.trainer import BiEncoderTrainer
 
-    if training_args.fp16 and not torch.cuda.is_available():
-        raise ConfigError("--fp16 needs a CUDA GPU; on CPU drop --fp16 (or use --bf16)")
+    _check_precision(training_args)
     _check_output_dir(training_args)
     resume = _resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     set_seed(training_args.seed)

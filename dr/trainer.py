@@ -94,10 +94,13 @@ class BiEncoderTrainer(Trainer):
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add the number of in-batch false negatives masked (on this rank) since the last log line."""
+        """Add to each training log line the in-batch false negatives masked (on this rank) since the last
+        line and, on a GPU, this rank's peak allocated memory so far (what GradCache chunk sizes trade)."""
         if "loss" in logs and self.args.mask_false_negatives:
             logs["masked_false_negatives"] = int(self._masked_since_log)
             self._masked_since_log = 0
+        if "loss" in logs and torch.cuda.is_available() and torch.cuda.is_initialized():
+            logs["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         super().log(logs, *args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
