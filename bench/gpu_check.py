@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dr.model import BiEncoder
-from tests.helpers import FILLER, make_tiny_model, make_train_rows, run, torchrun, write_jsonl, write_vocab
+from tests.helpers import make_full_length_rows, make_tiny_model, run, torchrun, write_jsonl, write_vocab
 
 RESULTS: dict[str, object] = {}
 
@@ -70,20 +70,6 @@ def bert_base_dir(folder: Path) -> Path:
     BertTokenizerFast(vocab={t: i for i, t in enumerate(tokens)}).save_pretrained(folder)
     BertModel(BertConfig(vocab_size=30522)).save_pretrained(folder)
     return folder
-
-
-def full_length_rows(n_queries: int, plan: Plan, q_words: int) -> list[dict]:
-    """Training groups (1 positive + 7 hard negatives) whose texts fill q_max_len / p_max_len tokens.
-
-    The collator pads to the longest text in the batch, so short fixture texts would measure a much
-    smaller step than the recipe's 16/128-token shapes.
-    """
-    rows = make_train_rows(n_queries, n_negatives=7)
-    for row in rows:
-        row["query"] = " ".join((row["query"].split() + FILLER * q_words)[:q_words])
-        for passage in row["positive_passages"] + row["negative_passages"]:
-            passage["text"] = " ".join((passage["text"].split() + FILLER * plan.p_max_len)[: plan.p_max_len])
-    return rows
 
 
 def train_flags(model: Path, data: Path, plan: Plan, batch: int, q_max_len: int) -> list[str]:
@@ -149,7 +135,7 @@ def print_table(title: str, rows: dict[str, dict[str, object]]) -> None:
 
 def training_steps(model: Path, work: Path, plan: Plan) -> None:
     """The reference recipe's shapes (8 q x 8 p, q16/p128) in fp32, fp16, bf16 and under ZeRO-2/3."""
-    data = write_jsonl(work / "train.jsonl", full_length_rows(256, plan, q_words=16))
+    data = write_jsonl(work / "train.jsonl", make_full_length_rows(256, 16, plan.p_max_len))
     base = train_flags(model, data, plan, batch=8, q_max_len=16)
     variants = {"fp32": []}
     if plan.device == "cuda":
@@ -174,7 +160,9 @@ def grad_cache_memory(model: Path, work: Path, plan: Plan) -> None:
     In the plan's half precision: on a GPU that is fp16, so the chunk backwards also go through torch's
     GradScaler and DeepSpeed's dynamic loss scale. One GPU, so "DDP" is the plain (unwrapped) path.
     """
-    data = write_jsonl(work / "train-large.jsonl", full_length_rows(4 * plan.large_batch, plan, q_words=32))
+    data = write_jsonl(
+        work / "train-large.jsonl", make_full_length_rows(4 * plan.large_batch, 32, plan.p_max_len)
+    )
     base = train_flags(model, data, plan, batch=plan.large_batch, q_max_len=32) + [f"--{plan.half}"]
     q_chunk, p_chunk = plan.gc_chunks
     grad_cache = ["--grad_cache", "--gc_q_chunk_size", str(q_chunk), "--gc_p_chunk_size", str(p_chunk)]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,13 +21,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.peak_rss import run_with_peak_rss
 from tests.helpers import make_tiny_model, make_train_rows, subprocess_env, torchrun, write_jsonl
 
-PEAK_WRAPPER = (
-    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
-    "print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
-    "sys.exit(code)"
-)
 GLOBAL_QUERIES = 8
 GROUP = 4
 
@@ -77,27 +72,14 @@ def run_one(
     ]
     launcher = torchrun(ranks) + ["-m", "dr.train"] if ranks > 1 else [sys.executable, "-m", "dr.train"]
     threads = str(max(1, (os.cpu_count() or 2) // ranks))
-    # A fresh wrapper process per run: its RUSAGE_CHILDREN peak is the largest process of *this* run.
-    wrapper = [sys.executable, "-c", PEAK_WRAPPER]
-    proc = subprocess.run(
-        wrapper + launcher + flags,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-        check=False,
-        env=subprocess_env(OMP_NUM_THREADS=threads),
-        cwd=REPO,
-    )
-    if proc.returncode != 0:
-        raise SystemExit(f"dr train failed:\n{proc.stderr[-3000:]}")
-    peak_kib = int(proc.stderr.rsplit("PEAK_RSS_KIB", 1)[1].split()[0])
+    _, peak_mib = run_with_peak_rss(launcher + flags, subprocess_env(OMP_NUM_THREADS=threads), str(REPO))
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     runtime = next(e["train_runtime"] for e in history if "train_runtime" in e)
     return {
         "steps_per_s": steps / runtime,
         "queries_per_s": steps * GLOBAL_QUERIES / runtime,
         # ru_maxrss of children is the largest single process seen so far (per rank, not the sum).
-        "peak_rss_mib_per_rank": peak_kib / 1024,
+        "peak_rss_mib_per_rank": peak_mib,
     }
 
 

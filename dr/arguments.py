@@ -48,6 +48,16 @@ class ModelArguments:
             "const": True,
         },
     )
+    append_eos: bool | None = field(
+        default=None,
+        metadata={
+            "help": "End every query and passage with the tokenizer's EOS token. Default: dr_config.json, "
+            "else on for --pooling last (decoder backbones: the pooled state is then the EOS token's) "
+            "unless the tokenizer already ends texts with EOS.",
+            "nargs": "?",
+            "const": True,
+        },
+    )
     untie_encoder: bool = field(
         default=False,
         metadata={"help": "Separate query and passage encoders (both start from the same weights)."},

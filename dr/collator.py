@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from dr.data import TrainItem
+from dr.model import tokenize_unpadded
 
 NO_ID = -1  # padding in `positive_keys`; never produced by `id_key`
 
@@ -30,8 +31,16 @@ class TrainCollator:
     q_max_len: int
     p_max_len: int
     pad_to_multiple_of: int | None = 8
+    append_eos: bool = False  # see dr.model.resolve_append_eos
 
     def _tokenize(self, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
+        if self.append_eos:
+            rows = tokenize_unpadded(self.tokenizer, texts, max_len, append_eos=True)
+            return dict(
+                self.tokenizer.pad(
+                    rows, padding=True, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"
+                )
+            )
         return dict(
             self.tokenizer(
                 texts,

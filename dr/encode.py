@@ -305,9 +305,13 @@ def model_identity(name_or_path: str) -> str:
 
 def load_encoder(model_args: ModelArguments, device: torch.device):
     """(BiEncoder in eval mode on `device`, tokenizer)."""
-    from dr.model import BiEncoder, load_tokenizer
+    from dr.model import BiEncoder, load_tokenizer, resolve_append_eos
 
-    overrides = {"pooling": model_args.pooling, "normalize": model_args.normalize}
+    overrides = {
+        "pooling": model_args.pooling,
+        "normalize": model_args.normalize,
+        "append_eos": model_args.append_eos,
+    }
     model = BiEncoder.from_pretrained(
         model_args.model_name_or_path,
         overrides=overrides,
@@ -315,6 +319,7 @@ def load_encoder(model_args: ModelArguments, device: torch.device):
         lora_name_or_path=model_args.lora_name_or_path,  # adapters are merged into the weights for encoding
     )
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name, model_args.cache_dir)
+    model.encoder_config.append_eos = resolve_append_eos(model.encoder_config, tokenizer)
     return model.to(device).eval(), tokenizer
 
 
@@ -340,6 +345,7 @@ class BatchSettings:
     pad_multiple: int
     sort_by_length: bool
     pad_to_max_length: bool
+    append_eos: bool = False  # see dr.model.resolve_append_eos
 
 
 def pad_batch(
@@ -383,7 +389,9 @@ class WindowDataset(TorchDataset):
         s = self.settings
         a = self.start + w * s.window
         ids, texts = self.corpus.records(a, min(a + s.window, self.stop))
-        enc = self.tokenizer(texts, truncation=True, max_length=s.max_length, return_attention_mask=False)
+        from dr.model import tokenize_unpadded  # torch/transformers-heavy module, imported where needed
+
+        enc = tokenize_unpadded(self.tokenizer, texts, s.max_length, s.append_eos)
         rows = [{key: enc[key][i] for key in enc} for i in range(len(texts))]
         order = np.arange(len(rows))
         if s.sort_by_length:  # longest first: a batch that does not fit in memory fails at once
@@ -688,6 +696,7 @@ def run_encode(model_args: ModelArguments, data_args: DataArguments, args: Encod
             "normalize": cfg.normalize,
             "prefix": prefix,
             "max_length": max_length,
+            "append_eos": cfg.append_eos,
             "dim": dim,
         },
     }
@@ -714,6 +723,7 @@ def encode_own(
         data_args.pad_to_multiple_of,
         args.sort_by_length,
         args.pad_to_max_length,
+        model.encoder_config.append_eos,
     )
     loader = make_loader(corpus, start, stop, tokenizer, settings, args.dataloader_num_workers)
     unit = "q" if meta.side == "query" else "psg"

