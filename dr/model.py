@@ -74,10 +74,10 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (B, L, 1)
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)  # (B, d)
     if pooling == "last":
-        # Left padding puts the last real token at position L-1 for every row; right padding at len-1.
-        if bool(attention_mask[:, -1].all()):
-            return hidden[:, -1]  # (B, d)
-        last = attention_mask.sum(1) - 1  # (B,)
+        # Right padding (what load_tokenizer sets): the last real token is at len-1. A left-padded row
+        # ends with a real token at L-1. Chosen per row, on the device (no host sync per batch).
+        lengths = attention_mask.sum(1)  # (B,)
+        last = torch.where(attention_mask[:, -1].bool(), attention_mask.shape[1] - 1, lengths - 1)  # (B,)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, d)
     raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
 
