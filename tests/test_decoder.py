@@ -70,6 +70,7 @@ def test_trained_decoder_encodes_with_the_eos_it_was_trained_with(decoder_dir, t
         "--per_device_train_batch_size", "4", "--train_n_passages", "2", "--max_steps", "2",
         "--save_strategy", "no", "--pooling", "last", "--normalize", "--q_max_len", "8", "--p_max_len", "16",
         "--temperature", "0.05", "--lora", "--lora_r", "4", "--lora_target_modules", "c_attn",
+        "--grad_cache", "--gc_q_chunk_size", "3", "--gc_p_chunk_size", "5",  # all of issue 6 at once
     ]  # fmt: skip
     assert train_main(argv) == 0
     saved = json.loads((out / "dr_config.json").read_text())
