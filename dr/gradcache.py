@@ -10,7 +10,8 @@ loss depends on the encoder parameters only through the representations. So
    whose parameter gradient is that chunk's share of d(loss)/d(theta). The chunks' gradients add up to
    the plain gradient.
 
-Peak activation memory is that of one chunk; the price is a second forward pass of every chunk.
+Peak activation memory is that of one chunk (one query plus one passage chunk in the first backward, see
+`backward_units`); the price is a second forward pass of every chunk.
 
 What must match the plain `Trainer.training_step` exactly, and how:
 - Dropout: step 3 replays, per chunk, the RNG state captured before that chunk's step-1 forward, so both
@@ -105,6 +106,20 @@ def _encoder_call(encode: Callable[[Batch], torch.Tensor]) -> Callable[..., torc
     return call
 
 
+def backward_units(n_query_chunks: int, n_passage_chunks: int) -> list[list[int]]:
+    """Which chunks (indices into queries-then-passages) each backward of step 3 covers.
+
+    The first backward takes the first query chunk *and* the first passage chunk, every later one a single
+    chunk. Why: ZeRO-3 overwrites a parameter's gradient partition in the first backward of an optimizer step
+    and adds to it in later ones, keyed on its micro-step counter, not on which parameters a backward
+    reached. With untied encoders a first backward over queries alone would leave the passage encoder's
+    partitions holding the previous step's gradients, and the passage chunks would add to those.
+    """
+    first = [0, n_query_chunks]
+    rest = [i for i in range(n_query_chunks + n_passage_chunks) if i not in first]
+    return [first] + [[i] for i in rest]
+
+
 def grad_cache_training_step(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
     """One GradCache forward/backward of a training batch; returns the detached (GA-scaled) loss.
 
@@ -168,14 +183,17 @@ def grad_cache_training_step(trainer: Any, model: nn.Module, inputs: dict[str, A
 
     # 3. Chunk by chunk: recompute with a graph (same dropout masks) and back-propagate the cached gradient.
     engine = accelerator.deepspeed_engine_wrapped.engine if deepspeed else None
-    for i, (job, rng, grad) in enumerate(zip(jobs, rng_states, cached)):
-        last = i == len(jobs) - 1
+    units = backward_units(n_q, len(passage_chunks))
+    for u, unit in enumerate(units):
+        last = u == len(units) - 1
         # DDP: only the last backward all-reduces. accelerate's no_sync is a no-op outside DDP.
         sync = contextlib.nullcontext() if (last or deepspeed) else accelerator.no_sync(model)
         with sync:
-            with rng.replay():
-                chunk_reps = encode(job)  # (chunk rows, d)
-            surrogate = (chunk_reps.float() * grad).sum()  # d(surrogate)/d(chunk_reps) = grad
+            surrogate = torch.zeros((), device=device)
+            for i in unit:
+                with rng_states[i].replay():
+                    chunk_reps = encode(jobs[i])  # (chunk rows, d)
+                surrogate = surrogate + (chunk_reps.float() * cached[i]).sum()  # d/d(chunk_reps) = cached[i]
             if engine is not None and not last:
                 # Accumulate without ending the window: ZeRO 0/1 reduce nothing yet, ZeRO 2/3 add this
                 # backward's reduced partition to the accumulated one; no optimizer step.
