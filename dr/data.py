@@ -209,6 +209,9 @@ def local_data_files(spec: str) -> list[Path] | None:
         if not files:
             raise DataError(f"{spec}: glob matches no files")
         return files
+    if path.suffix in DATA_SUFFIXES or spec.startswith((".", "/", "~")):
+        # A path that does not exist, not a hub name: say so instead of a confusing hub error.
+        raise DataError(f"{spec}: no such file or folder")
     return None
 
 

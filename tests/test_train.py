@@ -332,6 +332,12 @@ def test_bad_data_fails_with_file_row_and_field(tiny_model_dir, tmp_path, caplog
     assert not (out / "dr_config.json").exists() and not (out / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("name", ["missing.jsonl", "./nope/train", "/no/such/folder"])
+def test_missing_local_data_is_not_looked_up_on_the_hub(tiny_model_dir, tmp_path, caplog, name):
+    assert _train(tiny_model_dir, name, tmp_path / "out", "--max_steps", "1") == 1  # type: ignore[arg-type]
+    assert f"{name}: no such file or folder" in caplog.text and "hub" not in caplog.text.lower()
+
+
 def test_empty_file(tiny_model_dir, tmp_path, caplog):
     data = tmp_path / "empty.jsonl"
     data.write_text("")
