@@ -10,8 +10,8 @@ loss depends on the encoder parameters only through the representations. So
    whose parameter gradient is that chunk's share of d(loss)/d(theta). The chunks' gradients add up to
    the plain gradient.
 
-Peak activation memory is that of one chunk (one query plus one passage chunk in the first backward, see
-`backward_units`); the price is a second forward pass of every chunk.
+Peak activation memory is that of one chunk (under ZeRO-3, one query plus one passage chunk in the first
+backward, see `backward_units`); the price is a second forward pass of every chunk.
 
 What must match the plain `Trainer.training_step` exactly, and how:
 - Dropout: step 3 replays, per chunk, the RNG state captured before that chunk's step-1 forward, so both
@@ -106,16 +106,18 @@ def _encoder_call(encode: Callable[[Batch], torch.Tensor]) -> Callable[..., torc
     return call
 
 
-def backward_units(n_query_chunks: int, n_passage_chunks: int) -> list[list[int]]:
-    """Which chunks (indices into queries-then-passages) each backward of step 3 covers.
+def backward_units(n_query_chunks: int, n_passage_chunks: int, pair_first: bool) -> list[list[int]]:
+    """Which chunks (indices into queries-then-passages) each backward of step 3 covers: one each, except
+    that with `pair_first` the first backward takes the first query chunk *and* the first passage chunk.
 
-    The first backward takes the first query chunk *and* the first passage chunk, every later one a single
-    chunk. Why: ZeRO-3 overwrites a parameter's gradient partition in the first backward of an optimizer step
-    and adds to it in later ones, keyed on its micro-step counter, not on which parameters a backward
-    reached. With untied encoders a first backward over queries alone would leave the passage encoder's
-    partitions holding the previous step's gradients, and the passage chunks would add to those.
+    Pairing is for DeepSpeed ZeRO-3, which overwrites a parameter's gradient partition in the first backward
+    of an optimizer step and adds to it in later ones, keyed on its micro-step counter rather than on which
+    parameters a backward reached. With untied encoders a first backward over queries alone would leave the
+    passage encoder's partitions holding the previous step's gradients, and the passage chunks would add to
+    those. DDP must not pair: its reducer expects one forward per backward (with find_unused_parameters,
+    each forward marks the parameters it did not use as ready, and a second forward would mark them again).
     """
-    first = [0, n_query_chunks]
+    first = [0, n_query_chunks] if pair_first else [0]
     rest = [i for i in range(n_query_chunks + n_passage_chunks) if i not in first]
     return [first] + [[i] for i in rest]
 
@@ -183,7 +185,8 @@ def grad_cache_training_step(trainer: Any, model: nn.Module, inputs: dict[str, A
 
     # 3. Chunk by chunk: recompute with a graph (same dropout masks) and back-propagate the cached gradient.
     engine = accelerator.deepspeed_engine_wrapped.engine if deepspeed else None
-    units = backward_units(n_q, len(passage_chunks))
+    zero3 = engine is not None and engine.zero_optimization_stage() == 3
+    units = backward_units(n_q, len(passage_chunks), pair_first=zero3)
     for u, unit in enumerate(units):
         last = u == len(units) - 1
         # DDP: only the last backward all-reduces. accelerate's no_sync is a no-op outside DDP.

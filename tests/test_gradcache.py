@@ -128,8 +128,7 @@ def test_grad_cache_step_equals_plain_step(tiny_model_dir, tmp_path, q_chunk, p_
     trainer.accelerator.no_sync = lambda model: no_sync_calls.append(1) or no_sync(model)
     cached = run_step(trainer, batch, grad_cache=True)
     n_chunks = -(-N_QUERIES // q_chunk) + -(-N_QUERIES * GROUP // p_chunk)
-    n_backwards = n_chunks - 1  # the first backward covers a query chunk and a passage chunk
-    assert len(no_sync_calls) == n_backwards - 1  # DDP would all-reduce only in the last backward
+    assert len(no_sync_calls) == n_chunks - 1  # DDP would all-reduce only in the last chunk's backward
     assert masked_plain == 3 and trainer._masked_since_log == 6  # 3 (query, passage) pairs masked, both paths
     assert_same(plain, cached)
     # Untied: the query encoder gets gradients although the last chunk backward is a passage chunk.
@@ -298,3 +297,32 @@ def test_deepspeed_untied_grad_cache_equals_plain_over_several_steps(tiny_model_
     for side in ("query_model", "passage_model"):
         expected = AutoModel.from_pretrained(outs["plain"] / side).state_dict()
         _assert_same_weights(outs["gc"] / side, expected, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def untied_ddp_reference(tiny_model_dir, tmp_path_factory) -> tuple[Path, Path]:
+    """A plain 2-rank DDP run with untied encoders: 2 SGD steps (data, output folder)."""
+    folder = tmp_path_factory.mktemp("untied-ddp")
+    data = write_jsonl(folder / "train.jsonl", make_train_rows(2 * WORLD * PER_DEVICE, n_negatives=4, seed=6))
+    flags = _flags(tiny_model_dir, data, folder / "plain", PER_DEVICE) + [
+        "--max_steps",
+        "2",
+        "--untie_encoder",
+    ]
+    run(torchrun(WORLD) + ["-m", "dr.train", *flags])
+    return data, folder / "plain"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunks", [("1", "2"), ("64", "64")], ids=["several-chunks", "one-chunk-each"])
+def test_torchrun_ddp_untied_grad_cache_equals_plain(tiny_model_dir, untied_ddp_reference, tmp_path, chunks):
+    """DDP's reducer allows one forward per backward, also when each encoder is one chunk (one backward
+    pass per chunk, the last one synchronised); both encoders land on the plain run's weights."""
+    data, plain = untied_ddp_reference
+    out = tmp_path / "gc"
+    flags = _flags(tiny_model_dir, data, out, PER_DEVICE) + ["--max_steps", "2", "--untie_encoder"]
+    flags += ["--grad_cache", "--gc_q_chunk_size", chunks[0], "--gc_p_chunk_size", chunks[1]]
+    run(torchrun(WORLD) + ["-m", "dr.train", *flags])
+    for side in ("query_model", "passage_model"):
+        expected = AutoModel.from_pretrained(plain / side).state_dict()
+        _assert_same_weights(out / side, expected, tiny_model_dir)
