@@ -77,19 +77,8 @@ def _stub(bin_dir: Path, name: str, body: str) -> None:
 
 
 def _bash(script: str, *args: str, timeout: float = 60, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(
-        ["bash", str(REPO / script), *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=subprocess_env(**env),
-        cwd=REPO,
-    )
-    assert proc.returncode == 0, (
-        f"{script} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    )
-    return proc
+    """Run a repo script with the test environment; fail with its output unless it exits 0."""
+    return run(["bash", str(REPO / script), *args], timeout=timeout, **env)
 
 
 def test_torchrun_single_and_multi_node_commands() -> None:
@@ -118,14 +107,7 @@ def test_torchrun_single_and_multi_node_commands() -> None:
     ) in multi.stdout
     search = _bash("launch/search.sh", "--depth", "10", PYTHON="echo", NPROC_PER_NODE="2")
     assert "-m dr.search --depth 10" in search.stdout
-    bad = subprocess.run(
-        ["bash", str(REPO / "launch/torchrun.sh"), "convert"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=subprocess_env(),
-    )
+    bad = run(["bash", str(REPO / "launch/torchrun.sh"), "convert"], check=False, timeout=30)
     assert bad.returncode == 2 and "unknown command" in bad.stderr
 
 
@@ -145,14 +127,7 @@ def test_deepspeed_launcher_command(tmp_path: Path) -> None:
     assert expected in proc.stdout
     custom = _bash("launch/deepspeed_train.sh", str(REPO / "configs/deepspeed/zero3.json"), PATH=path)
     assert "zero3.json" in custom.stdout
-    missing = subprocess.run(
-        ["bash", str(REPO / "launch/deepspeed_train.sh"), "7"],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=subprocess_env(PATH=path),
-    )
+    missing = run(["bash", str(REPO / "launch/deepspeed_train.sh"), "7"], check=False, timeout=30, PATH=path)
     assert missing.returncode == 2 and "not found" in missing.stderr
 
 
