@@ -28,8 +28,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.train_runs import read_train_log
 from dr.model import BiEncoder
-from tests.helpers import make_full_length_rows, make_tiny_model, run, torchrun, write_jsonl, write_vocab
+from tests.helpers import (
+    as_flags,
+    make_full_length_rows,
+    make_tiny_model,
+    run,
+    torchrun,
+    write_jsonl,
+    write_vocab,
+)
 
 RESULTS: dict[str, object] = {}
 
@@ -73,37 +82,25 @@ def bert_base_dir(folder: Path) -> Path:
 
 
 def train_flags(model: Path, data: Path, plan: Plan, batch: int, q_max_len: int) -> list[str]:
-    return [
-        "--model_name_or_path",
-        str(model),
-        "--dataset_name",
-        str(data),
-        "--per_device_train_batch_size",
-        str(batch),
-        "--train_n_passages",
-        "8",
-        "--q_max_len",
-        str(q_max_len),
-        "--p_max_len",
-        str(plan.p_max_len),
-        "--max_steps",
-        str(plan.train_steps),
-        "--save_strategy",
-        "no",
-        "--logging_steps",
-        "1",
-        "--learning_rate",
-        "5e-6",
-    ]
+    return as_flags(
+        model_name_or_path=model,
+        dataset_name=data,
+        per_device_train_batch_size=batch,
+        train_n_passages=8,
+        q_max_len=q_max_len,
+        p_max_len=plan.p_max_len,
+        max_steps=plan.train_steps,
+        save_strategy="no",
+        logging_steps=1,
+        learning_rate="5e-6",
+    )
 
 
 def run_training(name: str, cmd: list[str], out: Path, plan: Plan) -> dict[str, object]:
     """Run one `dr train` and summarise its log: steps/s, last loss, all losses finite, peak GPU memory."""
     try:
         run(cmd + ["--output_dir", str(out)], timeout=240, **plan.env)
-        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-        steps = [e for e in history if "loss" in e]
-        runtime = next(e["train_runtime"] for e in history if "train_runtime" in e)
+        steps, runtime = read_train_log(out)
         return {
             "steps_per_s": plan.train_steps / runtime,
             "last_loss": steps[-1]["loss"],

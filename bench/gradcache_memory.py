@@ -14,7 +14,6 @@ texts filling both lengths. Rows: plain, GradCache, and both under DeepSpeed ZeR
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -22,8 +21,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.peak_rss import run_with_peak_rss
-from tests.helpers import make_full_length_rows, subprocess_env, torchrun, write_jsonl
+from bench.train_runs import read_train_log, run_with_peak_rss
+from tests.helpers import as_flags, make_full_length_rows, subprocess_env, torchrun, write_jsonl
 
 P_MAX_LEN, Q_MAX_LEN, GROUP = 128, 32, 8
 
@@ -38,43 +37,31 @@ def measure(
     model: Path, data: Path, out: Path, batch: int, steps: int, extra: list[str], zero2: bool
 ) -> dict:
     """Run `dr train` for `steps` steps; return steps/s (Trainer's timing) and the peak RSS."""
-    flags = [
-        "--model_name_or_path",
-        str(model),
-        "--dataset_name",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--per_device_train_batch_size",
-        str(batch),
-        "--train_n_passages",
-        str(GROUP),
-        "--q_max_len",
-        str(Q_MAX_LEN),
-        "--p_max_len",
-        str(P_MAX_LEN),
-        "--max_steps",
-        str(steps),
-        "--logging_steps",
-        "1",
-        "--save_strategy",
-        "no",
-        "--learning_rate",
-        "1e-5",
-        "--dataloader_num_workers",
-        "0",
-        *extra,
-    ]
+    flags = (
+        as_flags(
+            model_name_or_path=model,
+            dataset_name=data,
+            output_dir=out,
+            per_device_train_batch_size=batch,
+            train_n_passages=GROUP,
+            q_max_len=Q_MAX_LEN,
+            p_max_len=P_MAX_LEN,
+            max_steps=steps,
+            logging_steps=1,
+            save_strategy="no",
+            learning_rate="1e-5",
+            dataloader_num_workers=0,
+        )
+        + extra
+    )
     if zero2:
         launcher = torchrun(1) + ["-m", "dr.train"]
         flags += ["--deepspeed", str(REPO / "configs" / "deepspeed" / "zero2.json")]
     else:
         launcher = [sys.executable, "-m", "dr.train"]
     _, peak_mib = run_with_peak_rss(launcher + flags, subprocess_env(OMP_NUM_THREADS="2"), str(REPO))
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    runtime = next(e["train_runtime"] for e in history if "train_runtime" in e)
-    losses = [e["loss"] for e in history if "loss" in e]
-    return {"steps_per_s": steps / runtime, "peak_rss_mib": peak_mib, "first_loss": losses[0]}
+    logged, runtime = read_train_log(out)
+    return {"steps_per_s": steps / runtime, "peak_rss_mib": peak_mib, "first_loss": logged[0]["loss"]}
 
 
 def main() -> None:

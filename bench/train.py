@@ -11,7 +11,6 @@ same in every row (8 queries x 4 passages), so 2 ranks process half of it each.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -21,8 +20,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.peak_rss import run_with_peak_rss
-from tests.helpers import make_tiny_model, make_train_rows, subprocess_env, torchrun, write_jsonl
+from bench.train_runs import read_train_log, run_with_peak_rss
+from tests.helpers import as_flags, make_tiny_model, make_train_rows, subprocess_env, torchrun, write_jsonl
 
 GLOBAL_QUERIES = 8
 GROUP = 4
@@ -40,41 +39,26 @@ def run_one(
     model: Path, data: Path, work: Path, ranks: int, gather: bool, steps: int, p_max_len: int
 ) -> dict:
     out = work / f"out-{ranks}-{gather}-{time.time_ns()}"
-    flags = [
-        "--model_name_or_path",
-        str(model),
-        "--dataset_name",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--per_device_train_batch_size",
-        str(GLOBAL_QUERIES // ranks),
-        "--train_n_passages",
-        str(GROUP),
-        "--max_steps",
-        str(steps),
-        "--save_strategy",
-        "no",
-        "--logging_steps",
-        str(steps),
-        "--q_max_len",
-        "32",
-        "--p_max_len",
-        str(p_max_len),
-        "--pooling",
-        "mean",
-        "--learning_rate",
-        "1e-5",
-        "--negatives_x_device",
-        str(gather).lower(),
-        "--dataloader_num_workers",
-        "0",
-    ]
+    flags = as_flags(
+        model_name_or_path=model,
+        dataset_name=data,
+        output_dir=out,
+        per_device_train_batch_size=GLOBAL_QUERIES // ranks,
+        train_n_passages=GROUP,
+        max_steps=steps,
+        save_strategy="no",
+        logging_steps=steps,
+        q_max_len=32,
+        p_max_len=p_max_len,
+        pooling="mean",
+        learning_rate="1e-5",
+        negatives_x_device=str(gather).lower(),
+        dataloader_num_workers=0,
+    )
     launcher = torchrun(ranks) + ["-m", "dr.train"] if ranks > 1 else [sys.executable, "-m", "dr.train"]
     threads = str(max(1, (os.cpu_count() or 2) // ranks))
     _, peak_mib = run_with_peak_rss(launcher + flags, subprocess_env(OMP_NUM_THREADS=threads), str(REPO))
-    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
-    runtime = next(e["train_runtime"] for e in history if "train_runtime" in e)
+    _, runtime = read_train_log(out)
     return {
         "steps_per_s": steps / runtime,
         "queries_per_s": steps * GLOBAL_QUERIES / runtime,

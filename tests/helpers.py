@@ -167,6 +167,11 @@ def make_full_length_rows(n_queries: int, q_words: int, p_words: int, n_negative
     return rows
 
 
+def as_flags(**values: object) -> list[str]:
+    """`--name value` pairs of a dr command line, in keyword order (each value through `str`)."""
+    return [item for name, value in values.items() for item in (f"--{name}", str(value))]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

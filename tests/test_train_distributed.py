@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from tests.helpers import REPO, make_train_rows, run, torchrun, write_jsonl
+from tests.helpers import REPO, as_flags, make_train_rows, run, torchrun, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -23,40 +23,24 @@ WORLD = 2
 
 
 def _flags(model_dir: Path, data: Path, out: Path, batch: int) -> list[str]:
-    return [
-        "--model_name_or_path",
-        str(model_dir),
-        "--dataset_name",
-        str(data),
-        "--output_dir",
-        str(out),
-        "--per_device_train_batch_size",
-        str(batch),
-        "--train_n_passages",
-        "3",
-        "--learning_rate",
-        "0.5",
-        "--optim",
-        "sgd",
-        "--max_steps",
-        "1",
-        "--max_grad_norm",
-        "0",
-        "--save_strategy",
-        "no",
-        "--q_max_len",
-        "16",
-        "--p_max_len",
-        "32",
-        "--pooling",
-        "mean",
-        "--temperature",
-        "0.5",
-        "--logging_steps",
-        "1",
-        "--seed",
-        "7",
-    ]
+    return as_flags(
+        model_name_or_path=model_dir,
+        dataset_name=data,
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        train_n_passages=3,
+        learning_rate=0.5,
+        optim="sgd",
+        max_steps=1,
+        max_grad_norm=0,
+        save_strategy="no",
+        q_max_len=16,
+        p_max_len=32,
+        pooling="mean",
+        temperature=0.5,
+        logging_steps=1,
+        seed=7,
+    )
 
 
 @pytest.fixture(scope="module")
