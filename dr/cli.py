@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dr: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    from dr.distributed import exit_status  # after the command's import: `dr --help` stays torch-free
+
+    return exit_status(int(module.main(rest) or 0))
 
 
 if __name__ == "__main__":

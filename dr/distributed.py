@@ -7,9 +7,11 @@ under the `deepspeed` launcher and under SLURM `srun` (which sets RANK/WORLD_SIZ
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -83,7 +85,40 @@ def teardown() -> None:
     """
     if is_initialized():
         dist.barrier()
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """Destroy the process group without a barrier (after an error, when peers may never reach one)."""
+    global _left_process_group
+    if is_initialized():
         dist.destroy_process_group()
+        _left_process_group = True
+
+
+_left_process_group = False
+
+
+def exit_status(code: int) -> int:
+    """Return `code` for `SystemExit`; in a process that has left a process group, exit right here.
+
+    Once a distributed job is done (outputs written, barrier passed, group destroyed), the interpreter's
+    own finalization can still abort it: objects that kept a reference to the group (a DDP reducer,
+    DeepSpeed's communication backend) are freed late, and gloo's worker threads die with them, which the
+    C++ runtime answers with "terminate called without an active exception" and SIGABRT. The launcher
+    then reports a failed job whose work was complete (seen once in a CI run of ~50 two-rank launches). So such a process
+    runs its exit handlers, flushes its streams and leaves with `os._exit`, skipping finalization.
+    """
+    if not _left_process_group:
+        return code
+    atexit._run_exitfuncs()  # what a normal exit would run: wandb/tensorboard flushes, tqdm, logging
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe must not turn success into a traceback
+            pass
+    os._exit(code)
 
 
 def print0(*args: object, **kwargs: object) -> None:

@@ -790,4 +790,4 @@ def _main_distributed(model_args: ModelArguments, data_args: DataArguments, args
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(dist.exit_status(main()))

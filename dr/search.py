@@ -687,10 +687,8 @@ def _close_group(ok: bool) -> None:
     """Leave the process group: barrier + destroy after success; destroy only after an error."""
     if ok:
         D.teardown()
-    elif D.is_initialized():
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    else:
+        D.leave_process_group()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -710,4 +708,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(D.exit_status(main()))

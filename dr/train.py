@@ -177,4 +177,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dr.distributed import exit_status
+
+    raise SystemExit(exit_status(main()))

@@ -13,8 +13,9 @@ import sys
 from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
 import dr.train
+from dr.distributed import exit_status
 
 if __name__ == "__main__":
     CPU_Accelerator.is_fp16_supported = lambda self: True
     dr.train._check_precision = lambda args: None
-    sys.exit(dr.train.main(sys.argv[1:]))
+    sys.exit(exit_status(dr.train.main(sys.argv[1:])))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from tests.helpers import REPO, _free_port, make_train_rows, run, subprocess_env, write_jsonl
+from tests.helpers import REPO, _free_port, make_train_rows, run, subprocess_env, torchrun, write_jsonl
 
 SCRIPTS = sorted(
     [
@@ -288,3 +288,39 @@ def test_slurm_scripts_run_locally(tmp_path: Path, tiny_model_dir: Path) -> None
             str(metrics),
         ]
     )
+
+
+EXIT_AFTER_GROUP = """
+import atexit, sys
+import torch
+import dr.distributed as D
+
+class Finalized:
+    def __del__(self):
+        print("finalized", flush=True)
+
+keep = Finalized()  # freed during interpreter finalization, which exit_status skips
+atexit.register(lambda: print("exit handlers ran", flush=True))
+assert D.init_process_group()
+D.all_gather_with_grad(torch.ones(2, requires_grad=True)).sum().backward()
+D.teardown()
+print(f"rank {D.get_local_rank()} done", end="")  # buffered: exit_status must flush it
+raise SystemExit(D.exit_status(int(sys.argv[1])))
+"""
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_exit_after_leaving_the_group_skips_finalization(tmp_path: Path, code: int) -> None:
+    """A process that left its process group exits at once with its status, after its exit handlers and
+    with its output flushed, but without interpreter finalization (where gloo threads can abort a finished
+    job); a process that never joined a group just gets its status back."""
+    from dr.distributed import exit_status
+
+    assert exit_status(code) == code
+    script = tmp_path / "leave.py"
+    script.write_text(EXIT_AFTER_GROUP)
+    proc = run([*torchrun(2), str(script), str(code)], timeout=120, check=False)
+    assert (proc.returncode != 0) == (code != 0), proc.stderr[-3000:]
+    assert proc.stdout.count("exit handlers ran") == 2, proc.stdout
+    assert "rank 0 done" in proc.stdout and "rank 1 done" in proc.stdout
+    assert "finalized" not in proc.stdout
