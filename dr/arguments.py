@@ -18,6 +18,8 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from dr.paths import expand_home
+
 POOLINGS = ("cls", "mean", "last")
 
 
@@ -350,6 +352,7 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     parsed, unknown_args = parser.parse_known_args(argv)
     if unknown_args:
         raise ConfigError(f"unknown arguments: {unknown_args}")
+    expand_home(parsed)
     outputs = []
     for dtype in dataclass_types:
         keys = {f.name for f in fields(dtype) if f.init}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dr.paths import expand_home
 from dr.runfile import DEFAULT_TAG, FORMATS, format_for_suffix, read_run, write_run
 
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `dr convert`; return the exit status (0 ok, 2 bad input)."""
-    args = build_parser().parse_args(argv)
+    args = expand_home(build_parser().parse_args(argv))
     dst = args.dst_format or format_for_suffix(args.output)
     try:
         run, src = read_run(args.input, args.src_format)

@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from dr.atomic import write_json_atomic
+from dr.paths import expand_home
 from dr.runfile import FORMATS, Run, read_run
 
 DEFAULT_METRICS = ("MRR@10", "nDCG@10", "R@100", "R@1000", "MAP")
@@ -191,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `dr eval`; return the exit status (0 ok, 2 bad input)."""
-    args = build_parser().parse_args(argv)
+    args = expand_home(build_parser().parse_args(argv))
     try:
         qrels = read_qrels(args.qrels)
         run, _ = read_run(args.run, args.run_format)

@@ -27,6 +27,7 @@ import pyarrow.compute as pc
 from dr.atomic import atomic_path, write_json_atomic
 from dr.corpus import CorpusError, load_corpus
 from dr.evaluate import QrelsFormatError, read_qrels
+from dr.paths import expand_home
 from dr.runfile import RunFormatError, read_run
 
 logger = logging.getLogger("dr.mine")
@@ -161,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    args = build_parser().parse_args(argv)
+    args = expand_home(build_parser().parse_args(argv))
     try:
         if not 1 <= args.ranks[0] < args.ranks[1]:
             raise MineError(f"--ranks {args.ranks[0]} {args.ranks[1]}: need 1 <= A < B")

@@ -66,6 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dr.paths import expand_home, expand_tilde
+
 TOP_LEVEL_KEYS = {
     "run_dir",
     "model",
@@ -140,14 +142,14 @@ def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
 
 
 def expand_value(value: Any) -> Any:
-    """Expand `${VAR}`/`${VAR:-default}` in strings and resolve `package:MODULE[:FUNC]`, recursively."""
+    """Expand `${VAR}`/`${VAR:-default}` and a leading `~` in strings and resolve `package:MODULE[:FUNC]`, recursively."""
     if isinstance(value, dict):
         return {k: expand_value(v) for k, v in value.items()}
     if isinstance(value, list):
         return [expand_value(v) for v in value]
     if not isinstance(value, str):
         return value
-    value = _VAR.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value)
+    value = expand_tilde(_VAR.sub(lambda m: os.environ.get(m.group(1)) or (m.group(2) or ""), value))
     if value.startswith("package:"):
         return resolve_package_path(value)
     return value
@@ -591,7 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `dr pipeline`; exit status 0 ok, 2 bad config, 1 a stage failed."""
-    args = build_parser().parse_args(argv)
+    args = expand_home(build_parser().parse_args(argv))
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:

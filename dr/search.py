@@ -54,6 +54,7 @@ from pyarrow import ipc
 
 from dr import distributed as D
 from dr.atomic import atomic_path, write_json_atomic
+from dr.paths import expand_home
 from dr.runfile import Run, write_run
 from dr.shards import ShardError, ShardMeta, iter_shard, read_meta, read_shard
 
@@ -693,7 +694,7 @@ def _close_group(ok: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run `dr search`; return the exit status (0 ok, 2 bad input)."""
-    args = build_parser().parse_args(argv)
+    args = expand_home(build_parser().parse_args(argv))
     ok = False
     try:
         D.init_process_group()

@@ -73,6 +73,19 @@ def test_hand_computed_fixture(fixture_files, capsys):
     assert "MRR@10" in table and f"{hand_metrics()['MRR@10']:.4f}" in table
 
 
+def test_home_relative_paths_from_flag_equals_form(fixture_files, monkeypatch):
+    """`--qrels=~/x` reaches the program unexpanded (the shell leaves `~` after `=` alone)."""
+    monkeypatch.setenv("HOME", str(fixture_files))
+    out = fixture_files / "metrics.json"
+    assert (
+        evaluate_main(
+            ["--qrels=~/qrels.trec", "--run=~/rank.txt", "--metrics", "MRR@10", "--output=~/metrics.json"]
+        )
+        == 0
+    )
+    assert json.loads(out.read_text())["MRR@10"] == pytest.approx(hand_metrics()["MRR@10"], abs=1e-12)
+
+
 def test_mrr_cutoff_and_tie_order(tmp_path):
     """Equal scores rank by docid ascending: the relevant 'b' comes after 'a' -> RR 1/2, whatever the file order."""
     (tmp_path / "qrels").write_text("1 0 b 1\n2 0 r 1\n")

@@ -73,6 +73,8 @@ def test_config_overrides_variables_and_validation(tmp_path: Path, monkeypatch: 
     assert cfg["eval"]["qrels"] == f"{tmp_path}/qrels.trec" and cfg["eval"]["run_format"] == "trec"
     zero_shot = pipeline.load_config(cfg_path, ["train=null", "run_dir=elsewhere"])
     assert zero_shot["train"] is None and zero_shot["run_dir"] == str(Path("elsewhere").absolute())
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert pipeline.load_config(cfg_path, ["run_dir=~/runs/a"])["run_dir"] == f"{tmp_path}/runs/a"
     steps = [s.name for s in pipeline.build_steps(zero_shot)]
     assert steps == [
         "encode_corpus[0/2]",

@@ -177,6 +177,15 @@ def test_reference_flags_parse():
     assert training.logging_steps == 500 and training.negatives_x_device
 
 
+def test_home_relative_flag_values_are_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = tmp_path / "train.json"
+    config.write_text(json.dumps({"output_dir": "~/out", "model_name_or_path": "~/model"}))
+    model, data, training = parse_args(ARG_TYPES, ["--config", str(config), "--dataset_name=~/d.jsonl"])
+    assert (model.model_name_or_path, data.dataset_name) == (f"{tmp_path}/model", f"{tmp_path}/d.jsonl")
+    assert training.output_dir == f"{tmp_path}/out"
+
+
 def test_newer_spellings_and_extra_flags():
     _, data, training = parse_args(
         ARG_TYPES,
@@ -375,6 +384,14 @@ def test_groups_are_deterministic_per_seed_epoch_and_item(tmp_path):
     item = groups[(2, 5)]
     assert len(item.passages) == 4 and len(item.passage_ids) == 4 and "what about" in item.query
     assert item.passage_ids[0] in item.positive_ids
+
+
+@pytest.mark.parametrize("spec", ["~/data/t.jsonl", "~/data", "~/data/*.jsonl"])
+def test_home_relative_paths_are_expanded(tmp_path, monkeypatch, spec):
+    """A `~` path from a config file (no shell expanded it) names the same local data as the full path."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_jsonl(tmp_path / "data" / "t.jsonl", make_train_rows(3, n_negatives=3))
+    assert len(load_train_groups(spec, group_size=4)) == 3
 
 
 def test_too_few_negatives_are_sampled_with_replacement(tmp_path, caplog):
