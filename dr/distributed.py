@@ -12,6 +12,7 @@ import datetime
 import logging
 import os
 import sys
+import threading
 
 import torch
 import torch.distributed as dist
@@ -106,12 +107,17 @@ def exit_status(code: int) -> int:
     own finalization can still abort it: objects that kept a reference to the group (a DDP reducer,
     DeepSpeed's communication backend) are freed late, and gloo's worker threads die with them, which the
     C++ runtime answers with "terminate called without an active exception" and SIGABRT. The launcher
-    then reports a failed job whose work was complete (seen once in a CI run of ~50 two-rank launches). So such a process
-    runs its exit handlers, flushes its streams and leaves with `os._exit`, skipping finalization.
+    then reports a failed job whose work was complete (seen once in a CI run of ~50 two-rank launches).
+    So such a process does what a normal exit does up to finalization and leaves with `os._exit`.
     """
     if not _left_process_group:
         return code
-    atexit._run_exitfuncs()  # what a normal exit would run: wandb/tensorboard flushes, tqdm, logging
+    # What a normal exit does before finalization: wait for non-daemon threads (e.g. a hub upload), run
+    # the exit handlers (multiprocessing's worker cleanup, wandb/tensorboard flushes), flush the logs.
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -291,7 +291,7 @@ def test_slurm_scripts_run_locally(tmp_path: Path, tiny_model_dir: Path) -> None
 
 
 EXIT_AFTER_GROUP = """
-import atexit, sys
+import atexit, sys, threading, time
 import torch
 import dr.distributed as D
 
@@ -304,6 +304,7 @@ atexit.register(lambda: print("exit handlers ran", flush=True))
 assert D.init_process_group()
 D.all_gather_with_grad(torch.ones(2, requires_grad=True)).sum().backward()
 D.teardown()
+threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished", flush=True))).start()
 print(f"rank {D.get_local_rank()} done", end="")  # buffered: exit_status must flush it
 raise SystemExit(D.exit_status(int(sys.argv[1])))
 """
@@ -311,9 +312,9 @@ raise SystemExit(D.exit_status(int(sys.argv[1])))
 
 @pytest.mark.parametrize("code", [0, 3])
 def test_exit_after_leaving_the_group_skips_finalization(tmp_path: Path, code: int) -> None:
-    """A process that left its process group exits at once with its status, after its exit handlers and
-    with its output flushed, but without interpreter finalization (where gloo threads can abort a finished
-    job); a process that never joined a group just gets its status back."""
+    """A process that left its process group exits with its status after what a normal exit does first
+    (join non-daemon threads, run exit handlers, flush output) but without interpreter finalization, where
+    gloo threads can abort a finished job; a process that never joined a group just gets its status back."""
     from dr.distributed import exit_status
 
     assert exit_status(code) == code
@@ -321,6 +322,8 @@ def test_exit_after_leaving_the_group_skips_finalization(tmp_path: Path, code: i
     script.write_text(EXIT_AFTER_GROUP)
     proc = run([*torchrun(2), str(script), str(code)], timeout=120, check=False)
     assert (proc.returncode != 0) == (code != 0), proc.stderr[-3000:]
-    assert proc.stdout.count("exit handlers ran") == 2, proc.stdout
+    assert proc.stdout.count("exit handlers ran") == 2 and proc.stdout.count("thread finished") == 2, (
+        proc.stdout
+    )
     assert "rank 0 done" in proc.stdout and "rank 1 done" in proc.stdout
     assert "finalized" not in proc.stdout
