@@ -157,14 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     from dr.data import DataError
-    from dr.distributed import teardown
+    from dr.distributed import leave_process_group, teardown
 
+    finished = False
     try:
         _prepare_environment()
         model_args, data_args, training_args = parse_args(
             (ModelArguments, DataArguments, DRTrainingArguments), argv
         )
         train(model_args, data_args, training_args)
+        finished = True
     except ConfigError as err:
         logger.error("%s", err)
         return 2
@@ -172,7 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("bad training data: %s", err)
         return 1
     finally:
-        teardown()
+        # A barrier only after success: a rank that failed alone would wait in it forever (its peers sit
+        # in the next step's all_gather), hiding its own traceback. Leaving at once lets it exit non-zero,
+        # and the launcher stops the other ranks.
+        if finished:
+            teardown()
+        else:
+            leave_process_group()
     return 0
 
 

@@ -107,3 +107,35 @@ def _port() -> int:
     from tests.helpers import _free_port
 
     return _free_port()
+
+
+FAIL_ON_RANK_1 = """
+import os, sys
+import dr.trainer
+import dr.train
+from dr.distributed import exit_status
+
+step = dr.trainer.BiEncoderTrainer.training_step
+
+def failing_step(self, *args, **kwargs):
+    if os.environ["RANK"] == "1" and self.state.global_step == 1:
+        raise RuntimeError("simulated failure on rank 1")
+    return step(self, *args, **kwargs)
+
+dr.trainer.BiEncoderTrainer.training_step = failing_step
+sys.exit(exit_status(dr.train.main(sys.argv[1:])))
+"""
+
+
+def test_a_rank_failing_alone_ends_the_job_with_its_traceback(tiny_model_dir, reference, tmp_path):
+    """Rank 1 raises in step 2 while rank 0 waits in that step's all_gather. Rank 1 must not wait in a
+    teardown barrier (that hung the job, silently, until the process-group timeout): it exits non-zero
+    with its traceback and torchrun stops rank 0."""
+    _, data, _ = reference
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(FAIL_ON_RANK_1)
+    flags = _flags(tiny_model_dir, data, tmp_path / "out", PER_DEVICE) + ["--max_steps", "3"]
+    proc = run(torchrun(WORLD) + [str(script), *flags], timeout=150, check=False)
+    assert proc.returncode != 0
+    assert "RuntimeError: simulated failure on rank 1" in proc.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
