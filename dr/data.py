@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import torch
 
 from dr.corpus import format_text
+from dr.paths import expand_tilde
 
 logger = logging.getLogger(__name__)
 
@@ -195,11 +196,8 @@ class BeirGroups(GroupSource):
 
 # ---- locating and loading --------------------------------------------------------------------------------
 def local_data_files(spec: str) -> list[Path] | None:
-    """Local files named by a path, a glob or a folder; None when `spec` is not local (a hub name).
-
-    `~` is expanded here: a path from a config file or a quoted argument never passed through a shell.
-    """
-    path = Path(spec).expanduser()
+    """Local files named by a path, a glob or a folder; None when `spec` is not local (a hub name)."""
+    path = Path(spec)
     if path.is_file():
         return [path]
     if path.is_dir():
@@ -208,7 +206,7 @@ def local_data_files(spec: str) -> list[Path] | None:
             raise DataError(f"{spec}: folder has no .jsonl/.json/.parquet files")
         return files
     if any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(str(path)) if Path(p).is_file())
+        files = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
         if not files:
             raise DataError(f"{spec}: glob matches no files")
         return files
@@ -219,7 +217,7 @@ def local_data_files(spec: str) -> list[Path] | None:
 
 
 def is_beir_folder(spec: str) -> bool:
-    p = Path(spec).expanduser()
+    p = Path(spec)
     return p.is_dir() and (p / "corpus.jsonl").is_file()
 
 
@@ -233,8 +231,9 @@ def load_train_groups(
     """Load and validate training groups from any supported source (see module docstring)."""
     if not dataset_name:
         raise DataError("--dataset_name is required for training (a hub name, a file, a glob or a folder)")
+    dataset_name = expand_tilde(dataset_name)  # for callers that did not parse it with dr.arguments
     if is_beir_folder(dataset_name):
-        return load_beir_groups(Path(dataset_name).expanduser(), split, group_size)
+        return load_beir_groups(Path(dataset_name), split, group_size)
     files = local_data_files(dataset_name)
     if files is None:
         return TevatronGroups(_load_hub(dataset_name, split, config, group_size, cache_dir))

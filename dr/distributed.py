@@ -89,6 +89,17 @@ def teardown() -> None:
         leave_process_group()
 
 
+def close_process_group(succeeded: bool) -> None:
+    """Leave the process group at the end of a command: with a barrier after success, without one after
+    a failure. A rank that failed alone would wait in the barrier forever (its peers sit in their next
+    collective), hiding its own traceback; leaving at once lets it exit non-zero, and the launcher stops
+    the other ranks."""
+    if succeeded:
+        teardown()
+    else:
+        leave_process_group()
+
+
 def leave_process_group() -> None:
     """Destroy the process group without a barrier (after an error, when peers may never reach one)."""
     global _left_process_group

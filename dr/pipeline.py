@@ -142,7 +142,8 @@ def set_dotted(config: dict[str, Any], key: str, value: Any) -> None:
 
 
 def expand_value(value: Any) -> Any:
-    """Expand `${VAR}`/`${VAR:-default}` and a leading `~` in strings and resolve `package:MODULE[:FUNC]`, recursively."""
+    """Expand `${VAR}`/`${VAR:-default}` and a leading `~` in strings and resolve `package:MODULE[:FUNC]`,
+    recursively."""
     if isinstance(value, dict):
         return {k: expand_value(v) for k, v in value.items()}
     if isinstance(value, list):

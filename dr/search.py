@@ -684,14 +684,6 @@ def run_search(args: argparse.Namespace) -> None:
     )
 
 
-def _close_group(ok: bool) -> None:
-    """Leave the process group: barrier + destroy after success; destroy only after an error."""
-    if ok:
-        D.teardown()
-    else:
-        D.leave_process_group()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run `dr search`; return the exit status (0 ok, 2 bad input)."""
     args = expand_home(build_parser().parse_args(argv))
@@ -704,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         if D.is_main_process():
             print(f"dr search: error: {err}", file=sys.stderr)
     finally:
-        _close_group(ok)
+        D.close_process_group(ok)
     return 0 if ok else 2
 
 

@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     from dr.data import DataError
-    from dr.distributed import leave_process_group, teardown
+    from dr.distributed import close_process_group
 
     finished = False
     try:
@@ -174,13 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("bad training data: %s", err)
         return 1
     finally:
-        # A barrier only after success: a rank that failed alone would wait in it forever (its peers sit
-        # in the next step's all_gather), hiding its own traceback. Leaving at once lets it exit non-zero,
-        # and the launcher stops the other ranks.
-        if finished:
-            teardown()
-        else:
-            leave_process_group()
+        close_process_group(finished)  # no barrier after a failure: see there
     return 0
 
 
