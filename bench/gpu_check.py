@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.train_runs import read_train_log
-from dr.model import BiEncoder
+from dr.model.encoder import BiEncoder
 from tests.helpers import (
     as_flags,
     make_full_length_rows,
@@ -242,8 +242,8 @@ def encoding_throughput(model_dir: Path, plan: Plan, card: tuple[float, float] |
 
 def search_throughput(work: Path, plan: Plan, card: tuple[float, float] | None) -> None:
     """Exact search over float16 shards: the GPU backend vs the CPU, and vs one pass at memory bandwidth."""
-    from dr.search import choose_backend, search_shards
-    from dr.shards import ShardMeta, write_shard
+    from dr.index.search import choose_backend, search_shards
+    from dr.index.shards import ShardMeta, write_shard
 
     n, dim, nq = plan.search_shape
     shards = 4

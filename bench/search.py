@@ -28,7 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dr.shards import ShardMeta, ShardWriter
+from dr.index.shards import ShardMeta, ShardWriter
 
 
 def write_data(folder: Path, passages: int, dim: int, shards: int, queries: int, seed: int = 0) -> None:
@@ -56,8 +56,8 @@ def monolithic(folder: Path, depth: int, out: Path) -> None:
     """The usual approach: every vector in RAM, one IndexFlatIP (runs in a child process)."""
     import faiss
 
-    from dr.runfile import Run, write_run
-    from dr.shards import read_shard
+    from dr.io.runs import Run, write_run
+    from dr.index.shards import read_shard
 
     ids: list[str] = []
     index = None
@@ -91,7 +91,7 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 
 def compare(dr_run: Path, mono_run: Path) -> tuple[int, int, int]:
     """(queries, identical id lists, score lists equal within 1e-5: differences only among near-ties)."""
-    from dr.runfile import read_run
+    from dr.io.runs import read_run
 
     a, _ = read_run(dr_run, "tevatron")
     b, _ = read_run(mono_run, "tevatron")
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                   "--max_memory", args.max_memory, "--save_ranking_to", str(folder / "dr.txt"), "--quiet"]  # fmt: skip
         mono_cmd = [sys.executable, str(Path(__file__).resolve()), "--monolithic_child", str(folder),
                     "--depth", str(args.depth)]  # fmt: skip
-        base_cmd = [sys.executable, "-c", "import dr.search, faiss"]
+        base_cmd = [sys.executable, "-c", "import dr.index.search, faiss"]
         results = {
             f"dr search (--max_memory {args.max_memory})": measure(dr_cmd),
             "monolithic IndexFlatIP": measure(mono_cmd),

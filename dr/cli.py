@@ -6,14 +6,14 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("dr.train", "fine-tune a bi-encoder (in-batch + hard negatives, gathered across devices)"),
-    "encode": ("dr.encode", "encode a corpus or queries into Arrow embedding shards"),
-    "search": ("dr.search", "exact sharded FAISS search -> run file"),
-    "convert": ("dr.convert", "convert run files between tevatron, MS MARCO and TREC formats"),
-    "eval": ("dr.evaluate", "MRR@10, nDCG@10, recall, MAP of a run against qrels"),
-    "mine": ("dr.mine", "hard negatives from a run of the training queries -> a new training file"),
+    "train": ("dr.train.cli", "fine-tune a bi-encoder (in-batch + hard negatives, gathered across devices)"),
+    "encode": ("dr.index.encode", "encode a corpus or queries into Arrow embedding shards"),
+    "search": ("dr.index.search", "exact sharded FAISS search -> run file"),
+    "convert": ("dr.eval.convert", "convert run files between tevatron, MS MARCO and TREC formats"),
+    "eval": ("dr.eval.evaluate", "MRR@10, nDCG@10, recall, MAP of a run against qrels"),
+    "mine": ("dr.eval.mine", "hard negatives from a run of the training queries -> a new training file"),
     "pipeline": ("dr.pipeline", "train -> encode -> search -> convert -> eval from one config, resumable"),
-    "demo": ("dr.demo", "the offline end-to-end demo on an embedded dataset (CPU, a few minutes)"),
+    "demo": ("dr.demo.run", "the offline end-to-end demo on an embedded dataset (CPU, a few minutes)"),
 }
 
 

@@ -66,7 +66,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dr.paths import expand_home, expand_tilde
+from dr.io.paths import expand_home, expand_tilde
 
 TOP_LEVEL_KEYS = {
     "run_dir",
@@ -362,7 +362,7 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
     steps.append(
         Step(
             "search",
-            launch_prefix("dr.search", procs["search"]) + flags_to_argv(search_flags, False),
+            launch_prefix("dr.index.search", procs["search"]) + flags_to_argv(search_flags, False),
             done=lay.run.is_file,
             invalidate=_remove(lay.run),
         )
@@ -371,7 +371,7 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
     steps.append(
         Step(
             "convert",
-            launch_prefix("dr.convert", 1)
+            launch_prefix("dr.eval.convert", 1)
             + flags_to_argv(
                 {"input": str(lay.run), "output": str(converted), "to": cfg["eval"]["run_format"]}, False
             ),
@@ -388,7 +388,7 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
     steps.append(
         Step(
             "eval",
-            launch_prefix("dr.evaluate", 1) + flags_to_argv(eval_flags, False),
+            launch_prefix("dr.eval.evaluate", 1) + flags_to_argv(eval_flags, False),
             done=lay.metrics.is_file,
             invalidate=_remove(lay.metrics),
         )
@@ -407,7 +407,7 @@ def _train_step(cfg: dict[str, Any], lay: Layout, model_flags: dict[str, Any]) -
 
 
 def _encode_step(name: str, flags: dict[str, Any], nproc: int, manifest: Path, n_shards: int) -> Step:
-    cmd = launch_prefix("dr.encode", nproc) + flags_to_argv(flags, True)
+    cmd = launch_prefix("dr.index.encode", nproc) + flags_to_argv(flags, True)
     step = Step(name, cmd, done=lambda: manifest_complete(manifest, n_shards, nproc))
 
     def invalidate() -> None:  # upstream model changed: recompute instead of trusting same-path metadata
@@ -520,7 +520,7 @@ class Runner:
 
 def save_resolved_config(cfg: dict[str, Any], runner: Runner) -> None:
     """Write RUN_DIR/config.json; warn when a previous run in this directory used another config."""
-    from dr.atomic import write_json_atomic
+    from dr.io.atomic import write_json_atomic
 
     path = runner.layout.config
     if path.is_file():

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
 from dr.distributed import init_process_group, teardown
-from dr.model import BiEncoder, load_tokenizer
+from dr.model.encoder import BiEncoder, load_tokenizer
 from tests.test_loss import make_global_batch, make_global_keys
 
 

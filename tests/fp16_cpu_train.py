@@ -12,7 +12,7 @@ import sys
 
 from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
-import dr.train
+import dr.train.cli
 from dr.distributed import exit_status
 
 if __name__ == "__main__":

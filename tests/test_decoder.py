@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from dr.collator import TrainCollator
-from dr.data import TrainItem
-from dr.encode import main as encode_main
-from dr.model import BiEncoder, EncoderConfig, load_tokenizer, resolve_append_eos, tokenize_unpadded
-from dr.shards import read_shard
-from dr.train import main as train_main
+from dr.train.collator import TrainCollator
+from dr.train.groups import TrainItem
+from dr.index.encode import main as encode_main
+from dr.model.encoder import BiEncoder, EncoderConfig, load_tokenizer, resolve_append_eos, tokenize_unpadded
+from dr.index.shards import read_shard
+from dr.train.cli import main as train_main
 from tests.helpers import make_tiny_decoder, make_train_rows, write_jsonl
 
 

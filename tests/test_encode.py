@@ -12,9 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from dr.corpus import load_corpus
-from dr.encode import main
-from dr.shards import read_manifest, read_meta, read_shard
+from dr.io.corpus import load_corpus
+from dr.index.encode import main
+from dr.index.shards import read_manifest, read_meta, read_shard
 from tests.helpers import FILLER, SHARED_DATA, TOPICS, make_tiny_model, run, torchrun, write_jsonl
 
 N_ROWS = 90
@@ -64,7 +64,7 @@ def direct_vectors(
     """Encode texts one at a time without padding or sorting: the reference for batched encoding."""
     import torch
 
-    from dr.model import BiEncoder, load_tokenizer
+    from dr.model.encoder import BiEncoder, load_tokenizer
 
     model, tokenizer = BiEncoder.from_pretrained(str(model_dir)).eval(), load_tokenizer(str(model_dir))
     fn = model.encode_query if side == "query" else model.encode_passage
@@ -362,7 +362,7 @@ def test_input_formats(tmp_path):
     pq.write_table(pa.table({"docid": ["p1"], "text": ["t"]}), tmp_path / "part-0.parquet")
     pq.write_table(pa.table({"docid": ["p2"], "text": ["u"]}), tmp_path / "part-1.parquet")
     assert load_corpus(str(tmp_path / "part-*.parquet")).records(0, 2)[0] == ["p1", "p2"]
-    from dr.corpus import resolve_input
+    from dr.io.corpus import resolve_input
 
     hub = resolve_input("Tevatron/msmarco-passage/dev", "query")
     assert (hub.kind, hub.name, hub.split) == ("hub", "Tevatron/msmarco-passage", "dev")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dr.evaluate import main as evaluate_main
-from dr.evaluate import read_qrels
+from dr.eval.evaluate import main as evaluate_main
+from dr.eval.evaluate import read_qrels
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MSMARCO = DATA / "msmarco-passage-format"

@@ -20,11 +20,11 @@ import pytest
 import torch
 from transformers import AutoModel, BertConfig, BertModel
 
-import dr.gradcache
-from dr.arguments import DRTrainingArguments
-from dr.collator import id_key
-from dr.model import BiEncoder, EncoderConfig, load_tokenizer
-from dr.trainer import BiEncoderTrainer
+import dr.train.gradcache
+from dr.flags import DRTrainingArguments
+from dr.train.collator import id_key
+from dr.model.encoder import BiEncoder, EncoderConfig, load_tokenizer
+from dr.train.trainer import BiEncoderTrainer
 from tests.helpers import REPO, TOPICS, make_train_rows, run, torchrun, write_jsonl
 from tests.test_train_distributed import (  # noqa: F401  (`reference` is a module-scoped fixture)
     PER_DEVICE,

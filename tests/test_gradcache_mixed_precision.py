@@ -21,8 +21,8 @@ import torch
 from accelerate.utils import get_mixed_precision_context_manager
 from transformers import AutoModel
 
-from dr.arguments import DRTrainingArguments
-from dr.trainer import BiEncoderTrainer
+from dr.flags import DRTrainingArguments
+from dr.train.trainer import BiEncoderTrainer
 from tests.helpers import REPO, make_train_rows, run, torchrun, write_jsonl
 from tests.test_gradcache import make_batch, make_model, run_step
 from tests.test_train_distributed import PER_DEVICE, WORLD, _flags

@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from dr.model import BiEncoder, load_tokenizer
-from dr.train import main as train_main
+from dr.model.encoder import BiEncoder, load_tokenizer
+from dr.train.cli import main as train_main
 from tests.helpers import REPO, make_train_rows, run, torchrun, write_jsonl
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dr.collator import id_key
-from dr.loss import ContrastiveLoss
-from dr.model import BiEncoder, load_tokenizer
+from dr.train.collator import id_key
+from dr.train.loss import ContrastiveLoss
+from dr.model.encoder import BiEncoder, load_tokenizer
 from tests.helpers import REPO, TOPICS, run, torchrun
 
 GROUP = 3  # 1 positive + 2 hard negatives per query

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from dr.data import load_train_groups
-from dr.mine import main as mine_main
+from dr.train.groups import load_train_groups
+from dr.eval.mine import main as mine_main
 from tests.helpers import write_jsonl
 
 

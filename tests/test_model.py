@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from dr.model import BiEncoder, load_tokenizer, pool
+from dr.model.encoder import BiEncoder, load_tokenizer, pool
 
 
 def test_pooling_modes_with_right_and_left_padding():

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from dr import pipeline
-from dr.runfile import read_run
+from dr.io.runs import read_run
 from tests.helpers import REPO, make_train_rows, subprocess_env, write_jsonl
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dr.convert import main as convert
-from dr.runfile import Run, RunFormatError, format_for_suffix, read_run, synthetic_score, write_run
+from dr.eval.convert import main as convert
+from dr.io.runs import Run, RunFormatError, format_for_suffix, read_run, synthetic_score, write_run
 
 TEVATRON = (
     "q1\td3\t12.5\n"

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dr.runfile import read_run
-from dr.search import main, merge_candidates, parse_bytes, search_shards
-from dr.shards import ShardMeta, write_shard
+from dr.io.runs import read_run
+from dr.index.search import main, merge_candidates, parse_bytes, search_shards
+from dr.index.shards import ShardMeta, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 24

@@ -13,10 +13,10 @@ import pytest
 import torch
 from transformers import AutoModel
 
-from dr.arguments import ConfigError, DataArguments, DRTrainingArguments, ModelArguments, parse_args
-from dr.data import DataError, TrainGroups, load_train_groups
-from dr.model import BiEncoder, load_tokenizer
-from dr.train import main as train_main
+from dr.flags import ConfigError, DataArguments, DRTrainingArguments, ModelArguments, parse_args
+from dr.train.groups import DataError, TrainGroups, load_train_groups
+from dr.model.encoder import BiEncoder, load_tokenizer
+from dr.train.cli import main as train_main
 from tests.helpers import SHARED_DATA, TOPICS, make_train_rows, run, write_jsonl
 
 REFERENCE_FLAGS = [

@@ -111,8 +111,8 @@ def _port() -> int:
 
 FAIL_ON_RANK_1 = """
 import os, sys
-import dr.trainer
-import dr.train
+import dr.train.trainer
+import dr.train.cli
 from dr.distributed import exit_status
 
 step = dr.trainer.BiEncoderTrainer.training_step

@@ -18,7 +18,7 @@ Steps (each reported on one line, all outputs under the run directory, default `
 4. `dr pipeline`: fine-tune MiniLM, encode (2 processes), search (2 processes), eval -> `fine-tuned/`;
 5. one table and `metrics.json` with the three systems.
 
-The pipeline settings live in `configs/demo.yaml` (its `demo:` section holds the data settings and the
+The pipeline settings live in `dr/demo/demo.yaml` (its `demo:` section holds the data settings and the
 `small:` overrides used by `--small` / `DR_DEMO_SMALL=1`, the CI setting). A rerun reuses every complete
 stage. `dr demo bm25 --corpus C --queries Q --qrels R --output_dir D` runs the lexical baseline alone
 (e.g. on SciFact).
@@ -52,7 +52,7 @@ from dr.pipeline import (
     set_dotted,
 )
 
-REPO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+PACKAGED_CONFIG = Path(__file__).resolve().with_name("demo.yaml")  # package data: ships in the wheel
 
 # Standard-library modules whose docstrings make the corpus. Modules with import side effects (this,
 # antigravity), GUI toolkits and platform-specific modules are left out; a module missing on this Python
@@ -246,7 +246,7 @@ def bm25_baseline(
     corpus: str, queries: str, qrels: str, out_dir: Path, metrics: list[str], depth: int = 100
 ) -> dict[str, Any]:
     """BM25 (bm25s, English stopwords) run + `dr eval` metrics in out_dir; reuses metrics.json if present."""
-    from dr import evaluate
+    from dr.eval import evaluate
 
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
@@ -273,7 +273,7 @@ def bm25_baseline(
 
 # ---- the demo -------------------------------------------------------------------------------------------
 def load_demo_config(path: Path, small: bool, overrides: list[str]) -> dict[str, Any]:
-    """configs/demo.yaml with the `demo.small` overrides (when small) and `--set` overrides applied."""
+    """The demo config with the `demo.small` overrides (when small) and `--set` overrides applied."""
     import yaml
 
     from dr.pipeline import apply_override
@@ -327,7 +327,7 @@ def run_demo(cfg: dict[str, Any], quiet: bool = True) -> dict[str, Any]:
         f"data: {sizes['corpus']} passages, {sizes['train_queries']} train / {sizes['test_queries']} test "
         f"queries -> {data_dir}"
     )
-    os.environ["DR_DEMO_DATA"] = str(data_dir)  # configs/demo.yaml refers to ${DR_DEMO_DATA}
+    os.environ["DR_DEMO_DATA"] = str(data_dir)  # demo.yaml refers to ${DR_DEMO_DATA}
     metrics = list((cfg.get("eval") or {}).get("metrics") or ["MRR@10", "nDCG@10", "R@100"])
     t = time.monotonic()
     results = {
@@ -357,7 +357,7 @@ def run_demo(cfg: dict[str, Any], quiet: bool = True) -> dict[str, Any]:
         "systems": results,
         "wall_seconds": round(time.monotonic() - started, 1),
     }
-    from dr.atomic import write_json_atomic
+    from dr.io.atomic import write_json_atomic
 
     write_json_atomic(root / "metrics.json", summary)
     return summary
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("DR_DEMO_SMALL", "") not in ("", "0"),
         help="the CI setting (also DR_DEMO_SMALL=1): fewer passages and steps",
     )
-    parser.add_argument("--config", default=str(REPO_CONFIG), help="demo config (default configs/demo.yaml)")
+    parser.add_argument("--config", default=str(PACKAGED_CONFIG), help="demo config (default: the packaged dr/demo/demo.yaml)")
     add_override_flag(parser)
     parser.add_argument("--verbose", action="store_true", help="show every stage's output")
     return parser

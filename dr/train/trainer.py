@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from transformers import Trainer
 
-from dr.atomic import write_json_atomic
-from dr.model import BiEncoder
+from dr.io.atomic import write_json_atomic
+from dr.model.encoder import BiEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class BiEncoderTrainer(Trainer):
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         if self.args.grad_cache:
-            from dr.gradcache import grad_cache_training_step
+            from dr.train.gradcache import grad_cache_training_step
 
             return grad_cache_training_step(self, model, inputs)
         return super().training_step(model, inputs, num_items_in_batch)

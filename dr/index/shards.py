@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 from pyarrow import ipc
 
-from dr.atomic import atomic_path
+from dr.io.atomic import atomic_path
 
 FORMAT_VERSION = "1"
 _DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}

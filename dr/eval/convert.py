@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dr.paths import expand_home
-from dr.runfile import DEFAULT_TAG, FORMATS, format_for_suffix, read_run, write_run
+from dr.io.paths import expand_home
+from dr.io.runs import DEFAULT_TAG, FORMATS, format_for_suffix, read_run, write_run
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dr.atomic import atomic_path
+from dr.io.atomic import atomic_path
 
 FORMATS = ("tevatron", "marco", "trec")
 DEFAULT_TAG = "dr"

@@ -31,9 +31,9 @@ import os
 import sys
 from pathlib import Path
 
-from dr.atomic import write_json_atomic
-from dr.paths import expand_home
-from dr.runfile import FORMATS, Run, read_run
+from dr.io.atomic import write_json_atomic
+from dr.io.paths import expand_home
+from dr.io.runs import FORMATS, Run, read_run
 
 DEFAULT_METRICS = ("MRR@10", "nDCG@10", "R@100", "R@1000", "MAP")
 _ALIASES = {"MAP": "AP"}

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from dr.arguments import POOLINGS
-from dr.loss import ContrastiveLoss
+from dr.flags import POOLINGS
+from dr.train.loss import ContrastiveLoss
 
 DR_CONFIG_NAME = "dr_config.json"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -53,10 +53,10 @@ import pyarrow.compute as pc
 from pyarrow import ipc
 
 from dr import distributed as D
-from dr.atomic import atomic_path, write_json_atomic
-from dr.paths import expand_home
-from dr.runfile import Run, write_run
-from dr.shards import ShardError, ShardMeta, iter_shard, read_meta, read_shard
+from dr.io.atomic import atomic_path, write_json_atomic
+from dr.io.paths import expand_home
+from dr.io.runs import Run, write_run
+from dr.index.shards import ShardError, ShardMeta, iter_shard, read_meta, read_shard
 
 logger = logging.getLogger("dr.search")
 

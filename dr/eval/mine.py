@@ -24,11 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from dr.atomic import atomic_path, write_json_atomic
-from dr.corpus import CorpusError, load_corpus
-from dr.evaluate import QrelsFormatError, read_qrels
-from dr.paths import expand_home
-from dr.runfile import RunFormatError, read_run
+from dr.io.atomic import atomic_path, write_json_atomic
+from dr.io.corpus import CorpusError, load_corpus
+from dr.eval.evaluate import QrelsFormatError, read_qrels
+from dr.io.paths import expand_home
+from dr.io.runs import RunFormatError, read_run
 
 logger = logging.getLogger("dr.mine")
 

@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from dr import distributed as dist
-from dr.arguments import DataArguments, ModelArguments, parse_args, to_jsonable
-from dr.atomic import remove_stale_temporaries, write_json_atomic
-from dr.corpus import TextCorpus, load_corpus
-from dr.shards import (
+from dr.flags import DataArguments, ModelArguments, parse_args, to_jsonable
+from dr.io.atomic import remove_stale_temporaries, write_json_atomic
+from dr.io.corpus import TextCorpus, load_corpus
+from dr.index.shards import (
     MANIFEST_FORMAT,
     ShardError,
     ShardMeta,
@@ -305,7 +305,7 @@ def model_identity(name_or_path: str) -> str:
 
 def load_encoder(model_args: ModelArguments, device: torch.device):
     """(BiEncoder in eval mode on `device`, tokenizer)."""
-    from dr.model import BiEncoder, load_tokenizer, resolve_append_eos
+    from dr.model.encoder import BiEncoder, load_tokenizer, resolve_append_eos
 
     overrides = {
         "pooling": model_args.pooling,
@@ -389,7 +389,7 @@ class WindowDataset(TorchDataset):
         s = self.settings
         a = self.start + w * s.window
         ids, texts = self.corpus.records(a, min(a + s.window, self.stop))
-        from dr.model import tokenize_unpadded  # torch/transformers-heavy module, imported where needed
+        from dr.model.encoder import tokenize_unpadded  # torch/transformers-heavy module, imported where needed
 
         enc = tokenize_unpadded(self.tokenizer, texts, s.max_length, s.append_eos)
         rows = [{key: enc[key][i] for key in enc} for i in range(len(texts))]

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from dr.data import TrainItem
-from dr.model import tokenize_unpadded
+from dr.train.groups import TrainItem
+from dr.model.encoder import tokenize_unpadded
 
 NO_ID = -1  # padding in `positive_keys`; never produced by `id_key`
 

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from dr.arguments import (
+from dr.flags import (
     ConfigError,
     DataArguments,
     DRTrainingArguments,
@@ -65,11 +65,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     """Build data, model and trainer from parsed arguments, train, and save the final model."""
     from transformers import set_seed
 
-    from dr.arguments import to_jsonable
-    from dr.collator import TrainCollator
-    from dr.data import TrainGroups, load_train_groups
-    from dr.model import BiEncoder, load_tokenizer, resolve_append_eos
-    from dr.trainer import BiEncoderTrainer
+    from dr.flags import to_jsonable
+    from dr.train.collator import TrainCollator
+    from dr.train.groups import TrainGroups, load_train_groups
+    from dr.model.encoder import BiEncoder, load_tokenizer, resolve_append_eos
+    from dr.train.trainer import BiEncoderTrainer
 
     _check_precision(training_args)
     _check_output_dir(training_args)
@@ -117,8 +117,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     resolved = to_jsonable(model_args, data_args, training_args)
     resolved["encoder_config"] = vars(model.encoder_config)
     if training_args.process_index == 0:
-        from dr.atomic import write_json_atomic
-        from dr.trainer import RESOLVED_CONFIG_NAME
+        from dr.io.atomic import write_json_atomic
+        from dr.train.trainer import RESOLVED_CONFIG_NAME
 
         write_json_atomic(Path(training_args.output_dir) / RESOLVED_CONFIG_NAME, resolved)
     logger.info(
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2: bad arguments, 1: bad data or failure)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    from dr.data import DataError
+    from dr.train.groups import DataError
     from dr.distributed import close_process_group
 
     finished = False

@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from dr.corpus import format_text
-from dr.paths import expand_tilde
+from dr.io.corpus import format_text
+from dr.io.paths import expand_tilde
 
 logger = logging.getLogger(__name__)
 
@@ -372,8 +372,8 @@ def _first_existing(folder: Path, names: list[str]) -> Path | None:
 
 def load_beir_groups(folder: Path, split: str, group_size: int) -> BeirGroups:
     """Training groups from a BEIR-style folder: queries of `split` with at least one relevant document."""
-    from dr.corpus import CorpusError, load_corpus
-    from dr.evaluate import QrelsFormatError, read_qrels
+    from dr.io.corpus import CorpusError, load_corpus
+    from dr.eval.evaluate import QrelsFormatError, read_qrels
 
     try:
         corpus = load_corpus(str(folder), side="passage")

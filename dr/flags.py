@@ -18,7 +18,7 @@ from typing import Any
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from dr.paths import expand_home
+from dr.io.paths import expand_home
 
 POOLINGS = ("cls", "mean", "last")
 
