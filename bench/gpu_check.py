@@ -242,7 +242,8 @@ def encoding_throughput(model_dir: Path, plan: Plan, card: tuple[float, float] |
 
 def search_throughput(work: Path, plan: Plan, card: tuple[float, float] | None) -> None:
     """Exact search over float16 shards: the GPU backend vs the CPU, and vs one pass at memory bandwidth."""
-    from dr.index.search import choose_backend, search_shards
+    from dr.index.exact import search_shards
+    from dr.index.search_cli import choose_backend
     from dr.index.shards import ShardMeta, write_shard
 
     n, dim, nq = plan.search_shape

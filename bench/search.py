@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
                   "--max_memory", args.max_memory, "--save_ranking_to", str(folder / "dr.txt"), "--quiet"]  # fmt: skip
         mono_cmd = [sys.executable, str(Path(__file__).resolve()), "--monolithic_child", str(folder),
                     "--depth", str(args.depth)]  # fmt: skip
-        base_cmd = [sys.executable, "-c", "import dr.index.search, faiss"]
+        base_cmd = [sys.executable, "-c", "import dr.index.search_cli, faiss"]
         results = {
             f"dr search (--max_memory {args.max_memory})": measure(dr_cmd),
             "monolithic IndexFlatIP": measure(mono_cmd),

@@ -1,26 +1,77 @@
-"""`dr <command> [flags]`: one console script for every stage; each command module owns its `main(argv)`."""
+"""`dr <command> [flags]`: the one entry point. Dispatch, logging set-up, and error -> exit status.
+
+Every command module exposes `build_parser()` (an argparse parser) and `run(args) -> int | None`;
+`run_command` parses with `dr.flags.parse_flags` (so `--config FILE`, booleans and `~` work the same for
+every command), runs, and turns the two kinds of failure a user can fix into one line on stderr:
+`UsageError` -> exit status 2, `InputError` -> 1 (`dr.errors`). Anything else is a bug and keeps its
+traceback. `python -m dr.train|encode|search|convert|evaluate` (Tevatron's spellings) land here too.
+"""
 
 from __future__ import annotations
 
 import importlib
+import logging
+import os
 import sys
 
 COMMANDS = {
     "train": ("dr.train.cli", "fine-tune a bi-encoder (in-batch + hard negatives, gathered across devices)"),
-    "encode": ("dr.index.encode", "encode a corpus or queries into Arrow embedding shards"),
-    "search": ("dr.index.search", "exact sharded FAISS search -> run file"),
-    "convert": ("dr.eval.convert", "convert run files between tevatron, MS MARCO and TREC formats"),
-    "eval": ("dr.eval.evaluate", "MRR@10, nDCG@10, recall, MAP of a run against qrels"),
-    "mine": ("dr.eval.mine", "hard negatives from a run of the training queries -> a new training file"),
-    "pipeline": ("dr.pipeline", "train -> encode -> search -> convert -> eval from one config, resumable"),
-    "demo": ("dr.demo.run", "the offline end-to-end demo on an embedded dataset (CPU, a few minutes)"),
+    "encode": ("dr.index.encode_cli", "encode a corpus or queries into Arrow embedding shards"),
+    "search": ("dr.index.search_cli", "exact sharded FAISS search -> run file"),
+    "convert": ("dr.eval.convert_cli", "convert run files between tevatron, MS MARCO and TREC formats"),
+    "eval": ("dr.eval.eval_cli", "MRR@10, nDCG@10, recall, MAP of a run against qrels"),
+    "mine": ("dr.eval.mine_cli", "hard negatives from a run of the training queries -> a new training file"),
+    "pipeline": ("dr.pipeline.cli", "train -> encode -> search -> convert -> eval from one config, resumable"),
+    "demo": ("dr.demo.cli", "the offline end-to-end demo on an embedded dataset (CPU, a few minutes)"),
 }
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _usage() -> str:
     lines = ["usage: dr <command> [flags]   (dr <command> --help for its flags)", "", "commands:"]
     lines += [f"  {name:<9} {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
+
+
+def setup_logging() -> None:
+    """INFO lines on stderr, tagged with the rank in a multi-process job (idempotent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tag = f"[rank {os.environ.get('RANK', '0')}/{world}] " if world > 1 else ""
+    logging.basicConfig(format=tag + LOG_FORMAT, level=logging.INFO, stream=sys.stderr)
+
+
+def report(command: str, message: str) -> None:
+    """The one-line error format of every command."""
+    print(f"dr {command}: error: {message}", file=sys.stderr, flush=True)
+
+
+def run_command(command: str, argv: list[str] | None = None) -> int:
+    """Parse `argv` for `command`, run it, and return its exit status (see the module docstring)."""
+    from dr.errors import DrError, PeerFailed
+    from dr.flags import parse_flags
+
+    module = importlib.import_module(COMMANDS[command][0])
+    setup_logging()
+    try:
+        args = parse_flags(module.build_parser(), argv)
+        return int(module.run(args) or 0)
+    except DrError as err:
+        # Ranks that only saw a peer fail stay quiet unless they are rank 0 (the peer has its own line).
+        if not isinstance(err, PeerFailed) or os.environ.get("RANK", "0") == "0":
+            report(command, str(err))
+        return err.exit_code
+    except OSError as err:  # unreadable / unwritable paths named by the flags
+        if isinstance(err, BrokenPipeError):
+            raise
+        report(command, f"{err.filename + ': ' if getattr(err, 'filename', None) else ''}{err.strerror or err}")
+        return 1
+
+
+def module_main(command: str) -> int:
+    """`python -m dr.<module>`: run `command` with this process's arguments and leave (see exit_status)."""
+    from dr.distributed import exit_status
+
+    return exit_status(run_command(command, sys.argv[1:]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,10 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"dr: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[command][0])
-    from dr.distributed import exit_status  # after the command's import: `dr --help` stays torch-free
+    code = run_command(command, rest)
+    from dr.distributed import exit_status
 
-    return exit_status(int(module.main(rest) or 0))
+    return exit_status(code)
 
 
 if __name__ == "__main__":

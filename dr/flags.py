@@ -1,30 +1,36 @@
-"""Command-line / config-file arguments for every `dr` command that loads a model.
+"""One command-line convention for every `dr` command: flags, `--config` files, booleans, aliases.
 
-Flags follow Tevatron's reference commands (v1 spellings) and accept the newer spellings as aliases, so a
-Tevatron user can paste their command and only change the program name. Arguments are dataclasses parsed
-by `transformers.HfArgumentParser`; `--config FILE` (YAML or JSON) provides defaults that flags override.
-Each field is documented where it is declared and validated in `__post_init__` with an error naming it.
+Every command builds an `argparse.ArgumentParser` (`build_parser()`; train and encode use
+`transformers.HfArgumentParser`, an ArgumentParser over dataclasses) and `parse_flags` reads argv with it:
+
+- `--config FILE` (YAML or JSON mapping of flag -> value, either spelling) gives defaults that flags
+  override: command line > config file > defaults;
+- booleans are `--flag`, `--flag true|false|yes|no|1|0` everywhere (`add_bool`), as HfArgumentParser does,
+  so `dr pipeline` and config files write them one way for every command;
+- unknown flags or keys and invalid values raise `ConfigError` (a `UsageError`: exit status 2);
+- a leading `~` in any value is expanded (values from files and `--flag=~/x` reach us unexpanded).
+
+The flag dataclasses shared by every command that loads a model (`ModelArguments`, `DataArguments`) live
+here too; Tevatron's v1 spellings come first, the newer ones are aliases.
 """
 
 from __future__ import annotations
 
-import contextlib
+import argparse
 import json
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from transformers import HfArgumentParser, TrainingArguments
-
-from dr.io.paths import expand_home
-
-POOLINGS = ("cls", "mean", "last")
+from dr.errors import UsageError
+from dr.io.paths import expand_home, expand_tilde
+from dr.model import POOLINGS
 
 
-class ConfigError(ValueError):
-    """A flag or config-file value is unknown or invalid; the message names it."""
+
+class ConfigError(UsageError):
+    """A flag or config-file value is unknown or invalid; the message names it (exit status 2)."""
 
 
 @dataclass
@@ -148,11 +154,19 @@ class DataArguments:
             "aliases": ["--passage_max_len"],
         },
     )
-    query_prefix: str = field(
-        default="", metadata={"help": "Text prepended to every query (e.g. 'query: ')."}
+    query_prefix: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text prepended to every query (e.g. 'query: '). Default: the model's dr_config.json, "
+            "else none; an empty string clears a saved prefix."
+        },
     )
-    passage_prefix: str = field(
-        default="", metadata={"help": "Text prepended to every passage (e.g. 'passage: ')."}
+    passage_prefix: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text prepended to every passage (e.g. 'passage: '). Default: the model's "
+            "dr_config.json, else none; an empty string clears a saved prefix."
+        },
     )
     pad_to_multiple_of: int = field(
         default=8, metadata={"help": "Pad batches to a multiple of this (tensor cores)."}
@@ -162,122 +176,6 @@ class DataArguments:
         for name in ("train_n_passages", "q_max_len", "p_max_len", "pad_to_multiple_of"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass
-class DRTrainingArguments(TrainingArguments):
-    """`transformers.TrainingArguments` plus the contrastive-training options."""
-
-    negatives_x_device: bool = field(
-        default=True,
-        metadata={
-            "help": "Score each query against the passages of all ranks (global in-batch negatives). "
-            "On by default so N devices train exactly like one device with N times the batch; "
-            "--negatives_x_device false keeps negatives per device (Tevatron's default)."
-        },
-    )
-    mask_false_negatives: bool = field(
-        default=True,
-        metadata={
-            "help": "Mask, for each query, in-batch passages (gathered ones included) whose docid is one of "
-            "the query's positives: they are not negatives. The masked count is logged."
-        },
-    )
-    grad_cache: bool = field(
-        default=False,
-        metadata={
-            "help": "GradCache: compute representations in chunks without a graph, the loss and its gradient "
-            "on the full (gathered) batch, then back-propagate chunk by chunk. Same gradients, less memory."
-        },
-    )
-    gc_q_chunk_size: int = field(default=4, metadata={"help": "Queries per GradCache chunk."})
-    gc_p_chunk_size: int = field(default=32, metadata={"help": "Passages per GradCache chunk."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Allow writing into an output_dir that already holds a model or checkpoints."},
-    )
-
-    def __post_init__(self) -> None:
-        # Our batches are dicts of tokenised query/passage groups, not model-named columns.
-        self.remove_unused_columns = False
-        self.label_names = []
-        if self.gc_q_chunk_size < 1 or self.gc_p_chunk_size < 1:
-            raise ConfigError(
-                f"--gc_q_chunk_size and --gc_p_chunk_size must be >= 1, got {self.gc_q_chunk_size}, {self.gc_p_chunk_size}"
-            )
-        if self.report_to in (None, "all", ["all"]):
-            self.report_to = "none"
-        import torch
-
-        if not torch.cuda.is_available() and not self.deepspeed:
-            # accelerate treats a multi-process launch as distributed (gloo) only when told it is on the CPU.
-            self.use_cpu = True
-        if self.deepspeed:
-            _single_process_rendezvous()
-        cpu_deepspeed = not torch.cuda.is_available() and bool(self.deepspeed)
-        if cpu_deepspeed and self.accelerator_config is None:
-            _configure_deepspeed_on_cpu()
-            self.accelerator_config = {"use_configured_state": True}
-        with _bf16_allowed_on_cpu() if cpu_deepspeed and self.bf16 else contextlib.nullcontext():
-            super().__post_init__()
-
-
-@contextlib.contextmanager
-def _bf16_allowed_on_cpu() -> Iterator[None]:
-    """Let `--bf16 --deepspeed` pass TrainingArguments' device check on a machine without a GPU.
-
-    The check accepts bf16 without a GPU only with `use_cpu`, which a DeepSpeed run cannot set (DeepSpeed
-    brings its own CPU accelerator, whose bf16 works). Scoped to the one validation call.
-    """
-    from transformers import training_args
-
-    saved = training_args.is_torch_bf16_gpu_available
-    training_args.is_torch_bf16_gpu_available = lambda: True
-    try:
-        yield
-    finally:
-        training_args.is_torch_bf16_gpu_available = saved
-
-
-def _single_process_rendezvous() -> None:
-    """torch.distributed variables for a DeepSpeed run started without a launcher (plain `python`).
-
-    DeepSpeed looks for MPI unless RANK/WORLD_SIZE/... are set; a launcher sets them, so only an
-    unlaunched run gets a one-process rendezvous on a free local port.
-    """
-    import os
-    import socket
-
-    if "WORLD_SIZE" in os.environ:
-        return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for key, value in {
-        "RANK": "0",
-        "LOCAL_RANK": "0",
-        "WORLD_SIZE": "1",
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
-    }.items():
-        os.environ.setdefault(key, value)
-
-
-def _configure_deepspeed_on_cpu() -> None:
-    """Create accelerate's (singleton) DeepSpeed state with the gloo backend.
-
-    TrainingArguments would otherwise ask accelerate for a DeepSpeed state without naming a backend, which
-    on a machine without GPUs silently becomes a one-process run (world size 1 on every rank).
-    """
-    import os
-
-    from accelerate import PartialState
-
-    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
-    try:
-        PartialState(backend="gloo")
-    finally:
-        del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
 def load_config_file(path: str) -> dict[str, Any]:
@@ -320,26 +218,52 @@ def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
-def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None) -> tuple[Any, ...]:
-    """Parse flags (and an optional `--config FILE`) into the given dataclasses.
+def str_to_bool(value: str | bool) -> bool:
+    """`true/false`, `yes/no`, `1/0`, `on/off` (any case) -> bool; anything else is a usage error."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on", "y", "t"):
+        return True
+    if text in ("false", "no", "0", "off", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
-    Precedence: command line > config file > dataclass defaults. Unknown flags or config keys raise
-    `ConfigError` naming them; invalid values raise the dataclass's own `ConfigError`/`ValueError`.
+
+def add_bool(parser: argparse.ArgumentParser | Any, *names: str, default: bool = False, help: str = "") -> None:
+    """A boolean flag in the one spelling every command accepts: `--flag`, `--flag true|false`."""
+    parser.add_argument(*names, type=str_to_bool, nargs="?", const=True, default=default, help=help)
+
+
+def dataclass_parser(dataclass_types: tuple[type, ...], prog: str, description: str = "") -> argparse.ArgumentParser:
+    """An `HfArgumentParser` over flag dataclasses (imported here: transformers is heavy)."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dataclass_types, prog=prog, description=description)
+    parser.dataclass_types_ = dataclass_types  # for `to_dataclasses`
+    return parser
+
+
+def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse argv (and an optional `--config FILE`) with `parser`; see the module docstring.
+
+    Precedence: command line > config file > defaults. Unknown flags or config keys raise `ConfigError`
+    naming them, as does any value argparse rejects (instead of printing the usage and exiting).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path, argv = _split_config_flag(argv)
-    parser = HfArgumentParser(dataclass_types)
+    own_config_flag = any("--config" in action.option_strings for action in parser._actions)
+    config_path, argv = (None, argv) if own_config_flag else _split_config_flag(argv)
     if config_path:
-        values = load_config_file(config_path)
-        known = {f.name for dc in dataclass_types for f in fields(dc)}
+        values = load_config_file(expand_tilde(config_path))
         aliases = {}
-        for action in parser._actions:  # map alias spellings (train_group_size, ...) to field names
+        for action in parser._actions:  # map every spelling (train_group_size, ...) to its dest
             for opt in action.option_strings:
                 aliases[opt.lstrip("-")] = action.dest
-        unknown = [k for k in values if k not in known and k not in aliases]
+            aliases.setdefault(action.dest, action.dest)
+        unknown = [k for k in values if k not in aliases or k in ("help", "h")]
         if unknown:
             raise ConfigError(f"--config {config_path}: unknown keys {unknown}")
-        values = {aliases.get(k, k): v for k, v in values.items()}
+        values = {aliases[k]: v for k, v in values.items()}
         parser.set_defaults(**values)
         for action in parser._actions:  # a value from the file satisfies a required flag
             if action.dest in values:
@@ -352,11 +276,20 @@ def parse_args(dataclass_types: tuple[type, ...], argv: list[str] | None = None)
     parsed, unknown_args = parser.parse_known_args(argv)
     if unknown_args:
         raise ConfigError(f"unknown arguments: {unknown_args}")
-    expand_home(parsed)
+    return expand_home(parsed)
+
+
+def to_dataclasses(args: argparse.Namespace, dataclass_types: tuple[type, ...], **extra: Any) -> tuple[Any, ...]:
+    """Build each flag dataclass from the parsed namespace (their `__post_init__` validates the values).
+
+    `extra` are values for fields that are not flags (e.g. what `dr.distributed.prepare_launch` decided).
+    """
     outputs = []
     for dtype in dataclass_types:
         keys = {f.name for f in fields(dtype) if f.init}
-        outputs.append(dtype(**{k: v for k, v in vars(parsed).items() if k in keys}))
+        values = {k: v for k, v in vars(args).items() if k in keys}
+        values.update({k: v for k, v in extra.items() if k in keys})
+        outputs.append(dtype(**values))
     return tuple(outputs)
 
 

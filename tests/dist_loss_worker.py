@@ -12,13 +12,18 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from dr.distributed import init_process_group, teardown
-from dr.model.encoder import BiEncoder, load_tokenizer
+from dr.distributed import process_group
+from dr.model.encoder import BiEncoder
+from dr.model.text import load_tokenizer
 from tests.test_loss import make_global_batch, make_global_keys
 
 
 def main(model_dir: str, out_path: str, gather: str) -> None:
-    init_process_group()
+    with process_group():
+        _step(model_dir, out_path, gather)
+
+
+def _step(model_dir: str, out_path: str, gather: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     tokenizer = load_tokenizer(model_dir)
     model = BiEncoder.from_pretrained(
@@ -53,7 +58,6 @@ def main(model_dir: str, out_path: str, gather: str) -> None:
         )
         save_file(tensors, out_path)
     del ddp, model
-    teardown()
 
 
 if __name__ == "__main__":

@@ -13,9 +13,10 @@ import sys
 from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
 import dr.train.cli
+from dr.cli import run_command
 from dr.distributed import exit_status
 
 if __name__ == "__main__":
     CPU_Accelerator.is_fp16_supported = lambda self: True
-    dr.train._check_precision = lambda args: None
-    sys.exit(exit_status(dr.train.main(sys.argv[1:])))
+    dr.train.cli._check_precision = lambda args: None
+    sys.exit(exit_status(run_command("train", sys.argv[1:])))

@@ -7,6 +7,7 @@ same `from_pretrained(path)` code path real models use.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -237,3 +238,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def command(name: str):
+    """`dr <name>` in this process, as a function argv -> exit status (what `dr.cli` runs)."""
+    from dr.cli import run_command
+
+    return functools.partial(run_command, name)

@@ -11,10 +11,11 @@ import torch
 
 from dr.train.collator import TrainCollator
 from dr.train.groups import TrainItem
-from dr.index.encode import main as encode_main
-from dr.model.encoder import BiEncoder, EncoderConfig, load_tokenizer, resolve_append_eos, tokenize_unpadded
+from tests.helpers import command
+from dr.model.encoder import BiEncoder, EncoderConfig
+from dr.model.text import load_tokenizer, resolve_append_eos, tokenize_unpadded
 from dr.index.shards import read_shard
-from dr.train.cli import main as train_main
+encode_main, train_main = command("encode"), command("train")
 from tests.helpers import make_tiny_decoder, make_train_rows, write_jsonl
 
 

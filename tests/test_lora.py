@@ -9,8 +9,12 @@ import sys
 import pytest
 import torch
 
-from dr.model.encoder import BiEncoder, load_tokenizer
-from dr.train.cli import main as train_main
+from dr.model.encoder import BiEncoder
+
+from dr.model.text import load_tokenizer
+from tests.helpers import command
+
+train_main = command("train")
 from tests.helpers import REPO, make_train_rows, run, torchrun, write_jsonl
 
 

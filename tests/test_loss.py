@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from dr.train.collator import id_key
 from dr.train.loss import ContrastiveLoss
-from dr.model.encoder import BiEncoder, load_tokenizer
+from dr.model.encoder import BiEncoder
+from dr.model.text import load_tokenizer
 from tests.helpers import REPO, TOPICS, run, torchrun
 
 GROUP = 3  # 1 positive + 2 hard negatives per query

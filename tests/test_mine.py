@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from dr.train.groups import load_train_groups
-from dr.eval.mine import main as mine_main
+from tests.helpers import command
+
+mine_main = command("mine")
 from tests.helpers import write_jsonl
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from dr.model.encoder import BiEncoder, load_tokenizer, pool
+from dr.model.encoder import BiEncoder, pool
+
+from dr.model.text import load_tokenizer
 
 
 def test_pooling_modes_with_right_and_left_padding():

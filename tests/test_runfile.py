@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dr.eval.convert import main as convert
+from tests.helpers import command
+
+convert = command("convert")
 from dr.io.runs import Run, RunFormatError, format_for_suffix, read_run, synthetic_score, write_run
 
 TEVATRON = (
@@ -123,7 +125,7 @@ def test_malformed_lines_name_file_and_line(tmp_path, capsys, text, fmt, message
         read_run(path, fmt)
     assert message in str(err.value)
     out = tmp_path / "out.marco"
-    assert convert(["--input", str(path), "--output", str(out), "--from", fmt]) == 2
+    assert convert(["--input", str(path), "--output", str(out), "--from", fmt]) == 1  # bad file content: exit status 1 (dr.errors.InputError)
     captured = capsys.readouterr().err
     assert message in captured and "Traceback" not in captured
     assert not out.exists() and not list(tmp_path.glob("out.marco*"))

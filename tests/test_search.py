@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 
 from dr.io.runs import read_run
-from dr.index.search import main, merge_candidates, parse_bytes, search_shards
+from dr.index.exact import merge_candidates, search_shards
+from dr.index.shard_set import parse_bytes
+from tests.helpers import command
+
+main = command("search")
 from dr.index.shards import ShardMeta, write_shard
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,8 +15,11 @@ from transformers import AutoModel
 
 from dr.flags import ConfigError, DataArguments, DRTrainingArguments, ModelArguments, parse_args
 from dr.train.groups import DataError, TrainGroups, load_train_groups
-from dr.model.encoder import BiEncoder, load_tokenizer
-from dr.train.cli import main as train_main
+from dr.model.encoder import BiEncoder
+from dr.model.text import load_tokenizer
+from tests.helpers import command
+
+train_main = command("train")
 from tests.helpers import SHARED_DATA, TOPICS, make_train_rows, run, write_jsonl
 
 REFERENCE_FLAGS = [

@@ -112,18 +112,18 @@ def _port() -> int:
 FAIL_ON_RANK_1 = """
 import os, sys
 import dr.train.trainer
-import dr.train.cli
+from dr.cli import run_command
 from dr.distributed import exit_status
 
-step = dr.trainer.BiEncoderTrainer.training_step
+step = dr.train.trainer.BiEncoderTrainer.training_step
 
 def failing_step(self, *args, **kwargs):
     if os.environ["RANK"] == "1" and self.state.global_step == 1:
         raise RuntimeError("simulated failure on rank 1")
     return step(self, *args, **kwargs)
 
-dr.trainer.BiEncoderTrainer.training_step = failing_step
-sys.exit(exit_status(dr.train.main(sys.argv[1:])))
+dr.train.trainer.BiEncoderTrainer.training_step = failing_step
+sys.exit(exit_status(run_command("train", sys.argv[1:])))
 """
 
 

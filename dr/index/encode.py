@@ -1,13 +1,10 @@
-"""`dr encode` / `python -m dr.encode`: embed a corpus or a query set into Arrow shards (see docs/encode.md).
+"""`dr encode`, the library half: embed a corpus or a query set into Arrow shards (see docs/encode.md).
 
-Launch with plain ``python``, ``torchrun`` or ``deepspeed``; Tevatron v1 encode flags work unchanged.
-The input (after ``--max_rows``) is cut into ``num_shards`` contiguous ranges (flags or a SLURM job array);
-the chosen shard is cut into one contiguous sub-range per rank, and each rank writes its own Arrow file::
-
-    <base>.arrow                                          one shard, one rank
-    <base>.<shard>-of-<N>.rank<r>-of-<W>.arrow            otherwise (5-digit, zero-padded numbers)
-    <base>[.<shard>-of-<N>].manifest.json                 written last by rank 0: files, counts, sha256
-    <base>[.<shard>-of-<N>].config.json                   the resolved arguments
+The library half of `dr encode` (the command is `dr.index.encode_cli`): what to encode (`EncodeArguments`,
+`Plan`), the model, length-sorted batches tokenised in DataLoader workers (`dr.model.text`), the encode
+loop, and the resume checks. The input (after ``--max_rows``) is cut into ``num_shards`` contiguous
+ranges (flags or a SLURM job array); the chosen shard is cut into one contiguous sub-range per rank, and
+each rank writes its own Arrow file, named by `dr.index.shards.OutputLayout`.
 
 ``--encoded_save_path X.pkl`` (Tevatron) writes Arrow with base ``X``: nothing is ever pickled.
 Rows inside each file keep input order (batches are length-sorted only inside a window and put back).
@@ -16,9 +13,9 @@ A rerun skips rank files that are already complete and redoes the rest; ``--over
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import re
 import resource
 import sys
 import time
@@ -33,11 +30,16 @@ from torch.utils.data import DataLoader
 from torch.utils.data import Dataset as TorchDataset
 
 from dr import distributed as dist
-from dr.flags import DataArguments, ModelArguments, parse_args, to_jsonable
+from dr.errors import UsageError
+from dr.flags import DataArguments, ModelArguments, to_jsonable
+from dr.model.text import pad_rows, tokenize_unpadded
 from dr.io.atomic import remove_stale_temporaries, write_json_atomic
 from dr.io.corpus import TextCorpus, load_corpus
 from dr.index.shards import (
     MANIFEST_FORMAT,
+    VECTOR_FIELDS,
+    OutputLayout,
+    split_range,
     ShardError,
     ShardMeta,
     ShardWriter,
@@ -47,11 +49,13 @@ from dr.index.shards import (
     read_meta,
 )
 
+logger = logging.getLogger("dr.encode")
+
 _SAVE_SUFFIXES = (".pkl", ".pickle", ".arrow")
 _DUPLICATE_CHECKS = ("input", "shard", "none")
 
 
-class EncodeError(ValueError):
+class EncodeError(UsageError):
     """Invalid encode settings, or existing outputs that conflict with this run; the message says which."""
 
 
@@ -182,12 +186,6 @@ def resolve_sharding(args: EncodeArguments, env: dict[str, str] | None = None) -
     return num, index
 
 
-def split_range(start: int, stop: int, parts: int, index: int) -> tuple[int, int]:
-    """The `index`-th of `parts` contiguous, near-equal sub-ranges of [start, stop)."""
-    n = stop - start
-    return start + n * index // parts, start + n * (index + 1) // parts
-
-
 def output_base(args: EncodeArguments) -> tuple[Path, str | None]:
     """The output base path and, when the Tevatron path had a pickle suffix, a note saying so."""
     default_name = "query" if args.encode_is_qry else "corpus"
@@ -208,66 +206,6 @@ def output_base(args: EncodeArguments) -> tuple[Path, str | None]:
             )
             return base, note
     return Path(raw), None
-
-
-_LONG_NAME = re.compile(r"^(?P<base>.+)\.(\d{5})-of-(\d{5})\.rank(\d{5})-of-(\d{5})\.arrow$")
-
-
-@dataclass(frozen=True)
-class OutputLayout:
-    """File names of one shard's outputs (see the module docstring)."""
-
-    base: Path
-    num_shards: int
-    shard_index: int
-    world_size: int
-
-    @property
-    def single(self) -> bool:
-        return self.num_shards == 1 and self.world_size == 1
-
-    @property
-    def stem(self) -> str:
-        if self.single:
-            return self.base.name
-        return f"{self.base.name}.{self.shard_index:05d}-of-{self.num_shards:05d}"
-
-    def rank_file(self, rank: int) -> Path:
-        if self.single:
-            return self.base.with_name(self.base.name + ".arrow")
-        return self.base.with_name(f"{self.stem}.rank{rank:05d}-of-{self.world_size:05d}.arrow")
-
-    @property
-    def manifest(self) -> Path:
-        return self.base.with_name(self.stem + ".manifest.json")
-
-    @property
-    def config(self) -> Path:
-        return self.base.with_name(self.stem + ".config.json")
-
-    @property
-    def glob(self) -> str:
-        return str(self.base.with_name(self.base.name + ("*.arrow" if self.single else ".*.arrow")))
-
-    def stale_files(self) -> list[Path]:
-        """Files of the same base from another layout (other shard count or world size): a glob would mix them."""
-        folder = self.base.parent
-        if not folder.is_dir():
-            return []
-        stale = []
-        for path in folder.iterdir():
-            match = _LONG_NAME.match(path.name)
-            if match and match.group("base") == self.base.name:
-                shard, num, _, world = (int(g) for g in match.groups()[1:])
-                other_layout = num != self.num_shards or (
-                    shard == self.shard_index and world != self.world_size
-                )
-                if self.single or other_layout:
-                    stale.append(path)
-        single = self.base.with_name(self.base.name + ".arrow")
-        if not self.single and single.exists():
-            stale.append(single)
-        return sorted(stale)
 
 
 @dataclass(frozen=True)
@@ -303,14 +241,19 @@ def model_identity(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else name_or_path
 
 
-def load_encoder(model_args: ModelArguments, device: torch.device):
-    """(BiEncoder in eval mode on `device`, tokenizer)."""
-    from dr.model.encoder import BiEncoder, load_tokenizer, resolve_append_eos
+def load_encoder(model_args: ModelArguments, data_args: DataArguments, device: torch.device):
+    """(BiEncoder in eval mode on `device`, tokenizer); flags override the saved dr_config.json."""
+    from dr.model.encoder import BiEncoder
+    from dr.model.text import load_tokenizer, resolve_append_eos
 
     overrides = {
         "pooling": model_args.pooling,
         "normalize": model_args.normalize,
         "append_eos": model_args.append_eos,
+        "query_prefix": data_args.query_prefix,
+        "passage_prefix": data_args.passage_prefix,
+        "q_max_len": data_args.q_max_len,
+        "p_max_len": data_args.p_max_len,
     }
     model = BiEncoder.from_pretrained(
         model_args.model_name_or_path,
@@ -345,29 +288,7 @@ class BatchSettings:
     pad_multiple: int
     sort_by_length: bool
     pad_to_max_length: bool
-    append_eos: bool = False  # see dr.model.resolve_append_eos
-
-
-def pad_batch(
-    rows: list[dict[str, list[int]]], tokenizer: Any, settings: BatchSettings
-) -> dict[str, torch.Tensor]:
-    """Pad tokenized rows to the batch's longest (rounded up to `pad_multiple`) or to `max_length`."""
-    longest = max(len(r["input_ids"]) for r in rows)
-    width = settings.max_length if settings.pad_to_max_length else longest
-    width = min(
-        math.ceil(width / settings.pad_multiple) * settings.pad_multiple, max(settings.max_length, longest)
-    )
-    pads = {"input_ids": tokenizer.pad_token_id, "token_type_ids": tokenizer.pad_token_type_id}
-    out = {key: np.full((len(rows), width), pads[key], dtype=np.int64) for key in rows[0] if key in pads}
-    out["attention_mask"] = np.zeros((len(rows), width), dtype=np.int64)
-    left = tokenizer.padding_side == "left"
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        cols = slice(width - n, width) if left else slice(0, n)
-        for key in pads.keys() & row.keys():
-            out[key][i, cols] = row[key]
-        out["attention_mask"][i, cols] = 1
-    return {key: torch.from_numpy(value) for key, value in out.items()}
+    append_eos: bool = False  # see dr.model.text.resolve_append_eos
 
 
 class WindowDataset(TorchDataset):
@@ -389,8 +310,6 @@ class WindowDataset(TorchDataset):
         s = self.settings
         a = self.start + w * s.window
         ids, texts = self.corpus.records(a, min(a + s.window, self.stop))
-        from dr.model.encoder import tokenize_unpadded  # torch/transformers-heavy module, imported where needed
-
         enc = tokenize_unpadded(self.tokenizer, texts, s.max_length, s.append_eos)
         rows = [{key: enc[key][i] for key in enc} for i in range(len(texts))]
         order = np.arange(len(rows))
@@ -399,7 +318,10 @@ class WindowDataset(TorchDataset):
         batches = []
         for b in range(0, len(order), s.batch_size):
             positions = order[b : b + s.batch_size]
-            batches.append((positions, pad_batch([rows[i] for i in positions], self.tokenizer, s)))
+            padded = pad_rows(
+                [rows[i] for i in positions], self.tokenizer, s.max_length, s.pad_multiple, s.pad_to_max_length
+            )
+            batches.append((positions, padded))
         return ids, batches
 
 
@@ -455,22 +377,13 @@ def encode_range(
 # ---- resume: is an existing rank file complete and from this model? ----------------------------------------
 
 
-def _conflicts(found: ShardMeta, expected: ShardMeta) -> list[str]:
-    fields_ = ("model", "pooling", "normalize", "dim", "dtype", "side", "max_length")
-    return [
-        f"{f}={getattr(found, f)!r} (this run: {getattr(expected, f)!r})"
-        for f in fields_
-        if getattr(found, f) != getattr(expected, f)
-    ]
-
-
 def existing_status(path: Path, expected: ShardMeta, corpus: TextCorpus, rows: tuple[int, int]) -> str | None:
     """Why an existing file must be redone ("" = complete, None = absent). Raises on a different model."""
     if not path.exists():
         return None
     try:
         found = read_meta(path)
-        conflicts = _conflicts(found, expected)
+        conflicts = found.differences(expected, (*VECTOR_FIELDS, "side", "max_length"), ("", "this run:"))
         if conflicts:
             raise EncodeError(
                 f"{path} exists from a different model or settings: {', '.join(conflicts)}; "
@@ -497,23 +410,6 @@ def verify_checksum(path: Path, manifest: dict | None) -> str:
 
 
 # ---- the driver --------------------------------------------------------------------------------------------
-
-
-class _Log:
-    def __init__(self, rank: int, world: int) -> None:
-        self.tag = f"dr encode [rank {rank}/{world}]" if world > 1 else "dr encode"
-
-    def __call__(self, message: str) -> None:
-        print(f"{self.tag}: {message}", file=sys.stderr, flush=True)
-
-
-def _agree(ok: bool) -> bool:
-    """True when every rank reports ok (all-reduce MIN); doubles as a barrier."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([1 if ok else 0], device=dist.default_device())
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def open_input(data_args: DataArguments, args: EncodeArguments, prefix: str) -> TextCorpus:
@@ -546,7 +442,7 @@ def check_input(corpus: TextCorpus, plan: Plan, args: EncodeArguments) -> None:
 
 
 def prepare_outputs(
-    plan: Plan, args: EncodeArguments, expected: list[ShardMeta], corpus: TextCorpus, log: _Log
+    plan: Plan, args: EncodeArguments, expected: list[ShardMeta], corpus: TextCorpus, log: Any
 ) -> tuple[bool, bool]:
     """Check the existing outputs of every rank: (this rank must encode, some rank must encode).
 
@@ -651,22 +547,18 @@ class RankResult:
 def run_encode(model_args: ModelArguments, data_args: DataArguments, args: EncodeArguments) -> RankResult:
     """Check inputs and existing outputs, then encode this rank's part of the chosen shard (if not done)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    log = _Log(rank, world)
+    log = logger.info
     device = dist.default_device()
     amp = autocast_context(args, device)
     _, pickle_note = output_base(args)
     if pickle_note and rank == 0:
         log(pickle_note)
-    model, tokenizer = load_encoder(model_args, device)
-    cfg = model.encoder_config  # pooling, normalize, prefixes, max lengths saved by `dr train`
+    model, tokenizer = load_encoder(model_args, data_args, device)
+    # Pooling, normalize, prefixes and max lengths: flag > what `dr train` saved > default (resolved once).
+    cfg = model.encoder_config
     query = args.encode_is_qry
-    prefix = (
-        (data_args.query_prefix or cfg.query_prefix)
-        if query
-        else (data_args.passage_prefix or cfg.passage_prefix)
-    )
-    # Flags win (as in Tevatron); without them, the lengths the model was trained with.
-    max_length = (data_args.q_max_len or cfg.q_max_len) if query else (data_args.p_max_len or cfg.p_max_len)
+    prefix = cfg.query_prefix if query else cfg.passage_prefix
+    max_length = cfg.q_max_len if query else cfg.p_max_len
     corpus = open_input(data_args, args, prefix)
     plan = make_plan(args, len(corpus), rank, world)
     check_input(corpus, plan, args)
@@ -708,7 +600,7 @@ def run_encode(model_args: ModelArguments, data_args: DataArguments, args: Encod
 
 
 def encode_own(
-    model, tokenizer, corpus, plan: Plan, meta: ShardMeta, args, data_args, device, amp, log
+    model, tokenizer, corpus, plan: Plan, meta: ShardMeta, args, data_args, device, amp, log=None
 ) -> None:
     """Encode this rank's rows into its file (temporary name, renamed when complete)."""
     from tqdm import tqdm
@@ -743,51 +635,3 @@ def _cpu_seconds() -> float:
     """CPU time of this process (all threads; tokenizer workers excluded): robust to a busy machine."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `dr encode`; return the exit status (0 ok, 2 bad input or settings)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        model_args, data_args, args = parse_args((ModelArguments, DataArguments, EncodeArguments), argv)
-    except ValueError as err:
-        print(f"dr encode: error: {err}", file=sys.stderr)
-        return 2
-    dist.init_process_group()
-    try:
-        return _main_distributed(model_args, data_args, args)
-    finally:
-        dist.teardown()
-
-
-def _main_distributed(model_args: ModelArguments, data_args: DataArguments, args: EncodeArguments) -> int:
-    """Every rank encodes its part; all agree on success before rank 0 writes the manifest."""
-    error: Exception | None = None
-    try:
-        result = run_encode(model_args, data_args, args)
-    except Exception as err:  # noqa: BLE001 - every rank must reach the agreement below, then it is reported
-        error = err
-    all_ok = _agree(error is None)
-    if error is not None:
-        if not isinstance(error, (ValueError, OSError)):
-            raise error  # a bug or a device failure: keep the traceback
-        print(f"dr encode: error: {error}", file=sys.stderr)
-        return 2
-    if not all_ok:
-        print(
-            "dr encode: error: another rank failed (see its message); nothing was published", file=sys.stderr
-        )
-        return 2
-    if dist.get_rank() == 0:
-        try:
-            write_manifest(result.plan, result.expected, result.config, result.corpus)
-        except (ValueError, OSError) as err:
-            print(f"dr encode: error: {err}", file=sys.stderr)
-            return 2
-        layout = result.plan.layout
-        _Log(0, dist.get_world_size())(f"manifest {layout.manifest}; shard files: {layout.glob}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(dist.exit_status(main()))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,13 +35,17 @@ import numpy as np
 import pyarrow as pa
 from pyarrow import ipc
 
+from dr.errors import InputError
 from dr.io.atomic import atomic_path
 
 FORMAT_VERSION = "1"
+# Vectors from shards that differ in these cannot be mixed; the encoder fields decide the vector space.
+ENCODER_FIELDS = ("model", "pooling", "normalize")
+VECTOR_FIELDS = (*ENCODER_FIELDS, "dim", "dtype")
 _DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 
 
-class ShardError(ValueError):
+class ShardError(InputError):
     """A shard file is unreadable, truncated, or does not match the expected format/metadata."""
 
 
@@ -91,11 +96,15 @@ class ShardMeta:
         except ValueError as err:
             raise ShardError(f"{source}: bad shard metadata: {err}") from err
 
-    def compatible_with(self, other: ShardMeta) -> list[str]:
-        """Fields (other than count/side) in which two shards disagree: vectors must not be mixed then."""
+    def differences(
+        self, other: ShardMeta, fields: tuple[str, ...] = VECTOR_FIELDS, labels: tuple[str, str] = ("", "")
+    ) -> list[str]:
+        """`field=ours vs theirs` for each of `fields` in which two shards' metadata disagree (the one
+        comparison behind encode's resume check and search's shard and query/passage checks)."""
+        mine, theirs = (f"{label} " if label else "" for label in labels)
         return [
-            f
-            for f in ("model", "pooling", "normalize", "dim", "dtype")
+            f"{f}={mine}{getattr(self, f)!r} vs {theirs}{getattr(other, f)!r}"
+            for f in fields
             if getattr(self, f) != getattr(other, f)
         ]
 
@@ -293,3 +302,95 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
     if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
         raise ShardError(f"{path}: not a dr embedding manifest (format != {MANIFEST_FORMAT!r})")
     return data
+
+
+# ---- file naming: where `dr encode` writes each rank's file, the manifest and the config ---------------
+#
+#     <base>.arrow                                          one shard, one rank
+#     <base>.<shard>-of-<N>.rank<r>-of-<W>.arrow            otherwise (5-digit, zero-padded numbers)
+#     <base>[.<shard>-of-<N>].manifest.json                 written last by rank 0: files, counts, sha256
+#     <base>[.<shard>-of-<N>].config.json                   the resolved arguments
+#
+# r is the GLOBAL rank; the shard and rank ranges are contiguous (`split_range`).
+
+
+def split_range(start: int, stop: int, parts: int, index: int) -> tuple[int, int]:
+    """The `index`-th of `parts` contiguous, near-equal sub-ranges of [start, stop)."""
+    n = stop - start
+    return start + n * index // parts, start + n * (index + 1) // parts
+
+
+_LONG_NAME = re.compile(r"^(?P<base>.+)\.(\d{5})-of-(\d{5})\.rank(\d{5})-of-(\d{5})\.arrow$")
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """File names of one shard's outputs (see the module docstring)."""
+
+    base: Path
+    num_shards: int
+    shard_index: int
+    world_size: int
+
+    @property
+    def single(self) -> bool:
+        return self.num_shards == 1 and self.world_size == 1
+
+    @property
+    def stem(self) -> str:
+        if self.single:
+            return self.base.name
+        return f"{self.base.name}.{self.shard_index:05d}-of-{self.num_shards:05d}"
+
+    def rank_file(self, rank: int) -> Path:
+        if self.single:
+            return self.base.with_name(self.base.name + ".arrow")
+        return self.base.with_name(f"{self.stem}.rank{rank:05d}-of-{self.world_size:05d}.arrow")
+
+    @property
+    def manifest(self) -> Path:
+        return self.base.with_name(self.stem + ".manifest.json")
+
+    @property
+    def config(self) -> Path:
+        return self.base.with_name(self.stem + ".config.json")
+
+    @property
+    def glob(self) -> str:
+        return str(self.base.with_name(self.base.name + ("*.arrow" if self.single else ".*.arrow")))
+
+    def stale_files(self) -> list[Path]:
+        """Files of the same base from another layout (other shard count or world size): a glob would mix them."""
+        folder = self.base.parent
+        if not folder.is_dir():
+            return []
+        stale = []
+        for path in folder.iterdir():
+            match = _LONG_NAME.match(path.name)
+            if match and match.group("base") == self.base.name:
+                shard, num, _, world = (int(g) for g in match.groups()[1:])
+                other_layout = num != self.num_shards or (
+                    shard == self.shard_index and world != self.world_size
+                )
+                if self.single or other_layout:
+                    stale.append(path)
+        single = self.base.with_name(self.base.name + ".arrow")
+        if not self.single and single.exists():
+            stale.append(single)
+        return sorted(stale)
+
+
+def manifest_complete(layout: OutputLayout) -> bool:
+    """True when `dr encode` finished this shard with this layout: a readable manifest of the same layout
+    whose files all exist (the cheap check `dr pipeline` uses to skip a stage)."""
+    try:
+        manifest = read_manifest(layout.manifest)
+    except ShardError:
+        return False
+    if not manifest or (manifest.get("num_shards"), manifest.get("world_size")) != (
+        layout.num_shards,
+        layout.world_size,
+    ):
+        return False
+    files = manifest.get("files") or []
+    return len(files) == layout.world_size and all((layout.manifest.parent / f["path"]).is_file() for f in files)

@@ -27,12 +27,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dr.errors import InputError
+
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
 ID_FIELDS = ("docid", "_id", "query_id", "qid", "id")
 TEXT_FIELDS = {"passage": ("text", "contents"), "query": ("query", "text")}
 TITLE_FIELD = "title"
+SPLIT_FIELD = "split"  # BEIR-style queries.jsonl files may hold every split, tagged per row
 _FORMATS = {
     ".jsonl": "json",
     ".json": "json",
@@ -46,7 +50,7 @@ _FORMATS = {
 _GLOB_CHARS = set("*?[")
 
 
-class CorpusError(ValueError):
+class CorpusError(InputError):
     """The input cannot be read or lacks a required field; the message names the file, row and field."""
 
 
@@ -89,27 +93,49 @@ def _files_spec(source: str, files: Sequence[str]) -> InputSpec:
     return InputSpec(source=source, kind=kinds.pop(), files=tuple(files))
 
 
+CORPUS_FILES = ("corpus.jsonl", "corpus.jsonl.gz", "corpus.parquet", "corpus.tsv")
+
+
+def is_beir_folder(path: str | os.PathLike) -> bool:
+    """A BEIR-style folder: a corpus file (+ queries and qrels) rather than a folder of data files."""
+    folder = Path(path)
+    return folder.is_dir() and any((folder / name).is_file() for name in CORPUS_FILES)
+
+
+def _data_files(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.iterdir() if p.is_file() and _format_of(p.name))
+
+
 def _folder_files(folder: Path, side: str, split: str) -> list[str]:
-    """The files of a folder input: BEIR layout first, else every supported file."""
+    """The files of a folder input for `dr encode`: the BEIR layout first, else every supported file."""
     if side == "passage":
-        candidates = ["corpus.jsonl", "corpus.jsonl.gz", "corpus.parquet", "corpus.tsv"]
+        candidates = list(CORPUS_FILES)
     else:
         candidates = [f"queries.{split}.tsv", f"queries.{split}.jsonl", "queries.jsonl", "queries.tsv"]
     for name in candidates:
         if (folder / name).is_file():
             return [str(folder / name)]
-    return sorted(str(p) for p in folder.iterdir() if p.is_file() and _format_of(p.name))
+    if side == "query" and is_beir_folder(folder):
+        # Its other files are the corpus and qrels, never queries: name what is missing instead.
+        raise CorpusError(f"{folder}: no queries for split {split!r} (looked for {', '.join(candidates)})")
+    return _data_files(folder)
 
 
 def resolve_input(
     source: str, side: str = "passage", split: str = "train", config: str | None = None
 ) -> InputSpec:
-    """Decide what `source` (a path, glob, folder or hub name) refers to."""
-    if side not in TEXT_FIELDS:
-        raise CorpusError(f"side must be 'query' or 'passage', got {side!r}")
+    """Decide what `source` (a path, glob, folder or hub name) refers to: the one resolver of `dr`.
+
+    `side` is "passage" or "query" (what `dr encode` reads) or "train" (`dr train`): for training a BEIR
+    folder is one input of kind "beir" (queries + qrels + corpus), any other folder means its data files.
+    """
+    if side not in (*TEXT_FIELDS, "train"):
+        raise CorpusError(f"side must be 'query', 'passage' or 'train', got {side!r}")
     path = Path(source).expanduser()
     if path.is_dir():
-        files = _folder_files(path, side, split)
+        if side == "train" and is_beir_folder(path):
+            return InputSpec(source=source, kind="beir", files=(str(path),), split=split)
+        files = _data_files(path) if side == "train" else _folder_files(path, side, split)
         if not files:
             raise CorpusError(f"{source}: folder holds no JSONL/Parquet/TSV/Arrow files")
         return _files_spec(source, files)
@@ -128,7 +154,7 @@ def resolve_input(
     return InputSpec(source=source, kind="hub", name=source, config=config, split=split)
 
 
-def _load_dataset(spec: InputSpec, cache_dir: str | None):
+def load_dataset(spec: InputSpec, cache_dir: str | None = None):
     """Load (or reuse the Arrow cache of) the input as a memory-mapped `datasets.Dataset`."""
     import datasets
 
@@ -276,6 +302,18 @@ class TextCorpus:
         return ids, [format_text(t, title, self.prefix) for t, title in zip(texts, titles)]
 
 
+def _only_split(dataset: object, spec: InputSpec, split: str) -> object:
+    """The rows of `split` (an in-memory table: query files are small); an error naming the splits present."""
+    import datasets
+
+    table = dataset.data.table
+    keep = pc.equal(table.column(SPLIT_FIELD), split)
+    if not pc.any(keep).as_py():
+        present = sorted(str(v) for v in pc.unique(table.column(SPLIT_FIELD)).to_pylist())
+        raise CorpusError(f"{spec.describe()}: no query of split {split!r} (its splits: {present})")
+    return datasets.Dataset(table.filter(keep))
+
+
 def load_corpus(
     source: str,
     side: str = "passage",
@@ -292,10 +330,12 @@ def load_corpus(
     """Open `source` as (id, text) records for `side` ("passage" joins a title when the rows have one)."""
     spec = resolve_input(source, side, split, config)
     try:
-        dataset = _load_dataset(spec, cache_dir)
+        dataset = load_dataset(spec, cache_dir)
     except Exception as err:  # datasets raises many types; re-raised naming the input
         raise CorpusError(f"{spec.describe()}: cannot read: {type(err).__name__}: {err}") from err
     columns = list(dataset.column_names)
+    if side == "query" and SPLIT_FIELD in columns and len(spec.files) == 1:
+        dataset = _only_split(dataset, spec, split)  # one queries.jsonl holding every split
     id_name = _pick(columns, id_field, ID_FIELDS, "id", spec)
     text_name = _pick(columns, text_field, TEXT_FIELDS[side], "text", spec)
     title_name = title_field

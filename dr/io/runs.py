@@ -33,6 +33,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dr.errors import InputError
 from dr.io.atomic import atomic_path
 
 FORMATS = ("tevatron", "marco", "trec")
@@ -42,7 +43,7 @@ _INT = re.compile(r"^[0-9]+$")
 Hit = tuple[str, float]
 
 
-class RunFormatError(ValueError):
+class RunFormatError(InputError):
     """A run file is malformed (bad column count, number, duplicate hit) or its format is unknown."""
 
 

@@ -16,16 +16,17 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModel, PreTrainedTokenizerBase
 
-from dr.flags import POOLINGS
+from dr.model import DR_CONFIG_NAME, POOLINGS
+from dr.io.atomic import write_json_atomic
 from dr.train.loss import ContrastiveLoss
 
-DR_CONFIG_NAME = "dr_config.json"
 ADAPTER_CONFIG = "adapter_config.json"
 QUERY_SUBDIR, PASSAGE_SUBDIR = "query_model", "passage_model"
 
@@ -60,10 +61,21 @@ class EncoderConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    @classmethod
+    def resolve(cls, saved: EncoderConfig | None, flags: Mapping[str, Any] | None = None) -> EncoderConfig:
+        """The one precedence rule, for training and encoding alike: flag > saved dr_config.json > default.
+
+        A flag left unset is None and inherits; an explicit value wins, including an empty prefix (`""`
+        clears a prefix the model was saved with). Unknown keys are ignored.
+        """
+        values = asdict(saved) if saved else {}
+        values.update({k: v for k, v in (flags or {}).items() if v is not None})
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
     def save(self, model_dir: str | os.PathLike) -> None:
-        (Path(model_dir) / DR_CONFIG_NAME).write_text(
-            json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8"
-        )
+        """Write dr_config.json atomically: it is the marker of a complete model (written last)."""
+        write_json_atomic(Path(model_dir) / DR_CONFIG_NAME, asdict(self))
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -132,11 +144,7 @@ class BiEncoder(nn.Module):
         `merge_lora` (encoding), merged into plain weights; `lora` settings add fresh trainable adapters.
         """
         saved = EncoderConfig.load(model_name_or_path) if Path(model_name_or_path).is_dir() else None
-        values = asdict(saved) if saved else {}
-        values.update({k: v for k, v in (overrides or {}).items() if v is not None})
-        config = EncoderConfig(
-            **{k: v for k, v in values.items() if k in {f.name for f in fields(EncoderConfig)}}
-        )
+        config = EncoderConfig.resolve(saved, overrides)
         q_dir, p_dir = _encoder_dirs(Path(model_name_or_path))
         q_source = str(q_dir) if Path(model_name_or_path).is_dir() else model_name_or_path
 
@@ -311,48 +319,3 @@ def load_encoder(
 
         encoder = get_peft_model(encoder, LoraConfig(task_type=TaskType.FEATURE_EXTRACTION, **new_lora))
     return encoder
-
-
-def resolve_append_eos(config: EncoderConfig, tokenizer: Any) -> bool:
-    """Whether texts get an EOS token appended: the saved/flag value, else yes for last-token pooling.
-
-    Last-token pooling reads the final hidden state; decoder retrievers (RepLLaMA, E5-Mistral) end every
-    text with EOS so that state is the same "summary" token for every input. Tokenizers that already end
-    sequences with EOS, or have none, get nothing appended.
-    """
-    if config.append_eos is not None:
-        return config.append_eos
-    if config.pooling != "last" or tokenizer.eos_token_id is None:
-        return False
-    probe = tokenizer("probe")["input_ids"]
-    return not (probe and probe[-1] == tokenizer.eos_token_id)
-
-
-def tokenize_unpadded(
-    tokenizer: Any, texts: list[str], max_length: int, append_eos: bool
-) -> dict[str, list[list[int]]]:
-    """Token ids (and token type ids where the tokenizer makes them) per text, truncated to `max_length`
-    including the EOS token that `append_eos` adds; padding is the caller's."""
-    if not append_eos:
-        return dict(tokenizer(texts, truncation=True, max_length=max_length, return_attention_mask=False))
-    enc = tokenizer(texts, truncation=True, max_length=max_length - 1, return_attention_mask=False)
-    out = {key: [list(row) for row in enc[key]] for key in enc}
-    for i, ids in enumerate(out["input_ids"]):
-        ids.append(tokenizer.eos_token_id)
-        if "token_type_ids" in out:
-            out["token_type_ids"][i].append(out["token_type_ids"][i][-1] if out["token_type_ids"][i] else 0)
-    return out
-
-
-def load_tokenizer(model_name_or_path: str, tokenizer_name: str | None = None, cache_dir: str | None = None):
-    """The tokenizer saved with the model (or `tokenizer_name`), padding on the right; adds a pad token
-    if the model has none."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model_name_or_path, cache_dir=cache_dir)
-    if tokenizer.pad_token is None:  # decoder backbones (last-token pooling) often have no pad token
-        tokenizer.pad_token = tokenizer.eos_token
-    # LLM tokenizers often pad on the left (for generation). A plain forward numbers positions 0..L-1
-    # whatever the mask, so left padding would shift every real token's position by the padding (absolute
-    # position embeddings change the vector with the batch's longest text). Right padding keeps the real
-    # tokens at 0..n-1 under any position scheme; `pool` finds the last real token from the mask.
-    tokenizer.padding_side = "right"
-    return tokenizer

@@ -1,7 +1,6 @@
 """`python -m dr.train` = `dr train` (launch it under torchrun or deepspeed for several processes)."""
 
-from dr.distributed import exit_status
-from dr.train.cli import main
+from dr.cli import module_main
 
 if __name__ == "__main__":
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(module_main("train"))

@@ -7,28 +7,15 @@ Launch with plain `python` (one GPU or the CPU), `torchrun --nproc_per_node N` (
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from pathlib import Path
 
-from dr.flags import (
-    ConfigError,
-    DataArguments,
-    DRTrainingArguments,
-    ModelArguments,
-    parse_args,
-)
+from dr.model import DR_CONFIG_NAME
+from dr.flags import ConfigError, DataArguments, ModelArguments, dataclass_parser, to_dataclasses
+from dr.train.args import DRTrainingArguments
 
 logger = logging.getLogger("dr.train")
 
-
-def _prepare_environment() -> None:
-    """Defaults that must be in place before torch / DeepSpeed are imported by the Trainer."""
-    import torch
-
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ARGUMENT_TYPES = (ModelArguments, DataArguments, DRTrainingArguments)
 
 
 def _check_precision(args: DRTrainingArguments) -> None:
@@ -43,7 +30,7 @@ def _check_output_dir(args: DRTrainingArguments) -> None:
     out = Path(args.output_dir)
     if not out.is_dir() or args.overwrite_output_dir or args.resume_from_checkpoint:
         return
-    if (out / "dr_config.json").exists() or any(out.glob("checkpoint-*")):
+    if (out / DR_CONFIG_NAME).exists() or any(out.glob("checkpoint-*")):
         raise ConfigError(
             f"--output_dir {out} already holds a model or checkpoints: pass --overwrite_output_dir to replace "
             "it or --resume_from_checkpoint to continue"
@@ -68,7 +55,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     from dr.flags import to_jsonable
     from dr.train.collator import TrainCollator
     from dr.train.groups import TrainGroups, load_train_groups
-    from dr.model.encoder import BiEncoder, load_tokenizer, resolve_append_eos
+    from dr.model.encoder import BiEncoder
+    from dr.model.text import load_tokenizer, resolve_append_eos
     from dr.train.trainer import BiEncoderTrainer
 
     _check_precision(training_args)
@@ -84,13 +72,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
             group_size=data_args.train_n_passages,
             cache_dir=model_args.cache_dir,
         )
-    dataset = TrainGroups(
-        source,
-        data_args.train_n_passages,
-        training_args.seed,
-        data_args.query_prefix,
-        data_args.passage_prefix,
-    )
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name, model_args.cache_dir)
     overrides = {
         "pooling": model_args.pooling,
@@ -114,6 +95,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     )
     # Decided once, saved in dr_config.json: encoding then tokenises exactly as training did.
     model.encoder_config.append_eos = resolve_append_eos(model.encoder_config, tokenizer)
+    # Prefixes as resolved (flag > the starting dr folder's dr_config.json > none), like every other setting.
+    dataset = TrainGroups(
+        source,
+        data_args.train_n_passages,
+        training_args.seed,
+        model.encoder_config.query_prefix,
+        model.encoder_config.passage_prefix,
+    )
     resolved = to_jsonable(model_args, data_args, training_args)
     resolved["encoder_config"] = vars(model.encoder_config)
     if training_args.process_index == 0:
@@ -152,33 +141,25 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         logger.info("saved the trained model to %s", training_args.output_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (2: bad arguments, 1: bad data or failure)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    from dr.train.groups import DataError
-    from dr.distributed import close_process_group
+def build_parser():
+    """`dr train`'s flags: ModelArguments + DataArguments + DRTrainingArguments (Trainer flags included)."""
+    return dataclass_parser(ARGUMENT_TYPES, prog="dr train", description=__doc__.split("\n\n")[0])
 
-    finished = False
-    try:
-        _prepare_environment()
-        model_args, data_args, training_args = parse_args(
-            (ModelArguments, DataArguments, DRTrainingArguments), argv
-        )
+
+def run(args) -> int:
+    """Prepare the launch, build the argument objects, train; the process group is left in every case."""
+    from dr import distributed
+
+    extra = distributed.prepare_launch(deepspeed=bool(args.deepspeed), bf16=bool(args.bf16))
+    model_args, data_args, training_args = to_dataclasses(args, ARGUMENT_TYPES, **extra)
+    # The Trainer (accelerate) joins the launcher's group itself; we only leave it (see process_group).
+    with distributed.process_group(join=False):
         train(model_args, data_args, training_args)
-        finished = True
-    except ConfigError as err:
-        logger.error("%s", err)
-        return 2
-    except DataError as err:
-        logger.error("bad training data: %s", err)
-        return 1
-    finally:
-        close_process_group(finished)  # no barrier after a failure: see there
     return 0
 
 
-if __name__ == "__main__":
-    from dr.distributed import exit_status
+def main(argv: list[str] | None = None) -> int:
+    """`dr train` for library callers and tests: the exit status (2 bad flags, 1 bad data)."""
+    from dr.cli import run_command
 
-    raise SystemExit(exit_status(main()))
+    return run_command("train", argv)

@@ -1,22 +1,22 @@
-"""Tokenisation and padding of training groups (the only place training text becomes tensors)."""
+"""Training groups -> tensors: tokens (through `dr.model.text`, as `dr encode` does) + docid keys."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dr.train.groups import TrainItem
-from dr.model.encoder import tokenize_unpadded
+from dr.io.keys import stable_hash64
+from dr.model.text import tokenize
 
 NO_ID = -1  # padding in `positive_keys`; never produced by `id_key`
 
 
 def id_key(docid: str) -> int:
     """A stable non-negative 63-bit integer for a docid (Python's hash() differs between processes)."""
-    return int.from_bytes(hashlib.blake2b(docid.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+    return stable_hash64(docid) >> 1
 
 
 @dataclass
@@ -31,26 +31,10 @@ class TrainCollator:
     q_max_len: int
     p_max_len: int
     pad_to_multiple_of: int | None = 8
-    append_eos: bool = False  # see dr.model.resolve_append_eos
+    append_eos: bool = False  # see dr.model.text.resolve_append_eos
 
     def _tokenize(self, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
-        if self.append_eos:
-            rows = tokenize_unpadded(self.tokenizer, texts, max_len, append_eos=True)
-            return dict(
-                self.tokenizer.pad(
-                    rows, padding=True, pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"
-                )
-            )
-        return dict(
-            self.tokenizer(
-                texts,
-                max_length=max_len,
-                truncation=True,
-                padding=True,
-                pad_to_multiple_of=self.pad_to_multiple_of,
-                return_tensors="pt",
-            )
-        )
+        return tokenize(self.tokenizer, texts, max_len, self.append_eos, self.pad_to_multiple_of)
 
     def __call__(self, items: list[TrainItem]) -> dict[str, Any]:
         queries = [item.query for item in items]

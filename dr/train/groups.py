@@ -14,7 +14,6 @@ uniformly from the corpus, excluding the query's positives, afresh every epoch.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 from pathlib import Path
@@ -25,15 +24,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from dr.io.corpus import format_text
+from dr.errors import InputError
+from dr.io.corpus import CorpusError, InputSpec, format_text, load_corpus, load_dataset, resolve_input
 from dr.io.paths import expand_tilde
 
 logger = logging.getLogger(__name__)
 
-DATA_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Training data is missing, malformed or inconsistent; the message names file, row and field."""
 
 
@@ -195,30 +194,7 @@ class BeirGroups(GroupSource):
 
 
 # ---- locating and loading --------------------------------------------------------------------------------
-def local_data_files(spec: str) -> list[Path] | None:
-    """Local files named by a path, a glob or a folder; None when `spec` is not local (a hub name)."""
-    path = Path(spec)
-    if path.is_file():
-        return [path]
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in DATA_SUFFIXES and p.is_file())
-        if not files:
-            raise DataError(f"{spec}: folder has no .jsonl/.json/.parquet files")
-        return files
-    if any(ch in spec for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(spec) if Path(p).is_file())
-        if not files:
-            raise DataError(f"{spec}: glob matches no files")
-        return files
-    if path.suffix in DATA_SUFFIXES or spec.startswith((".", "/", "~")):
-        # A path that does not exist, not a hub name: say so instead of a confusing hub error.
-        raise DataError(f"{spec}: no such file or folder")
-    return None
-
-
-def is_beir_folder(spec: str) -> bool:
-    p = Path(spec)
-    return p.is_dir() and (p / "corpus.jsonl").is_file()
+TRAIN_FORMATS = ("json", "parquet", "arrow")  # the formats that can hold nested passage lists
 
 
 def load_train_groups(
@@ -228,47 +204,50 @@ def load_train_groups(
     group_size: int = 8,
     cache_dir: str | None = None,
 ) -> GroupSource:
-    """Load and validate training groups from any supported source (see module docstring)."""
+    """Load and validate training groups from any supported source (see module docstring).
+
+    What `dataset_name` means is decided by `dr.io.corpus.resolve_input`, the resolver `dr encode` uses
+    too, so both accept the same files, globs, folders and hub names.
+    """
     if not dataset_name:
         raise DataError("--dataset_name is required for training (a hub name, a file, a glob or a folder)")
-    dataset_name = expand_tilde(dataset_name)  # for callers that did not parse it with dr.arguments
-    if is_beir_folder(dataset_name):
-        return load_beir_groups(Path(dataset_name), split, group_size)
-    files = local_data_files(dataset_name)
-    if files is None:
-        return TevatronGroups(_load_hub(dataset_name, split, config, group_size, cache_dir))
+    try:
+        spec = resolve_input(expand_tilde(dataset_name), "train", split, config)
+    except CorpusError as err:
+        raise DataError(str(err)) from err
+    if spec.kind == "beir":
+        return load_beir_groups(Path(spec.files[0]), split, group_size)
+    if spec.kind == "hub":
+        return TevatronGroups(_load_hub(spec, group_size, cache_dir))
+    if spec.kind not in TRAIN_FORMATS:
+        raise DataError(
+            f"{spec.describe()}: {spec.kind} files cannot hold training groups; use JSONL, JSON, Parquet or "
+            "Arrow rows in the Tevatron format (or a BEIR folder)"
+        )
     import datasets
 
-    parts = [_load_local_file(f, group_size, cache_dir) for f in files]
+    parts = [_load_local_file(InputSpec(f, spec.kind, (f,)), group_size, cache_dir) for f in spec.files]
     return TevatronGroups(parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts))
 
 
-def _load_hub(name: str, split: str, config: str | None, group_size: int, cache_dir: str | None) -> Any:
-    import datasets
-
-    if name.count("/") == 2:  # Tevatron's "Org/name/split" spelling
-        name, split = name.rsplit("/", 1)
+def _load_hub(spec: InputSpec, group_size: int, cache_dir: str | None) -> Any:
     try:
-        ds = datasets.load_dataset(name, config, split=split, cache_dir=cache_dir)
+        ds = load_dataset(spec, cache_dir)
     except Exception as err:
-        raise DataError(f"cannot load dataset {name!r} (split {split!r}) from the hub: {err}") from err
-    validate_groups(ds.data.table, name, group_size)
+        raise DataError(f"cannot load {spec.describe()} from the hub: {err}") from err
+    validate_groups(ds.data.table, spec.name, group_size)
     return ds
 
 
-def _load_local_file(path: Path, group_size: int, cache_dir: str | None) -> Any:
-    import datasets
-
-    builder = DATA_SUFFIXES.get(path.suffix)
-    if builder is None:
-        raise DataError(f"{path}: unsupported file type (use .jsonl, .json or .parquet)")
+def _load_local_file(spec: InputSpec, group_size: int, cache_dir: str | None) -> Any:
+    path = Path(spec.files[0])
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+        ds = load_dataset(spec, cache_dir)
     except Exception as err:
         cause = err.__cause__ or err
-        raise DataError(f"{path}: cannot parse as {builder}: {cause}") from err
+        raise DataError(f"{path}: cannot parse as {spec.kind}: {cause}") from err
     validate_groups(ds.data.table, str(path), group_size)
     return ds
 
@@ -372,27 +351,21 @@ def _first_existing(folder: Path, names: list[str]) -> Path | None:
 
 def load_beir_groups(folder: Path, split: str, group_size: int) -> BeirGroups:
     """Training groups from a BEIR-style folder: queries of `split` with at least one relevant document."""
-    from dr.io.corpus import CorpusError, load_corpus
-    from dr.eval.evaluate import QrelsFormatError, read_qrels
+    from dr.io.qrels import read_qrels
 
     try:
         corpus = load_corpus(str(folder), side="passage")
         corpus.validate(0, len(corpus))
         ids, texts = corpus.records(0, len(corpus))
-        queries = load_corpus(str(folder), side="query", split=split)
+        queries = load_corpus(str(folder), side="query", split=split)  # only `split`'s queries
         query_ids, query_texts = queries.records(0, len(queries))
-        if "split" in queries.table.column_names:  # one queries.jsonl for every split
-            splits = queries.table.column("split").to_pylist()
-            query_ids, query_texts = zip(
-                *[(q, t) for q, t, s in zip(query_ids, query_texts, splits) if s == split]
-            )
         r_path = _first_existing(
             folder, [f"qrels.{split}.trec", f"qrels/{split}.tsv", f"qrels.{split}.tsv", "qrels.trec"]
         )
         if r_path is None:
             raise DataError(f"{folder}: BEIR folder has no qrels for split {split!r}")
         qrels = read_qrels(r_path)
-    except (CorpusError, QrelsFormatError, ValueError) as err:
+    except InputError as err:
         raise DataError(str(err)) from err
     if not texts:
         raise DataError(f"{folder}: the corpus has no documents")

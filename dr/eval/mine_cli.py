@@ -14,31 +14,26 @@ positive (hits scored almost like a positive are often unjudged positives). The 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dr.errors import InputError, UsageError
+from dr.io.keys import stable_hash64
 from dr.io.atomic import atomic_path, write_json_atomic
-from dr.io.corpus import CorpusError, load_corpus
-from dr.eval.evaluate import QrelsFormatError, read_qrels
-from dr.io.paths import expand_home
-from dr.io.runs import RunFormatError, read_run
+from dr.io.corpus import load_corpus
+from dr.io.qrels import read_qrels
+from dr.io.runs import read_run
 
 logger = logging.getLogger("dr.mine")
 
 
-class MineError(ValueError):
+class MineError(InputError):
     """The run, queries, qrels and corpus do not fit together; the message names the file and id."""
-
-
-def stable_seed(text: str) -> int:
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def choose_negatives(
@@ -103,7 +98,7 @@ def mine(args: argparse.Namespace) -> dict[str, int]:
         if not positives:
             counts["no_positive"] += 1
             continue
-        rng = np.random.default_rng([args.seed, stable_seed(qid)])
+        rng = np.random.default_rng([args.seed, stable_hash64(qid)])
         negatives = choose_negatives(hits, positives, tuple(args.ranks), args.n_negatives, rng, args.margin)
         if not negatives:
             counts["no_negative"] += 1
@@ -160,18 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    args = expand_home(build_parser().parse_args(argv))
-    try:
-        if not 1 <= args.ranks[0] < args.ranks[1]:
-            raise MineError(f"--ranks {args.ranks[0]} {args.ranks[1]}: need 1 <= A < B")
-        if args.n_negatives < 1:
-            raise MineError("--n_negatives must be >= 1")
-        counts = mine(args)
-    except (MineError, RunFormatError, QrelsFormatError, CorpusError, OSError) as err:
-        print(f"dr mine: error: {err}", file=sys.stderr)
-        return 2
+def run(args: argparse.Namespace) -> int:
+    if not 1 <= args.ranks[0] < args.ranks[1]:
+        raise UsageError(f"--ranks {args.ranks[0]} {args.ranks[1]}: need 1 <= A < B")
+    if args.n_negatives < 1:
+        raise UsageError("--n_negatives must be >= 1")
+    counts = mine(args)
     write_json_atomic(Path(str(args.output) + ".config.json"), {**vars(args), "counts": counts})
     logger.info(
         "wrote %d training queries to %s (%d in the run; skipped %d without a positive, %d without a negative; "
@@ -187,5 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def main(argv: list[str] | None = None) -> int:
+    """`dr mine` for library callers and tests: the exit status (2 bad flags, 1 bad files)."""
+    from dr.cli import run_command
+
+    return run_command("mine", argv)

@@ -1,4 +1,4 @@
-"""`dr pipeline CONFIG [--set key=value ...]`: train -> encode -> search -> convert -> eval from one file.
+"""`dr pipeline CONFIG [--set key=value ...]` (the command: `dr.pipeline.cli`): train -> encode -> search -> convert -> eval from one file.
 
 Every stage is its own subprocess (`python -m dr.<stage>` or `python -m torch.distributed.run
 --standalone --nproc_per_node N -m dr.<stage>`), so the pipeline runs exactly the commands a user would
@@ -37,8 +37,8 @@ Config schema (YAML or JSON; see docs/pipeline.md for a commented example):
     demo: {...}                   # read by `dr demo` only; ignored here
 
 Values: `${VAR}` / `${VAR:-default}` expand from the environment; `--set a.b=VALUE` overrides any key
-(VALUE is parsed as YAML: `--set train=null`, `--set train.max_steps=10`). Flag values: true -> `--flag`,
-false -> `--flag false` (train/encode) or omitted (search), a list -> `--flag a b`, null -> omitted.
+(VALUE is parsed as YAML: `--set train=null`, `--set train.max_steps=10`). Flag values, the same for every
+command (`dr.flags`): true -> `--flag`, false -> `--flag false`, a list -> `--flag a b`, null -> omitted.
 
 Skipping (a killed run resumes): train when RUN_DIR/model/dr_config.json exists (written last by
 `dr train`; checkpoints resume with `--resume_from_checkpoint latest`); a corpus shard or the queries when
@@ -56,6 +56,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,7 +67,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dr.io.paths import expand_home, expand_tilde
+from dr.errors import InputError, UsageError
+from dr.index.shards import OutputLayout, manifest_complete
+from dr.model import DR_CONFIG_NAME
+from dr.io.paths import expand_tilde
 
 TOP_LEVEL_KEYS = {
     "run_dir",
@@ -96,11 +100,11 @@ RUN_SUFFIX = {"trec": "trec", "marco": "marco", "tevatron": "tevatron"}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-class PipelineError(ValueError):
-    """The config is invalid; the message names the key."""
+class PipelineError(UsageError):
+    """The config is invalid; the message names the key (exit status 2)."""
 
 
-class StageFailed(PipelineError):
+class StageFailed(InputError):
     """A stage exited with an error or left incomplete outputs; the message names the stage and its log."""
 
 
@@ -222,8 +226,9 @@ def resolve_config(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- commands -------------------------------------------------------------------------------------------
-def flags_to_argv(flags: dict[str, Any], hf_bools: bool) -> list[str]:
-    """{flag: value} -> argv. HfArgumentParser commands take `--flag false`; argparse switches are omitted."""
+def flags_to_argv(flags: dict[str, Any]) -> list[str]:
+    """{flag: value} -> argv, one dialect for every command (`dr.flags`): true -> `--flag`, false ->
+    `--flag false`, a list -> `--flag a b`, None -> omitted."""
     argv: list[str] = []
     for key, value in flags.items():
         if value is None:
@@ -231,7 +236,7 @@ def flags_to_argv(flags: dict[str, Any], hf_bools: bool) -> list[str]:
         if value is True:
             argv.append(f"--{key}")
         elif value is False:
-            argv += [f"--{key}", "false"] if hf_bools else []
+            argv += [f"--{key}", "false"]
         elif isinstance(value, (list, tuple)):
             argv += [f"--{key}", *map(str, value)]
         else:
@@ -253,27 +258,6 @@ def launch_prefix(module: str, nproc: int) -> list[str]:
         "-m",
         module,
     ]
-
-
-def encode_base_names(base: Path, num_shards: int, world_size: int) -> list[Path]:
-    """The manifest path `dr encode` writes for each shard of a layout (see docs/encode.md)."""
-    if num_shards == 1 and world_size == 1:
-        return [base.with_name(base.name + ".manifest.json")]
-    return [
-        base.with_name(f"{base.name}.{i:05d}-of-{num_shards:05d}.manifest.json") for i in range(num_shards)
-    ]
-
-
-def manifest_complete(path: Path, num_shards: int, world_size: int) -> bool:
-    """True when `dr encode` finished this shard with this layout: manifest present, its files exist."""
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    if manifest.get("num_shards") != num_shards or manifest.get("world_size") != world_size:
-        return False
-    files = manifest.get("files") or []
-    return len(files) == world_size and all((path.parent / f["path"]).is_file() for f in files)
 
 
 @dataclass
@@ -326,8 +310,8 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
     enc = dict(cfg["encode"])
     shared = {k: v for k, v in enc.items() if k not in ENCODE_KEYS}
     n_shards, w_enc = int(enc["num_shards"]), procs["encode"]
-    corpus_manifests = encode_base_names(lay.corpus_base, n_shards, w_enc)
-    for i, manifest in enumerate(corpus_manifests):
+    for i in range(n_shards):
+        layout = OutputLayout(lay.corpus_base, n_shards, i, w_enc)
         flags = {
             **encoder_flags,
             "dataset_name": enc["corpus"],
@@ -338,8 +322,8 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
             "encode_num_shard": n_shards,
             "encode_shard_index": i,
         }
-        steps.append(_encode_step(f"encode_corpus[{i}/{n_shards}]", flags, w_enc, manifest, n_shards))
-    query_manifest = encode_base_names(lay.query_base, 1, w_enc)[0]
+        steps.append(_encode_step(f"encode_corpus[{i}/{n_shards}]", flags, w_enc, layout))
+    query_layout = OutputLayout(lay.query_base, 1, 0, w_enc)
     qflags = {
         **encoder_flags,
         "dataset_name": enc["queries"],
@@ -351,18 +335,18 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
         "encode_num_shard": 1,
         "encode_shard_index": 0,
     }
-    steps.append(_encode_step("encode_queries", qflags, w_enc, query_manifest, 1))
+    steps.append(_encode_step("encode_queries", qflags, w_enc, query_layout))
     search_flags = {
         **cfg["search"],
-        "query_reps": f"{lay.query_base}*.arrow",
-        "passage_reps": f"{lay.corpus_base}.*arrow",
+        "query_reps": query_layout.glob,
+        "passage_reps": OutputLayout(lay.corpus_base, n_shards, 0, w_enc).glob,
         "save_ranking_to": str(lay.run),
-        "format": "tevatron",
+        "run_format": "tevatron",
     }
     steps.append(
         Step(
             "search",
-            launch_prefix("dr.index.search", procs["search"]) + flags_to_argv(search_flags, False),
+            launch_prefix("dr.search", procs["search"]) + flags_to_argv(search_flags),
             done=lay.run.is_file,
             invalidate=_remove(lay.run),
         )
@@ -371,10 +355,8 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
     steps.append(
         Step(
             "convert",
-            launch_prefix("dr.eval.convert", 1)
-            + flags_to_argv(
-                {"input": str(lay.run), "output": str(converted), "to": cfg["eval"]["run_format"]}, False
-            ),
+            launch_prefix("dr.convert", 1)
+            + flags_to_argv({"input": str(lay.run), "output": str(converted), "to": cfg["eval"]["run_format"]}),
             done=converted.is_file,
             invalidate=_remove(converted),
         )
@@ -388,7 +370,7 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
     steps.append(
         Step(
             "eval",
-            launch_prefix("dr.eval.evaluate", 1) + flags_to_argv(eval_flags, False),
+            launch_prefix("dr.evaluate", 1) + flags_to_argv(eval_flags),
             done=lay.metrics.is_file,
             invalidate=_remove(lay.metrics),
         )
@@ -399,19 +381,25 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
 def _train_step(cfg: dict[str, Any], lay: Layout, model_flags: dict[str, Any]) -> Step:
     """`dr train` into RUN_DIR/model; resumes from the newest checkpoint when one exists."""
     flags = {**model_flags, **cfg["train"], "output_dir": str(lay.model)}
-    base = launch_prefix("dr.train", cfg["processes"]["train"]) + flags_to_argv(flags, True)
-    step = Step("train", base, done=(lay.model / "dr_config.json").is_file)
+    base = launch_prefix("dr.train", cfg["processes"]["train"]) + flags_to_argv(flags)
+    step = Step("train", base, done=(lay.model / DR_CONFIG_NAME).is_file)
     if any(lay.model.glob("checkpoint-*")) and "resume_from_checkpoint" not in flags:
         step.cmd = base + ["--resume_from_checkpoint", "latest"]
+
+    def invalidate() -> None:  # --force: train afresh, not resume, and never trust the old marker
+        shutil.rmtree(lay.model, ignore_errors=True)
+        step.cmd = list(base)
+
+    step.invalidate = invalidate
     return step
 
 
-def _encode_step(name: str, flags: dict[str, Any], nproc: int, manifest: Path, n_shards: int) -> Step:
-    cmd = launch_prefix("dr.index.encode", nproc) + flags_to_argv(flags, True)
-    step = Step(name, cmd, done=lambda: manifest_complete(manifest, n_shards, nproc))
+def _encode_step(name: str, flags: dict[str, Any], nproc: int, layout: OutputLayout) -> Step:
+    cmd = launch_prefix("dr.encode", nproc) + flags_to_argv(flags)
+    step = Step(name, cmd, done=lambda: manifest_complete(layout))
 
     def invalidate() -> None:  # upstream model changed: recompute instead of trusting same-path metadata
-        manifest.unlink(missing_ok=True)
+        layout.manifest.unlink(missing_ok=True)
         if "--overwrite" not in step.cmd:
             step.cmd.append("--overwrite")
 
@@ -537,18 +525,6 @@ def save_resolved_config(cfg: dict[str, Any], runner: Runner) -> None:
     write_json_atomic(path, cfg)
 
 
-def format_metrics(metrics: dict[str, Any], title: str = "metrics") -> str:
-    """A two-column table of the numeric metrics."""
-    rows = [(k, v) for k, v in metrics.items() if isinstance(v, float)]
-    width = max([len(k) for k, _ in rows] + [len(title)])
-    lines = [f"{title:<{width}}  value", f"{'-' * width}  ------"]
-    lines += [f"{k:<{width}}  {v:.4f}" for k, v in rows]
-    extra = {k: v for k, v in metrics.items() if isinstance(v, int)}
-    if extra:
-        lines.append("  ".join(f"{k}={v}" for k, v in extra.items()))
-    return "\n".join(lines)
-
-
 def run_pipeline(cfg: dict[str, Any], quiet: bool = False, force: bool = False) -> dict[str, Any]:
     """Run (or resume) the pipeline described by a resolved config; return the metrics."""
     runner = Runner(cfg, quiet=quiet, force=force)
@@ -580,35 +556,3 @@ def add_override_flag(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.max_steps=10 --set train=null",
     )
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dr pipeline", description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", help="pipeline config (YAML/JSON), see docs/pipeline.md")
-    add_override_flag(parser)
-    parser.add_argument("--quiet", action="store_true", help="stage output to RUN_DIR/logs only")
-    parser.add_argument("--force", action="store_true", help="redo every stage (overwrite outputs)")
-    parser.add_argument("--dry_run", action="store_true", help="print the commands and exit")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `dr pipeline`; exit status 0 ok, 2 bad config, 1 a stage failed."""
-    args = expand_home(build_parser().parse_args(argv))
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
-            print(json.dumps(cfg, indent=2))
-            for step in build_steps(cfg):
-                print(f"# {step.name}\n{shlex.join(step.cmd)}")
-            return 0
-        metrics = run_pipeline(cfg, quiet=args.quiet, force=args.force)
-    except PipelineError as err:
-        print(f"dr pipeline: error: {err}", file=sys.stderr)
-        return 1 if isinstance(err, StageFailed) else 2
-    print(format_metrics(metrics, title=Path(cfg["run_dir"]).name))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""`dr eval`: score a run against qrels (MRR@10, nDCG@10, recall, MAP, any ir_measures measure).
+"""Metrics of a run against qrels, for `dr eval`, the pipeline and the demo (MRR@10, nDCG@10, recall, MAP, any ir_measures measure).
 
 Usage::
 
@@ -14,77 +14,28 @@ Semantics (chosen to match the official MS MARCO evaluator and ``trec_eval -c``)
 * The other metrics come from ``ir_measures`` with its pytrec_eval (trec_eval) backend: nDCG uses the
   graded ``rel`` value as gain (trec_eval's linear gain), R@k and MAP count ``rel >= 1`` as relevant.
   ``MAP`` is an alias of ``AP``; any other ``ir_measures`` name (``P@10``, ``RR``, ...) is passed through.
-* Ties: hits are ranked by score descending, then docid ascending (`dr.runfile`). The run handed to
+* Ties: hits are ranked by score descending, then docid ascending (`dr.io.runs`). The run handed to
   trec_eval carries strictly decreasing synthetic scores, so trec_eval's own tie rule (score, then docid
   *descending*) never applies and every metric sees the same ranking as MRR@10.
 
-Qrels: TREC ``qid iter docid rel`` (the second column is ignored, e.g. ``0`` or ``Q0``), whitespace or tab
-separated, which also covers MS MARCO's ``qrels.*.tsv``; or two columns ``qid docid`` (each line a
-relevant doc, rel = 1). The run may be in any format `dr.runfile` reads.
+Qrels are read by `dr.io.qrels`; the run may be in any format `dr.io.runs` reads.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
-import sys
-from pathlib import Path
+from typing import Any
 
-from dr.io.atomic import write_json_atomic
-from dr.io.paths import expand_home
-from dr.io.runs import FORMATS, Run, read_run
+from dr.errors import InputError, UsageError
+from dr.io.qrels import Qrels, judged_queries
+from dr.io.runs import Run
 
 DEFAULT_METRICS = ("MRR@10", "nDCG@10", "R@100", "R@1000", "MAP")
 _ALIASES = {"MAP": "AP"}
 
-Qrels = dict[str, dict[str, int]]
 
-
-class QrelsFormatError(ValueError):
-    """A qrels file is malformed."""
-
-
-class EvalError(ValueError):
+class EvalError(InputError):
     """The qrels and run cannot be evaluated together (unknown metric, no overlapping queries)."""
-
-
-def read_qrels(path: str | os.PathLike) -> Qrels:
-    """Read qrels into qid -> {docid: rel}: TREC / MS MARCO (`qid iter docid rel`), BEIR TSV
-    (`query-id corpus-id score`, header line skipped) or 2-column (`qid docid`, relevance 1).
-
-    Raises:
-        QrelsFormatError: naming the file and line of the first malformed line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise QrelsFormatError(f"{path}: qrels file not found")
-    qrels: Qrels = {}
-    ncols = None
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        fields = line.split()
-        if not fields or (number == 1 and fields[0] == "query-id"):  # BEIR header
-            continue
-        ncols = ncols or len(fields)
-        if len(fields) != ncols or ncols not in (2, 3, 4):
-            raise QrelsFormatError(
-                f"{path}:{number}: {len(fields)} columns; qrels need 4 (qid iter docid rel), 3 (qid docid rel) "
-                f"or 2 (qid docid) on every line"
-            )
-        qid, docid = fields[0], fields[2] if ncols == 4 else fields[1]
-        try:
-            rel = int(fields[-1]) if ncols > 2 else 1
-        except ValueError:
-            raise QrelsFormatError(f"{path}:{number}: relevance {fields[-1]!r} is not an integer") from None
-        qrels.setdefault(qid, {})[docid] = rel
-    if not qrels:
-        raise QrelsFormatError(f"{path}: the qrels file is empty")
-    return qrels
-
-
-def judged_queries(qrels: Qrels) -> list[str]:
-    """Queries with at least one relevant (rel >= 1) document: the denominator of every metric."""
-    return [qid for qid, docs in qrels.items() if any(rel >= 1 for rel in docs.values())]
 
 
 def reciprocal_rank(hits: list[tuple[str, float]], relevant: dict[str, int], cutoff: int) -> float:
@@ -101,7 +52,7 @@ def _parse_cutoff(name: str) -> int | None:
         return None
     value = name.split("@", 1)[1]
     if not value.isdigit() or int(value) < 1:
-        raise EvalError(f"metric {name!r}: cutoff must be a positive integer")
+        raise UsageError(f"metric {name!r}: cutoff must be a positive integer")
     return int(value)
 
 
@@ -111,7 +62,7 @@ def _ir_measure(name: str):
     try:
         return ir_measures.parse_measure(_ALIASES.get(name, name))
     except (ValueError, NameError, SyntaxError, TypeError) as err:
-        raise EvalError(f"unknown metric {name!r} (ir_measures could not parse it: {err})") from None
+        raise UsageError(f"unknown metric {name!r} (ir_measures could not parse it: {err})") from None
 
 
 def _rank_scored_run(run: Run, queries: list[str]) -> dict[str, dict[str, float]]:
@@ -166,45 +117,26 @@ def _trec_eval_means(qrels: Qrels, run: Run, queries: list[str], measures: dict)
     return {name: total / len(queries) for name, total in sums.items()}
 
 
-def format_table(results: dict[str, float | int]) -> str:
-    """A two-column text table of metric values."""
-    width = max(len(name) for name in results)
-    lines = [f"{'metric':<{width}}  value", f"{'-' * width}  ------"]
-    for name, value in results.items():
-        text = f"{value:.4f}" if isinstance(value, float) else str(value)
-        lines.append(f"{name:<{width}}  {text}")
+def format_table(results: dict[str, dict[str, Any]] | dict[str, Any], metrics: list[str] | None = None,
+                 title: str = "metric") -> str:
+    """The one metrics table of every command: rows = systems (or one column of values), columns = metrics.
+
+    `results` is either {system: {metric: value}} (pipeline / demo comparisons) or one {metric: value}
+    mapping (`dr eval`), which prints as a two-column table; integer counts follow on one line.
+    """
+    if results and all(not isinstance(v, dict) for v in results.values()):  # one system
+        values = {k: v for k, v in results.items() if not isinstance(v, int) or isinstance(v, bool)}
+        counts = {k: v for k, v in results.items() if isinstance(v, int) and not isinstance(v, bool)}
+        width = max([len(k) for k in values] + [len(title)])
+        lines = [f"{title:<{width}}  value", f"{'-' * width}  ------"]
+        lines += [f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in values.items()]
+        if counts:
+            lines.append("  ".join(f"{k}={v}" for k, v in counts.items()))
+        return "\n".join(lines)
+    metrics = metrics or sorted({m for values in results.values() for m in values})
+    width = max([len(name) for name in results] + [len(title)]) + 2
+    header = f"{title:<{width}}" + "".join(f"{m:>10}" for m in metrics)
+    lines = [header, "-" * len(header)]
+    for name, values in results.items():
+        lines.append(f"{name:<{width}}" + "".join(f"{values.get(m, float('nan')):>10.4f}" for m in metrics))
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dr eval", description="Evaluate a run against qrels.")
-    parser.add_argument(
-        "--qrels", required=True, help="TREC qrels (qid iter docid rel) or MS MARCO qrels TSV"
-    )
-    parser.add_argument("--run", required=True, help="run file (tevatron, marco or trec; detected)")
-    parser.add_argument("--run_format", default="auto", choices=("auto", *FORMATS))
-    parser.add_argument(
-        "--metrics", nargs="+", default=list(DEFAULT_METRICS), help="MRR@k or ir_measures names"
-    )
-    parser.add_argument("--output", default=None, help="write the metrics as JSON here (atomically)")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run `dr eval`; return the exit status (0 ok, 2 bad input)."""
-    args = expand_home(build_parser().parse_args(argv))
-    try:
-        qrels = read_qrels(args.qrels)
-        run, _ = read_run(args.run, args.run_format)
-        results = evaluate(qrels, run, args.metrics)
-        if args.output:
-            write_json_atomic(args.output, results)
-    except (ValueError, OSError) as err:
-        print(f"dr eval: error: {err}", file=sys.stderr)
-        return 2
-    print(format_table(results))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""`dr convert`: rewrite a run file in another format (tevatron, MS MARCO, TREC).
+"""`dr convert` / `python -m dr.convert`: rewrite a run file in another format (tevatron, MS MARCO, TREC).
 
 Usage::
 
@@ -7,16 +7,17 @@ Usage::
 
 The target format is `--to`, else inferred from the output suffix (``.marco``/``.tsv`` -> marco,
 ``.trec`` -> trec, ``.tevatron`` -> tevatron), else marco, as Tevatron's ``convert_result_to_marco``.
-Ids and ranks survive every conversion; see `dr.runfile` for the ordering and score conventions.
+Ids and ranks survive every conversion; see `dr.io.runs` for the ordering and score conventions.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
-from dr.io.paths import expand_home
 from dr.io.runs import DEFAULT_TAG, FORMATS, format_for_suffix, read_run, write_run
+
+logger = logging.getLogger("dr.convert")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,22 +32,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run `dr convert`; return the exit status (0 ok, 2 bad input)."""
-    args = expand_home(build_parser().parse_args(argv))
+def run(args: argparse.Namespace) -> int:
     dst = args.dst_format or format_for_suffix(args.output)
-    try:
-        run, src = read_run(args.input, args.src_format)
-        write_run(args.output, run, dst, tag=args.run_tag)
-    except (ValueError, OSError) as err:
-        print(f"dr convert: error: {err}", file=sys.stderr)
-        return 2
-    print(
-        f"dr convert: {len(run)} queries, {run.num_hits()} hits: {src} -> {dst} ({args.output})",
-        file=sys.stderr,
-    )
+    run_, src = read_run(args.input, args.src_format)
+    write_run(args.output, run_, dst, tag=args.run_tag)
+    logger.info("%d queries, %d hits: %s -> %s (%s)", len(run_), run_.num_hits(), src, dst, args.output)
     return 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+def main(argv: list[str] | None = None) -> int:
+    """`dr convert` for library callers and tests: the exit status (2 bad flags, 1 bad files)."""
+    from dr.cli import run_command
+
+    return run_command("convert", argv)

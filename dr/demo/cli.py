@@ -27,26 +27,24 @@ stage. `dr demo bm25 --corpus C --queries Q --qrels R --output_dir D` runs the l
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib
 import inspect
-import io
 import json
 import os
 import random
 import re
-import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dr.eval.metrics import format_table
+from dr.flags import add_bool
 from dr.pipeline import (
     PipelineError,
     add_override_flag,
-    format_metrics,
     resolve_config,
     run_pipeline,
     set_dotted,
@@ -218,42 +216,29 @@ def write_task(task: dict, folder: Path) -> dict[str, str]:
 
 
 # ---- BM25 baseline --------------------------------------------------------------------------------------
-def read_corpus(path: str) -> tuple[list[str], list[str]]:
-    """(docids, texts) of a corpus JSONL ({"docid"|"_id", "title", "text"}); title and text joined."""
-    ids, texts = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                ids.append(str(row.get("docid", row.get("_id"))))
-                texts.append(f"{row.get('title') or ''} {row.get('text') or ''}".strip())
-    return ids, texts
+def read_texts(path: str, side: str) -> tuple[list[str], list[str]]:
+    """(ids, texts) of a corpus or queries file, read as `dr encode` reads it (same title rule)."""
+    from dr.io.corpus import load_corpus
 
-
-def read_queries(path: str) -> tuple[list[str], list[str]]:
-    """(qids, texts) of a `qid<TAB>text` file."""
-    ids, texts = [], []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                qid, text = line.rstrip("\n").split("\t", 1)
-                ids.append(qid)
-                texts.append(text)
-    return ids, texts
+    records = load_corpus(path, side)
+    return records.records(0, len(records))
 
 
 def bm25_baseline(
     corpus: str, queries: str, qrels: str, out_dir: Path, metrics: list[str], depth: int = 100
 ) -> dict[str, Any]:
     """BM25 (bm25s, English stopwords) run + `dr eval` metrics in out_dir; reuses metrics.json if present."""
-    from dr.eval import evaluate
+    from dr.eval.metrics import evaluate
+    from dr.io.atomic import write_json_atomic
+    from dr.io.qrels import read_qrels
+    from dr.io.runs import read_run
 
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.json"
     if metrics_path.is_file():
         return json.loads(metrics_path.read_text())
-    docids, texts = read_corpus(corpus)
-    qids, qtexts = read_queries(queries)
+    docids, texts = read_texts(corpus, "passage")
+    qids, qtexts = read_texts(queries, "query")
     hits, scores = bm25_search(bm25_index(texts), qtexts, k=min(depth, len(docids)))
     run_path = out_dir / "run.trec"
     with open(run_path, "w", encoding="utf-8") as f:
@@ -262,13 +247,9 @@ def bm25_baseline(
                 f"{qid} Q0 {docids[int(j)]} {rank} {float(s):.6f} bm25\n"
                 for rank, (j, s) in enumerate(zip(row, srow), 1)
             )
-    with contextlib.redirect_stdout(io.StringIO()):
-        rc = evaluate.main(
-            ["--qrels", qrels, "--run", str(run_path), "--metrics", *metrics, "--output", str(metrics_path)]
-        )
-    if rc != 0:
-        raise PipelineError(f"dr eval of the BM25 run failed (exit status {rc})")
-    return json.loads(metrics_path.read_text())
+    results = evaluate(read_qrels(qrels), read_run(run_path, "trec")[0], metrics)
+    write_json_atomic(metrics_path, results)
+    return results
 
 
 # ---- the demo -------------------------------------------------------------------------------------------
@@ -279,7 +260,7 @@ def load_demo_config(path: Path, small: bool, overrides: list[str]) -> dict[str,
     from dr.pipeline import apply_override
 
     if not path.is_file():
-        raise PipelineError(f"{path}: demo config not found (run from a source checkout or pass --config)")
+        raise PipelineError(f"{path}: no such demo config")
     cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     if small:
         for key, value in (cfg.get("demo", {}).get("small") or {}).items():
@@ -291,15 +272,6 @@ def load_demo_config(path: Path, small: bool, overrides: list[str]) -> dict[str,
 
 def _log(message: str) -> None:
     print(f"[dr demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def results_table(results: dict[str, dict[str, Any]], metrics: list[str]) -> str:
-    """Rows = systems, columns = metrics."""
-    header = f"{'system':<34}" + "".join(f"{m:>10}" for m in metrics)
-    lines = [header, "-" * len(header)]
-    for name, values in results.items():
-        lines.append(f"{name:<34}" + "".join(f"{values.get(m, float('nan')):>10.4f}" for m in metrics))
-    return "\n".join(lines)
 
 
 def run_demo(cfg: dict[str, Any], quiet: bool = True) -> dict[str, Any]:
@@ -366,61 +338,59 @@ def run_demo(cfg: dict[str, Any], quiet: bool = True) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dr demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--run_dir", default=None, help="output folder (default: the config's run_dir)")
-    parser.add_argument(
+    add_bool(
+        parser,
         "--small",
-        action="store_true",
         default=os.environ.get("DR_DEMO_SMALL", "") not in ("", "0"),
         help="the CI setting (also DR_DEMO_SMALL=1): fewer passages and steps",
     )
-    parser.add_argument("--config", default=str(PACKAGED_CONFIG), help="demo config (default: the packaged dr/demo/demo.yaml)")
+    parser.add_argument(
+        "--config", default=str(PACKAGED_CONFIG), help="demo config (default: the packaged dr/demo/demo.yaml)"
+    )
     add_override_flag(parser)
-    parser.add_argument("--verbose", action="store_true", help="show every stage's output")
+    add_bool(parser, "--verbose", help="show every stage's output")
+    actions = parser.add_subparsers(dest="action", metavar="{bm25}")
+    bm25 = actions.add_parser("bm25", help="the lexical baseline on any corpus + queries + qrels")
+    bm25.add_argument("--corpus", required=True)
+    bm25.add_argument("--queries", required=True)
+    bm25.add_argument("--qrels", required=True)
+    bm25.add_argument("--output_dir", required=True)
+    bm25.add_argument("--depth", type=int, default=100)
+    bm25.add_argument("--metrics", nargs="+", default=["MRR@10", "nDCG@10", "R@100"])
     return parser
 
 
-def bm25_main(argv: list[str]) -> int:
-    """`dr demo bm25`: the lexical baseline on any corpus JSONL + queries TSV + qrels."""
-    parser = argparse.ArgumentParser(prog="dr demo bm25", description="BM25 (bm25s) run and metrics")
-    parser.add_argument("--corpus", required=True)
-    parser.add_argument("--queries", required=True)
-    parser.add_argument("--qrels", required=True)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--depth", type=int, default=100)
-    parser.add_argument("--metrics", nargs="+", default=["MRR@10", "nDCG@10", "R@100"])
-    args = parser.parse_args(argv)
-    metrics = bm25_baseline(
-        args.corpus, args.queries, args.qrels, Path(args.output_dir), args.metrics, args.depth
-    )
-    print(format_metrics(metrics, title="BM25"))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the demo; exit status 0 ok, 1 a stage failed, 2 bad config."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bm25"]:
-        return bm25_main(argv[1:])
-    args = build_parser().parse_args(argv)
+def run(args: argparse.Namespace) -> int:
+    """`dr demo` (the whole demo) or `dr demo bm25` (the lexical baseline only)."""
+    if args.action == "bm25":
+        metrics = bm25_baseline(
+            args.corpus, args.queries, args.qrels, Path(args.output_dir), args.metrics, args.depth
+        )
+        print(format_table(metrics, title="BM25"))
+        return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        cfg = load_demo_config(Path(args.config), args.small, args.overrides)
-        if args.run_dir:
-            cfg["run_dir"] = args.run_dir
-        summary = run_demo(cfg, quiet=not args.verbose)
-    except PipelineError as err:
-        print(f"dr demo: error: {err}", file=sys.stderr)
-        return 1
+    cfg = load_demo_config(Path(args.config), args.small, args.overrides)
+    if args.run_dir:
+        cfg["run_dir"] = args.run_dir
+    summary = run_demo(cfg, quiet=not args.verbose)
     metrics = list((cfg.get("eval") or {}).get("metrics") or ["MRR@10", "nDCG@10", "R@100"])
     data = summary["data"]
     print(
         f"\ndr demo ({'small' if args.small else 'default'} setting): Python docstring retrieval, "
         f"{data['corpus']} passages, {data['train_queries']} train / {data['test_queries']} test queries"
     )
-    print(results_table(summary["systems"], metrics))
+    print(format_table(summary["systems"], metrics, title=f"system ({data['test_queries']} test queries)"))
     print(
         f"wall time {summary['wall_seconds']:.0f} s; summary: {Path(cfg['run_dir']).absolute() / 'metrics.json'}"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dr demo` for library callers and tests: the exit status (2 bad config, 1 a stage failed)."""
+    from dr.cli import run_command
+
+    return run_command("demo", argv)
 
 
 if __name__ == "__main__":

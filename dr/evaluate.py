@@ -1,0 +1,6 @@
+"""`python -m dr.evaluate` (Tevatron's spelling of the stage) = `dr eval`; the command lives in `dr.cli.COMMANDS`."""
+
+from dr.cli import module_main
+
+if __name__ == "__main__":
+    raise SystemExit(module_main("eval"))

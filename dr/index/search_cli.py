@@ -1,0 +1,274 @@
+"""`dr search` / `python -m dr.search`: flags, ranks, and the run file.
+
+Usage::
+
+    dr search --query_reps q.arrow --passage_reps 'corpus/*.arrow' --depth 100 \\
+        --save_ranking_to rank.txt --max_memory 2G
+    torchrun --nproc_per_node 4 -m dr.search ...        # shards split over ranks, merged on rank 0
+
+Exact search (default; `dr.index.exact`) never holds the corpus in memory; each rank searches its share
+of the shards (`dr.index.shard_set.split_shards`) and rank 0 merges the per-rank top-k exactly.
+``--index_factory`` / ``--load_index`` search one approximate faiss index instead (`dr.index.ann`), on
+rank 0 only.
+
+Output: the run (``--run_format tevatron`` by default, as Tevatron with ``--save_text``; ``marco``;
+``trec``) written atomically to ``--save_ranking_to``, and ``<run>.config.json`` with the resolved
+arguments, the shard list, counts and timings. ``--save_text`` is accepted for Tevatron compatibility: dr
+always writes text and never pickles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from dr import distributed as D
+from dr.errors import UsageError
+from dr.flags import add_bool
+from dr.index.ann import build_index, load_index, save_index, search_index
+from dr.index.exact import _block_rows, merge_candidates, search_shards
+from dr.index.shard_set import (
+    SearchError,
+    check_query_passage,
+    check_unique_docids,
+    expand_paths,
+    id_column,
+    load_queries,
+    parse_bytes,
+    read_metas,
+    split_shards,
+)
+from dr.index.shards import ShardMeta
+from dr.io.atomic import write_json_atomic
+from dr.io.runs import FORMATS, Run, write_run
+
+logger = logging.getLogger("dr.search")
+
+
+@dataclass
+class Outcome:
+    """What rank 0 writes: the ranking plus facts for the config sidecar."""
+
+    scores: np.ndarray
+    docids: list[list[str]]
+    info: dict
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dr search", description="Search passage embedding shards with query reps."
+    )
+    p.add_argument("--query_reps", required=True, help="query shard file or glob (quote it)")
+    p.add_argument(
+        "--passage_reps", default=None, help="passage shard glob (quote it); optional with --load_index"
+    )
+    p.add_argument("--depth", type=int, default=100, help="hits per query")
+    p.add_argument("--batch_size", type=int, default=-1, help="queries per pass over the corpus; -1 = all")
+    add_bool(p, "--save_text", help="accepted for Tevatron compatibility (always text)")
+    p.add_argument("--save_ranking_to", required=True, help="run file to write")
+    p.add_argument(
+        "--run_format", "--format", dest="run_format", default="tevatron", choices=FORMATS, help="run format"
+    )
+    p.add_argument("--run_tag", default="dr", help="tag column of TREC runs")
+    add_bool(p, "--use_gpu", help="faiss-gpu, else torch CUDA, else CPU + warning")
+    add_bool(p, "--cpu", help="force CPU (the default)")
+    add_bool(p, "--fp16_index", help="GPU only: keep passage vectors in float16")
+    p.add_argument(
+        "--max_memory", default="1G", help="passage vector bytes (float32) resident at once, e.g. 2G"
+    )
+    p.add_argument(
+        "--index_factory", default=None, help="approximate faiss index, e.g. IVF4096,Flat or HNSW32"
+    )
+    p.add_argument(
+        "--index_params", default=None, help="faiss search parameters, e.g. nprobe=64 or efSearch=128"
+    )
+    p.add_argument("--train_size", type=int, default=200_000, help="rows sampled to train --index_factory")
+    p.add_argument(
+        "--save_index", default=None, help="write the --index_factory index here (+ .json sidecar)"
+    )
+    p.add_argument("--load_index", default=None, help="search a saved index instead of the shards")
+    add_bool(p, "--allow_model_mismatch", help="query/passage reps from different models")
+    add_bool(p, "--quiet", help="no progress bar")
+    return p
+
+
+def choose_backend(use_gpu: bool) -> str:
+    """cpu unless --use_gpu and a GPU is usable (faiss-gpu first, then torch CUDA)."""
+    if not use_gpu:
+        return "cpu"
+    import faiss
+
+    if hasattr(faiss, "get_num_gpus") and faiss.get_num_gpus() > 0:
+        return "faiss-gpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "torch-cuda"
+    logger.warning("dr search: --use_gpu but no GPU is available; searching on the CPU")
+    return "cpu"
+
+
+def _exact(args, query_vecs: np.ndarray, qmeta: ShardMeta, backend: str) -> Outcome:
+    """Validate the shards, search this rank's share, gather and merge on rank 0."""
+    timings = {}
+    t0 = time.perf_counter()
+    paths = expand_paths(args.passage_reps, "--passage_reps")
+    metas = read_metas(paths, "passage")
+    check_query_passage(qmeta, metas[0], args.allow_model_mismatch)
+    check_unique_docids(paths)
+    counts = [m.count for m in metas]
+    total = sum(counts)
+    if total == 0:
+        raise SearchError(f"--passage_reps {args.passage_reps!r}: the shards hold no passages")
+    if args.depth > total and D.is_main_process():
+        logger.warning(
+            "dr search: --depth %d exceeds the %d passages; returning all of them", args.depth, total
+        )
+    timings["validate_s"] = time.perf_counter() - t0
+    world, rank = D.get_world_size(), D.get_rank()
+    mine = [paths[i] for i in split_shards(paths, counts, world)[rank]]
+    t0 = time.perf_counter()
+    error, part = None, (np.zeros((len(query_vecs), 0), np.float32), [[] for _ in query_vecs])
+    try:
+        if mine:
+            part = search_shards(
+                query_vecs,
+                mine,
+                args.depth,
+                parse_bytes(args.max_memory),
+                args.batch_size,
+                backend,
+                args.fp16_index,
+                progress=D.is_main_process() and not args.quiet,
+            )
+    except (ValueError, OSError) as err:  # every rank must reach the agreement below
+        error = err
+    D.raise_if_any_failed(error)
+    gathered = D.gather_to_main(part)
+    scores, docids = merge_candidates(gathered, args.depth) if gathered and len(gathered) > 1 else part
+    timings["search_s"] = time.perf_counter() - t0
+    info = {
+        "passage_shards": [{"path": p, "count": c} for p, c in zip(paths, counts)],
+        "num_passages": total,
+        "passage_meta": _meta_fields(metas[0]),
+        "timings": timings,
+    }
+    return Outcome(scores, docids, info)
+
+
+def _meta_fields(meta: ShardMeta) -> dict:
+    """A shard's metadata for the config/sidecar JSON, without the per-shard row count."""
+    fields = asdict(meta)
+    fields.pop("count")
+    return fields
+
+
+def _approximate(args, query_vecs: np.ndarray, qmeta: ShardMeta) -> Outcome:
+    """Build (or load) one faiss index over all shards and search it (rank 0 only)."""
+    import faiss
+
+    timings = {}
+    t0 = time.perf_counter()
+    if args.load_index:
+        index, docids, info = load_index(args.load_index)
+        check_query_passage(qmeta, ShardMeta(**info["passage_meta"], count=0), args.allow_model_mismatch)
+    else:
+        paths = expand_paths(args.passage_reps, "--passage_reps")
+        metas = read_metas(paths, "passage")
+        check_query_passage(qmeta, metas[0], args.allow_model_mismatch)
+        check_unique_docids(paths)
+        max_rows = _block_rows(qmeta.dim, parse_bytes(args.max_memory))
+        index = build_index(paths, qmeta.dim, args.index_factory, max_rows, args.train_size)
+        docids = [d for p in paths for d in id_column(p).to_pylist()]
+        info = {
+            "index_factory": args.index_factory,
+            "passage_meta": _meta_fields(metas[0]),
+            "passage_shards": paths,
+        }
+        if args.save_index:
+            save_index(index, args.save_index, docids, info)
+    timings["index_s"] = time.perf_counter() - t0
+    if args.index_params:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, args.index_params)
+        except RuntimeError as err:
+            raise SearchError(f"--index_params {args.index_params!r}: {err}") from None
+    if args.depth > index.ntotal:
+        logger.warning(
+            "dr search: --depth %d exceeds the %d passages; returning all of them", args.depth, index.ntotal
+        )
+    t0 = time.perf_counter()
+    scores, ranked = search_index(index, docids, query_vecs, args.depth, args.batch_size)
+    timings["search_s"] = time.perf_counter() - t0
+    return Outcome(scores, ranked, {**info, "num_passages": index.ntotal, "timings": timings})
+
+
+def _to_run(query_ids: list[str], scores: np.ndarray, docids: list[list[str]]) -> Run:
+    """A `Run` with each float32 score as its shortest decimal (as Tevatron prints float32 scores)."""
+    flat = pc.cast(pc.cast(pa.array(scores.ravel(), pa.float32()), pa.string()), pa.float64()).to_numpy()
+    k = scores.shape[1]
+    return Run(
+        {
+            q: list(zip(ids, flat[i * k : i * k + len(ids)].tolist()))
+            for i, (q, ids) in enumerate(zip(query_ids, docids))
+        }
+    )
+
+
+def run_search(args: argparse.Namespace) -> None:
+    """The whole `dr search` command once the process group (if any) is up."""
+    t_start = time.perf_counter()
+    if args.passage_reps is None and not args.load_index:
+        raise UsageError("--passage_reps is required unless --load_index is given")
+    if (args.save_index or args.load_index) and not (args.index_factory or args.load_index):
+        raise UsageError("--save_index needs --index_factory")
+    if args.depth < 1:
+        raise UsageError(f"--depth must be >= 1, got {args.depth}")
+    parse_bytes(args.max_memory)
+    backend = choose_backend(args.use_gpu)
+    query_ids, query_vecs, qmeta = load_queries(expand_paths(args.query_reps, "--query_reps"))
+    approximate = bool(args.index_factory or args.load_index)
+    if approximate and D.get_world_size() > 1:
+        # One index on rank 0. The other ranks have nothing to do: all leave the group now, without a
+        # barrier, so none waits in a collective while rank 0 builds (that could outlast the timeout).
+        if D.is_main_process():
+            logger.warning("dr search: --index_factory/--load_index run on rank 0 only")
+        D.leave_process_group()
+    if approximate:
+        outcome = _approximate(args, query_vecs, qmeta) if D.get_rank() == 0 else None
+    else:
+        outcome = _exact(args, query_vecs, qmeta, backend)
+    if D.get_rank() != 0:
+        return
+    t0 = time.perf_counter()
+    write_run(
+        args.save_ranking_to, _to_run(query_ids, outcome.scores, outcome.docids), args.run_format, args.run_tag
+    )
+    outcome.info["timings"]["write_s"] = time.perf_counter() - t0
+    outcome.info["timings"]["total_s"] = time.perf_counter() - t_start
+    config = {
+        "args": vars(args),
+        "backend": backend,
+        "world_size": D.get_world_size(),
+        "query_shards": expand_paths(args.query_reps, "--query_reps"),
+        "num_queries": len(query_ids),
+        "query_meta": _meta_fields(qmeta),
+        **outcome.info,
+    }
+    write_json_atomic(args.save_ranking_to + ".config.json", config)
+    logger.info("%d queries x depth %d -> %s", len(query_ids), outcome.scores.shape[1], args.save_ranking_to)
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dr search` under the launcher's process group (if any)."""
+    if args.use_gpu and args.cpu:
+        raise UsageError("--use_gpu and --cpu are mutually exclusive")
+    with D.process_group():
+        run_search(args)
+    return 0

@@ -1,0 +1,142 @@
+"""The shards a search reads: globs to files, metadata read and cross-checked, unique docids, the split of
+shards over ranks, and the query reps. Everything is checked before any scoring starts; torch-free.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pyarrow import ipc
+
+from dr.errors import InputError, UsageError
+from dr.index.shards import ENCODER_FIELDS, ShardError, ShardMeta, read_meta, read_shard
+
+logger = logging.getLogger("dr.search")
+
+
+class SearchError(InputError):
+    """Inputs that cannot be searched together: no shards, mismatched metadata, duplicate docids, ..."""
+
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
+
+
+_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def parse_bytes(text: str | int) -> int:
+    """Parse a byte count such as ``2G``, ``512M``, ``1.5GiB`` or ``1000000`` (binary units)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match:
+        raise UsageError(f"--max_memory {text!r}: expected a byte count such as 2G, 512M or 1000000")
+    value = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if value <= 0:
+        raise UsageError(f"--max_memory {text!r} must be positive")
+    return value
+
+
+def expand_paths(pattern: str, what: str) -> list[str]:
+    """Sorted files matching a path or glob; `what` names the flag in the error when nothing matches.
+
+    Tevatron's commands name pickles (`corpus_emb.*.pkl`); `dr encode` writes `.arrow` files in their
+    place, so a `.pkl`/`.pickle` pattern that matches nothing is retried with `.arrow` (never unpickled).
+    """
+    paths = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    stem, suffix = os.path.splitext(pattern)
+    if not paths and suffix in (".pkl", ".pickle"):
+        paths = sorted(p for p in glob.glob(stem + ".arrow") if os.path.isfile(p))
+        if paths:
+            logger.info(
+                "%s: %r names pickles; reading the Arrow files dr encode wrote instead: %s.arrow",
+                what,
+                pattern,
+                stem,
+            )
+    if not paths:
+        raise SearchError(f"{what}: no file matches {pattern!r}")
+    return paths
+
+
+def read_metas(paths: list[str], side: str) -> list[ShardMeta]:
+    """Read and cross-check shard metadata: all on `side` and mutually compatible (model, dim, dtype, ...)."""
+    metas = [read_meta(path) for path in paths]
+    for path, meta in zip(paths, metas):
+        if meta.side != side:
+            raise SearchError(f"{path}: a {meta.side} shard where {side} reps are expected")
+        diff = meta.differences(metas[0])
+        if diff:
+            raise SearchError(f"{path}: metadata differs from {paths[0]}: {', '.join(diff)}")
+    return metas
+
+
+def check_query_passage(qmeta: ShardMeta, pmeta: ShardMeta, allow_model_mismatch: bool = False) -> None:
+    """Query and passage reps must live in the same space: same dim, and (unless allowed) same encoder."""
+    if qmeta.dim != pmeta.dim:
+        raise SearchError(f"query reps have dim {qmeta.dim} but passage reps have dim {pmeta.dim}")
+    diff = qmeta.differences(pmeta, ENCODER_FIELDS, ("query", "passage"))
+    if diff and not allow_model_mismatch:
+        raise SearchError(
+            f"query and passage reps come from different encoders ({', '.join(diff)}); "
+            f"pass --allow_model_mismatch if this is intended"
+        )
+
+
+def load_queries(paths: list[str]) -> tuple[list[str], np.ndarray, ShardMeta]:
+    """All query reps of one or more query shards: (ids, float32 (n, dim), meta); ids must be unique."""
+    metas = read_metas(paths, "query")
+    ids: list[str] = []
+    blocks = []
+    for path in paths:
+        shard_ids, vectors, _ = read_shard(path)
+        ids.extend(shard_ids)
+        blocks.append(np.asarray(vectors, dtype=np.float32))
+    if not ids:
+        raise SearchError(f"no query reps in {', '.join(paths)} (empty query file)")
+    if len(set(ids)) != len(ids):
+        seen: set[str] = set()
+        dup = next(q for q in ids if q in seen or seen.add(q))
+        raise SearchError(f"query id {dup!r} occurs more than once in {', '.join(paths)}")
+    return ids, np.ascontiguousarray(np.concatenate(blocks)), metas[0]
+
+
+def id_column(path: str) -> pa.ChunkedArray:
+    """The id column of a shard, memory-mapped (the vectors are not read)."""
+    try:
+        return ipc.open_file(pa.memory_map(path, "r")).read_all().column("id")
+    except (pa.ArrowInvalid, OSError, KeyError) as err:
+        raise ShardError(f"{path}: cannot read the id column: {err}") from err
+
+
+def check_unique_docids(paths: list[str]) -> None:
+    """Fail if a docid occurs twice, naming the docid and the shard file(s) that hold it."""
+    columns = [id_column(path) for path in paths]
+    chunks = [chunk for column in columns for chunk in column.chunks]
+    if not chunks:
+        return
+    counts = pc.value_counts(pa.chunked_array(chunks, type=pa.string()))
+    dups = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(dups) == 0:
+        return
+    docid = dups.field("values")[0].as_py()
+    holders = [path for path, column in zip(paths, columns) if pc.any(pc.equal(column, docid)).as_py()]
+    where = f"shards {holders[0]} and {holders[1]}" if len(holders) > 1 else f"shard {holders[0]} (twice)"
+    raise SearchError(f"docid {docid!r} occurs in {where}; docids must be unique across the corpus")
+
+
+def split_shards(paths: list[str], counts: list[int], world: int) -> list[list[int]]:
+    """Assign shard indices to `world` ranks, balancing rows (largest shard to the least loaded rank)."""
+    loads = [0] * world
+    parts: list[list[int]] = [[] for _ in range(world)]
+    for i in sorted(range(len(paths)), key=lambda i: (-counts[i], i)):
+        rank = min(range(world), key=lambda r: (loads[r], r))
+        parts[rank].append(i)
+        loads[rank] += counts[i]
+    return [sorted(part) for part in parts]

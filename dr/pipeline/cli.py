@@ -1,0 +1,44 @@
+"""`dr pipeline CONFIG [--set KEY=VALUE ...] [--force] [--dry_run]`: the command (see `dr.pipeline`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+from pathlib import Path
+
+from dr.eval.metrics import format_table
+from dr.flags import add_bool
+from dr.pipeline import add_override_flag, build_steps, load_config, run_pipeline
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dr pipeline", description="train -> encode -> search -> convert -> eval from one config"
+    )
+    parser.add_argument("config", help="pipeline config (YAML/JSON), see docs/pipeline.md")
+    add_override_flag(parser)
+    add_bool(parser, "--quiet", help="stage output to RUN_DIR/logs only")
+    add_bool(parser, "--force", help="redo every stage (retrain, overwrite outputs)")
+    add_bool(parser, "--dry_run", help="print the resolved config and the commands, run nothing")
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Exit status 0 ok, 2 bad config (`PipelineError`), 1 a stage failed (`StageFailed`)."""
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        print(json.dumps(cfg, indent=2))
+        for step in build_steps(cfg):
+            print(f"# {step.name}\n{shlex.join(step.cmd)}")
+        return 0
+    metrics = run_pipeline(cfg, quiet=args.quiet, force=args.force)
+    print(format_table(metrics, title=Path(cfg["run_dir"]).name))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dr pipeline` for library callers and tests: the exit status."""
+    from dr.cli import run_command
+
+    return run_command("pipeline", argv)
