@@ -123,7 +123,7 @@ def test_bad_qrels_or_mismatch(tmp_path, capsys, qrels, message):
     (tmp_path / "run").write_text("1 a 1.0\n")
     out = tmp_path / "m.json"
     argv = ["--qrels", str(tmp_path / "qrels"), "--run", str(tmp_path / "run"), "--output", str(out)]
-    assert evaluate_main(argv) == 2
+    assert evaluate_main(argv) == 1  # bad files: exit status 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not out.exists()
