@@ -7,8 +7,8 @@ alternated (sorted, fixed, fixed, sorted) so that drift on a shared machine hits
 shows each run and the ratio of the means. CPU seconds per 1k rows are the steadier number when other
 jobs share the cores.
 
-    python bench/encode.py                      # 500 passages, p_max_len 256 (about 3-4 minutes on 2 cores)
-    python bench/encode.py --rows 1000 --bf16   # more rows, and a bf16-autocast run
+    python -m bench.encode                      # 500 passages, p_max_len 256 (about 3-4 minutes on 2 cores)
+    python -m bench.encode --rows 1000 --bf16   # more rows, and a bf16-autocast run
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from bench.train_runs import read_train_log
 from dr.model.encoder import BiEncoder

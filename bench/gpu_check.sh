@@ -33,4 +33,4 @@ names = ["torch", "transformers", "accelerate", "deepspeed", "datasets", "pyarro
 print(" ".join(f"{n}={m.version(n)}" for n in names if __import__("importlib.util").util.find_spec(n.replace("-cpu", "")) is not None))
 import datasets, deepspeed, dr.train  # fail here, early, if the environment is incomplete
 PYEOF
-timeout "${DR_GPU_CHECK_SECONDS:-540}" "$PY" bench/gpu_check.py "$@"
+timeout "${DR_GPU_CHECK_SECONDS:-540}" "$PY" -m bench.gpu_check "$@"

@@ -7,8 +7,8 @@ texts filling both lengths. Rows: plain, GradCache, and both under DeepSpeed ZeR
 1-query run gives the memory that does not depend on the batch (weights, optimizer, libraries), so
 "activations" = peak - that baseline.
 
-    python bench/gradcache_memory.py            # ~6 minutes on 2 cores
-    python bench/gradcache_memory.py --batch 8  # ~1 minute
+    python -m bench.gradcache_memory            # ~6 minutes on 2 cores
+    python -m bench.gradcache_memory --batch 8  # ~1 minute
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from bench.train_runs import read_train_log, run_with_peak_rss
 from tests.helpers import as_flags, make_full_length_rows, minilm_dir, subprocess_env, torchrun, write_jsonl

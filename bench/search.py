@@ -9,8 +9,8 @@ its own subprocess so that peak RSS figures do not mix:
 Both write a Tevatron text run; the script checks that the two runs agree (ids; exact ties aside) and
 prints wall time and peak RSS (``wait4`` rusage of that child) with the ratios.
 
-    python bench/search.py                       # 500k x 384, 8 shards, 2,000 queries, depth 100
-    python bench/search.py --passages 200000 --max_memory 128M
+    python -m bench.search                       # 500k x 384, 8 shards, 2,000 queries, depth 100
+    python -m bench.search --passages 200000 --max_memory 128M
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from dr.index.shards import ShardMeta, ShardWriter
 

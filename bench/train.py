@@ -4,8 +4,8 @@ Each configuration runs `dr train` in its own process tree (so peak memory does 
 number of steps and reads the Trainer's own timing (which excludes start-up). The global batch is the
 same in every row (8 queries x 4 passages), so 2 ranks process half of it each.
 
-    python bench/train.py                 # both models, ~5 minutes on 2 cores
-    python bench/train.py --models tiny   # seconds
+    python -m bench.train                 # both models, ~5 minutes on 2 cores
+    python -m bench.train --models tiny   # seconds
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from bench.train_runs import read_train_log, run_with_peak_rss
 from tests.helpers import (

@@ -33,16 +33,42 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+class _Formatter(logging.Formatter):
+    """The log format, except for error reports (`report`), which print as the bare one-liner."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage() if getattr(record, "bare", False) else super().format(record)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to whatever `sys.stderr` is at that moment (a redirection, a test's capture)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        pass
+
+
 def setup_logging() -> None:
-    """INFO lines on stderr, tagged with the rank in a multi-process job (idempotent)."""
+    """INFO lines of the `dr.*` loggers on stderr, tagged with the rank in a multi-process job (idempotent)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     tag = f"[rank {os.environ.get('RANK', '0')}/{world}] " if world > 1 else ""
-    logging.basicConfig(format=tag + LOG_FORMAT, level=logging.INFO, stream=sys.stderr)
+    logger = logging.getLogger("dr")
+    logger.setLevel(logging.INFO)
+    handler = next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        logger.addHandler(handler)
+    handler.setFormatter(_Formatter(tag + LOG_FORMAT))
 
 
 def report(command: str, message: str) -> None:
-    """The one-line error format of every command."""
-    print(f"dr {command}: error: {message}", file=sys.stderr, flush=True)
+    """The one-line error format of every command (`dr encode: error: ...`), as an ERROR record of the
+    command's logger, so that log capture and handlers see it too."""
+    logging.getLogger(f"dr.{command}").error("dr %s: error: %s", command, message, extra={"bare": True})
 
 
 def run_command(command: str, argv: list[str] | None = None) -> int:

@@ -78,9 +78,13 @@ def default_device() -> Any:
     return torch.device("cpu")
 
 
+TIMEOUT_ENV = "DR_PROCESS_GROUP_TIMEOUT_S"  # seconds a collective may wait for the other ranks
+
+
 def init_process_group(timeout_minutes: int = 30) -> bool:
     """Join the launcher's process group (NCCL on GPU, gloo on CPU); no-op when not launched distributed.
 
+    The collective timeout is `timeout_minutes`, or `$DR_PROCESS_GROUP_TIMEOUT_S` seconds when set.
     Returns whether a process group is active afterwards.
     """
     if is_initialized():
@@ -93,7 +97,10 @@ def init_process_group(timeout_minutes: int = 30) -> bool:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(default_device())
-    dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if os.environ.get(TIMEOUT_ENV):
+        timeout = datetime.timedelta(seconds=float(os.environ[TIMEOUT_ENV]))
+    dist.init_process_group(backend=backend, timeout=timeout)
     return True
 
 
@@ -266,11 +273,9 @@ def all_reduce_sum(tensor: Any) -> Any:
 def prepare_launch(*, deepspeed: bool, bf16: bool) -> dict[str, Any]:
     """Put the process in the state `transformers.TrainingArguments` expects, before building them.
 
-    Returns the extra TrainingArguments values that go with it (`use_cpu`, `accelerator_config`). This
-    mutates the process (environment variables, accelerate's singleton state), which is why it is an
-    explicit step of `dr train` and not a side effect of constructing an argument object:
-    - without CUDA and DeepSpeed, accelerate treats a multi-process launch as distributed (gloo) only
-      when told it is on the CPU (`use_cpu`);
+    Returns the extra TrainingArguments values that go with it (`accelerator_config`). This mutates the
+    process (environment variables, accelerate's singleton state), which is why it is an explicit step of
+    `dr train` and not a side effect of constructing an argument object:
     - a DeepSpeed run started with plain `python` gets a one-process rendezvous (DeepSpeed would look
       for MPI otherwise);
     - DeepSpeed without CUDA: accelerate's DeepSpeed state is created with gloo first; asked without a
@@ -283,8 +288,6 @@ def prepare_launch(*, deepspeed: bool, bf16: bool) -> dict[str, Any]:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     extra: dict[str, Any] = {}
-    if not cuda and not deepspeed:
-        extra["use_cpu"] = True
     if deepspeed:
         _single_process_rendezvous()
         if not cuda:

@@ -293,6 +293,12 @@ def to_dataclasses(args: argparse.Namespace, dataclass_types: tuple[type, ...], 
     return tuple(outputs)
 
 
+def parse_dataclasses(dataclass_types: tuple[type, ...], argv: list[str] | None = None, prog: str = "dr") -> tuple[Any, ...]:
+    """argv (and `--config FILE`) -> one instance of each flag dataclass: `parse_flags` + `to_dataclasses`,
+    for library callers that want the argument objects of `dr train` / `dr encode` without running them."""
+    return to_dataclasses(parse_flags(dataclass_parser(dataclass_types, prog), argv), dataclass_types)
+
+
 def to_jsonable(*dataclasses_: Any) -> dict[str, Any]:
     """The resolved arguments as one flat JSON-friendly dict (saved next to every output)."""
     out: dict[str, Any] = {}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from dr.demo import run as demo
+from dr.demo import cli as demo
 from dr import pipeline
 from tests.helpers import REPO, subprocess_env
 

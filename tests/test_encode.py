@@ -284,9 +284,10 @@ def test_output_opens_with_pyarrow_and_datasets(tiny_model_dir, corpus_file, tmp
 # ---- bad inputs -----------------------------------------------------------------------------------------
 
 
-def _fails(capsys, rc: int, *needles: str) -> None:
+def _fails(capsys, rc: int, *needles: str, code: int = 1) -> None:
+    """Exit status `code` (1: bad files, the default; 2: bad flags), one line naming `needles`."""
     err = capsys.readouterr().err
-    assert rc == 2, err
+    assert rc == code, err
     for needle in needles:
         assert needle in err, err
     assert "Traceback" not in err
@@ -324,8 +325,8 @@ def test_empty_input_unknown_pooling_fp16_cpu_and_missing_file(tiny_model_dir, t
     shutil.copytree(tiny_model_dir, bad_model)
     (bad_model / "dr_config.json").write_text(json.dumps({"pooling": "max"}))
     _fails(capsys, encode(bad_model, corpus, tmp_path / "o" / "c"), "dr_config.json", "pooling", "'max'")
-    _fails(capsys, encode(tiny_model_dir, corpus, tmp_path / "o" / "c", "--pooling", "max"), "--pooling")
-    _fails(capsys, encode(tiny_model_dir, corpus, tmp_path / "o" / "c", "--fp16"), "--fp16 needs a CUDA GPU")
+    _fails(capsys, encode(tiny_model_dir, corpus, tmp_path / "o" / "c", "--pooling", "max"), "--pooling", code=2)
+    _fails(capsys, encode(tiny_model_dir, corpus, tmp_path / "o" / "c", "--fp16"), "--fp16 needs a CUDA GPU", code=2)
     _fails(
         capsys, encode(tiny_model_dir, tmp_path / "nope.jsonl", tmp_path / "o" / "c"), "nope.jsonl", "no such"
     )
@@ -335,7 +336,7 @@ def test_empty_input_unknown_pooling_fp16_cpu_and_missing_file(tiny_model_dir, t
 def test_cli_error_is_one_line_without_traceback(tiny_model_dir, tmp_path):
     proc = run([sys.executable, "-m", "dr.encode", "--model_name_or_path", str(tiny_model_dir), "--dataset_name",
                 str(tmp_path / "missing.jsonl"), "--encoded_save_path", str(tmp_path / "c")], check=False, timeout=120)  # fmt: skip
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # bad files: 1, bad flags: 2
     errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert errors == [f"dr encode: error: {tmp_path / 'missing.jsonl'}: no such file or folder"], proc.stderr
     assert "Traceback" not in proc.stderr

@@ -11,17 +11,17 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, run
+from tests.helpers import run
 
 pytestmark = pytest.mark.slow
 
 
 def test_smoke_plan_measures_every_variant(tmp_path):
-    script = str(REPO / "bench" / "gpu_check.py")
     run(
         [
             sys.executable,
-            script,
+            "-m",
+            "bench.gpu_check",
             "--smoke",
             "--only",
             "grad_cache",
@@ -44,6 +44,6 @@ def test_smoke_plan_measures_every_variant(tmp_path):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script would run its full plan")
 def test_refuses_to_run_without_a_gpu_unless_smoke(tmp_path):
-    proc = run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--out", str(tmp_path)], check=False)
+    proc = run([sys.executable, "-m", "bench.gpu_check", "--out", str(tmp_path)], check=False)
     assert proc.returncode != 0 and "--smoke" in proc.stderr
     assert not (tmp_path / "gpu_results.json").exists()

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModel, BertConfig, BertModel
 
 import dr.train.gradcache
-from dr.flags import DRTrainingArguments
+from dr.train.args import DRTrainingArguments
 from dr.train.collator import id_key
 from dr.model.encoder import BiEncoder, EncoderConfig
 from dr.model.text import load_tokenizer

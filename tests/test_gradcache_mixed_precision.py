@@ -21,7 +21,7 @@ import torch
 from accelerate.utils import get_mixed_precision_context_manager
 from transformers import AutoModel
 
-from dr.flags import DRTrainingArguments
+from dr.train.args import DRTrainingArguments
 from dr.train.trainer import BiEncoderTrainer
 from tests.helpers import REPO, make_train_rows, run, torchrun, write_jsonl
 from tests.test_gradcache import make_batch, make_model, run_step

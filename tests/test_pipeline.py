@@ -17,7 +17,7 @@ import yaml
 
 from dr import pipeline
 from dr.io.runs import read_run
-from tests.helpers import REPO, make_train_rows, subprocess_env, write_jsonl
+from tests.helpers import REPO, command, make_train_rows, subprocess_env, write_jsonl
 
 
 def _write_fixture(folder: Path, model: Path, n_queries: int = 24) -> Path:
@@ -105,11 +105,10 @@ def test_package_model_path_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pipeline.expand_value({"a": ["package:fake_model_pkg:other"]}) == {"a": ["/opt/other"]}
     with pytest.raises(pipeline.PipelineError, match="cannot import"):
         pipeline.expand_value("package:no_such_module_xyz")
-    argv = pipeline.flags_to_argv(
-        {"bf16": True, "fp16": False, "metrics": ["A", "B"], "x": None, "lr": 1e-5}, True
-    )
+    argv = pipeline.flags_to_argv({"bf16": True, "fp16": False, "metrics": ["A", "B"], "x": None, "lr": 1e-5})
     assert argv == ["--bf16", "--fp16", "false", "--metrics", "A", "B", "--lr", "1e-05"]
-    assert pipeline.flags_to_argv({"save_text": False, "depth": 3}, False) == ["--depth", "3"]
+    # One dialect for every command now (dr.flags): argparse commands take `--flag false` too.
+    assert pipeline.flags_to_argv({"save_text": False, "depth": 3}) == ["--save_text", "false", "--depth", "3"]
 
 
 def test_dry_run_prints_commands(
@@ -117,7 +116,7 @@ def test_dry_run_prints_commands(
 ) -> None:
     cfg_path = _write_fixture(tmp_path, tmp_path / "model")
     monkeypatch.setenv("FIXTURE", str(tmp_path))
-    assert pipeline.main([str(cfg_path), "--dry_run"]) == 0
+    assert command("pipeline")([str(cfg_path), "--dry_run"]) == 0
     out = capsys.readouterr().out
     assert "-m dr.train" in out and "--output_dir" in out
     assert "torch.distributed.run --standalone --nproc_per_node 2 -m dr.encode" in out

@@ -14,10 +14,10 @@ import pytest
 from dr.io.runs import read_run
 from dr.index.exact import merge_candidates, search_shards
 from dr.index.shard_set import parse_bytes
+from dr.index.shards import ShardMeta, write_shard
 from tests.helpers import command
 
 main = command("search")
-from dr.index.shards import ShardMeta, write_shard
 
 REPO = Path(__file__).resolve().parents[1]
 DIM = 24

@@ -24,9 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dr convert", description="Convert a run file between formats.")
     parser.add_argument("--input", required=True, help="run file to read")
     parser.add_argument("--output", required=True, help="run file to write (atomically)")
-    parser.add_argument("--from", dest="src_format", default="auto", choices=("auto", *FORMATS))
     parser.add_argument(
-        "--to", dest="dst_format", default=None, choices=FORMATS, help="default: by output suffix"
+        "--input_run_format", "--from", dest="src_format", default="auto", choices=("auto", *FORMATS),
+        help="format of --input (default: detected from its content)",
+    )
+    parser.add_argument(
+        "--run_format", "--to", dest="dst_format", default=None, choices=FORMATS,
+        help="format of --output (default: by its suffix)",
     )
     parser.add_argument("--run_tag", default=DEFAULT_TAG, help="tag column of TREC output")
     return parser

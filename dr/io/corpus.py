@@ -1,15 +1,17 @@
-"""Turn any supported text input into an indexable sequence of (id, text) records.
+"""What `--dataset_name` means, for every command (`resolve_input`), and text inputs as (id, text) records.
 
-One job: find the rows, find the id/text(/title) fields, and give back `(id, text)` pairs where `text` is
-``prefix + title + " " + text`` (title only when non-empty). `dr encode` uses it today and the training side
-can reuse it.
+`resolve_input` is the one resolver: `dr encode`, `dr train` (side "train": Tevatron rows or a BEIR folder),
+`dr mine` and the demo all ask it, so they accept the same files, globs, folders and hub names.
+`TextCorpus` finds the rows and the id/text(/title) fields and gives back `(id, text)` pairs where `text`
+is ``prefix + title + " " + text`` (title only when non-empty).
 
 Supported inputs (``--dataset_name``):
 
 * a Hugging Face hub dataset name, optionally ``NAME/SPLIT`` (Tevatron's ``Tevatron/msmarco-passage/dev``);
 * a local JSONL / JSON / Parquet / Arrow file, a TSV file (``id<TAB>text``, no header), or a glob of them;
 * a folder: BEIR-style (``corpus.jsonl`` for passages; ``queries.<split>.tsv|jsonl`` or ``queries.jsonl|tsv``
-  for queries), otherwise every JSONL/Parquet/TSV/Arrow file in it (sorted).
+  for queries; a queries.jsonl with a ``split`` field gives the requested split's rows), otherwise every
+  JSONL/Parquet/TSV/Arrow file in it (sorted).
 
 Rows are read through `datasets.load_dataset`, which converts the input once into an Arrow cache and then
 memory-maps it: the corpus is never held whole in memory, and several ranks can share one cache.
@@ -213,7 +215,7 @@ NO_TITLE = ("", "-")  # MS MARCO (Tevatron) rows carry "-" as a placeholder titl
 def format_text(text: str, title: str | None = None, prefix: str = "") -> str:
     """``prefix + title + " " + text``; the title and its space only when there is a real title.
 
-    Training (`dr.data`) and encoding both build passage text here, so they always agree.
+    Training (`dr.train.groups`) and encoding both build passage text here, so they always agree.
     """
     title = (title or "").strip()
     if title not in NO_TITLE:

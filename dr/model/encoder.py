@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedTokenizerBase
 
 from dr.model import DR_CONFIG_NAME, POOLINGS
+from dr.errors import InputError
 from dr.io.atomic import write_json_atomic
 from dr.train.loss import ContrastiveLoss
 
@@ -49,7 +50,7 @@ class EncoderConfig:
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
-            raise ValueError(f"{DR_CONFIG_NAME}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+            raise InputError(f"{DR_CONFIG_NAME}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike) -> EncoderConfig | None:

@@ -60,6 +60,9 @@ class DRTrainingArguments(TrainingArguments):
             self.report_to = "none"
         import torch
 
+        if not torch.cuda.is_available() and not self.deepspeed:
+            # accelerate treats a multi-process launch as distributed (gloo) only when told it is on the CPU.
+            self.use_cpu = True
         cpu_deepspeed = not torch.cuda.is_available() and bool(self.deepspeed)
         with _bf16_allowed_on_cpu() if cpu_deepspeed and self.bf16 else contextlib.nullcontext():
             super().__post_init__()

@@ -122,90 +122,97 @@ def backward_units(n_query_chunks: int, n_passage_chunks: int, pair_first: bool)
     return [first] + [[i] for i in rest]
 
 
-def grad_cache_training_step(trainer: Any, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-    """One GradCache forward/backward of a training batch; returns the detached (GA-scaled) loss.
+class GradCacheMixin:
+    """Gives a `transformers.Trainer` subclass the GradCache training step (`BiEncoderTrainer` mixes it in).
 
-    Drop-in replacement for `Trainer.training_step` (see the module docstring); `model` is what the Trainer
-    passes: the bare `BiEncoder`, its DDP wrapper or the DeepSpeed engine.
+    The step needs the Trainer's own machinery (its accelerator, loss context, input preparation and the
+    masked-negative counter), so it is a method of the trainer that owns that state, not a free function.
     """
-    args = trainer.args
-    accelerator = trainer.accelerator
-    if isinstance(model, nn.DataParallel):
-        raise TypeError(
-            "--grad_cache does not support nn.DataParallel; launch one process per GPU (torchrun)"
-        )
-    model.train()
-    if hasattr(trainer.optimizer, "train") and callable(trainer.optimizer.train):
-        trainer.optimizer.train()
-    inputs = trainer._prepare_inputs(inputs)
-    module = accelerator.unwrap_model(model)  # the BiEncoder
-    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
-    # accelerate puts autocast in the wrapped forward that `forward_as` bypasses; under DeepSpeed the engine
-    # handles precision itself and accelerate's autocast is a no-op.
-    autocast = contextlib.nullcontext if deepspeed else accelerator.autocast
 
-    passage_keys = positive_keys = None
-    if args.mask_false_negatives:
-        passage_keys, positive_keys = inputs["passage_keys"], inputs["positive_keys"]
-    ga_steps = 1
-    if not getattr(trainer, "loss_is_scaled_for_ga", False):
-        ga_steps = getattr(trainer, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
+    def grad_cache_training_step(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """One GradCache forward/backward of a training batch; returns the detached (GA-scaled) loss.
 
-    query_chunks = split_batch(inputs["query"], args.gc_q_chunk_size)
-    passage_chunks = split_batch(inputs["passage"], args.gc_p_chunk_size)
-    jobs = [(_encoder_call(module.encode_query), c) for c in query_chunks]
-    jobs += [(_encoder_call(module.encode_passage), c) for c in passage_chunks]
-    device = inputs["query"]["input_ids"].device
+        Drop-in replacement for `Trainer.training_step` (see the module docstring); `model` is what the Trainer
+        passes: the bare `BiEncoder`, its DDP wrapper or the DeepSpeed engine.
+        """
+        args = self.args
+        accelerator = self.accelerator
+        if isinstance(model, nn.DataParallel):
+            raise TypeError(
+                "--grad_cache does not support nn.DataParallel; launch one process per GPU (torchrun)"
+            )
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        module = accelerator.unwrap_model(model)  # the BiEncoder
+        deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+        # accelerate puts autocast in the wrapped forward that `forward_as` bypasses; under DeepSpeed the engine
+        # handles precision itself and accelerate's autocast is a no-op.
+        autocast = contextlib.nullcontext if deepspeed else accelerator.autocast
 
-    def encode(job: tuple[Callable[..., torch.Tensor], Batch]) -> torch.Tensor:
-        fn, chunk = job
-        with forward_as(module, fn), trainer.compute_loss_context_manager(), autocast():
-            return model(batch=chunk)  # (chunk rows, d)
+        passage_keys = positive_keys = None
+        if args.mask_false_negatives:
+            passage_keys, positive_keys = inputs["passage_keys"], inputs["positive_keys"]
+        ga_steps = 1
+        if not getattr(self, "loss_is_scaled_for_ga", False):
+            ga_steps = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
 
-    # 1. Representations without a graph, remembering each chunk's RNG state for the replay.
-    rng_states: list[RngState] = []
-    reps: list[torch.Tensor] = []
-    with torch.no_grad():
-        for job in jobs:
-            rng_states.append(RngState(device))
-            reps.append(encode(job))
-    n_q = len(query_chunks)
-    q_reps = torch.cat(reps[:n_q]).float().requires_grad_()  # (B, d) leaf
-    p_reps = torch.cat(reps[n_q:]).float().requires_grad_()  # (B*n, d) leaf
-    del reps
+        query_chunks = split_batch(inputs["query"], args.gc_q_chunk_size)
+        passage_chunks = split_batch(inputs["passage"], args.gc_p_chunk_size)
+        jobs = [(_encoder_call(module.encode_query), c) for c in query_chunks]
+        jobs += [(_encoder_call(module.encode_passage), c) for c in passage_chunks]
+        device = inputs["query"]["input_ids"].device
 
-    # 2. The loss on the whole (gathered) batch and its gradient w.r.t. the representations, in float32.
-    # Only the leaves get gradients; the all_gather's backward runs the same collective as the plain path.
-    with torch.autocast(device_type=device.type, enabled=False):
-        loss = module.loss_fn(q_reps, p_reps, passage_keys, positive_keys)
-        (loss / ga_steps).backward()
-    trainer._masked_since_log = getattr(trainer, "_masked_since_log", 0) + module.loss_fn.last_masked
-    cached = list(q_reps.grad.split(args.gc_q_chunk_size)) + list(p_reps.grad.split(args.gc_p_chunk_size))
-    del q_reps, p_reps
+        def encode(job: tuple[Callable[..., torch.Tensor], Batch]) -> torch.Tensor:
+            fn, chunk = job
+            with forward_as(module, fn), self.compute_loss_context_manager(), autocast():
+                return model(batch=chunk)  # (chunk rows, d)
 
-    # 3. Chunk by chunk: recompute with a graph (same dropout masks) and back-propagate the cached gradient.
-    engine = accelerator.deepspeed_engine_wrapped.engine if deepspeed else None
-    zero3 = engine is not None and engine.zero_optimization_stage() == 3
-    units = backward_units(n_q, len(passage_chunks), pair_first=zero3)
-    for u, unit in enumerate(units):
-        last = u == len(units) - 1
-        # DDP: only the last backward all-reduces. accelerate's no_sync is a no-op outside DDP.
-        sync = contextlib.nullcontext() if (last or deepspeed) else accelerator.no_sync(model)
-        with sync:
-            surrogate = torch.zeros((), device=device)
-            for i in unit:
-                with rng_states[i].replay():
-                    chunk_reps = encode(jobs[i])  # (chunk rows, d)
-                surrogate = surrogate + (chunk_reps.float() * cached[i]).sum()  # d/d(chunk_reps) = cached[i]
-            if engine is not None and not last:
-                # Accumulate without ending the window: ZeRO 0/1 reduce nothing yet, ZeRO 2/3 add this
-                # backward's reduced partition to the accumulated one; no optimizer step.
-                engine.set_gradient_accumulation_boundary(False)
-                engine.backward(surrogate, scale_wrt_gas=False)
-            elif deepspeed:
-                # The Trainer's own backward: boundary = accelerate's sync_gradients, then step if it is set.
-                accelerator.backward(surrogate, scale_wrt_gas=False)
-            else:
-                accelerator.backward(surrogate)
-        del chunk_reps, surrogate
-    return (loss / ga_steps).detach()
+        # 1. Representations without a graph, remembering each chunk's RNG state for the replay.
+        rng_states: list[RngState] = []
+        reps: list[torch.Tensor] = []
+        with torch.no_grad():
+            for job in jobs:
+                rng_states.append(RngState(device))
+                reps.append(encode(job))
+        n_q = len(query_chunks)
+        q_reps = torch.cat(reps[:n_q]).float().requires_grad_()  # (B, d) leaf
+        p_reps = torch.cat(reps[n_q:]).float().requires_grad_()  # (B*n, d) leaf
+        del reps
+
+        # 2. The loss on the whole (gathered) batch and its gradient w.r.t. the representations, in float32.
+        # Only the leaves get gradients; the all_gather's backward runs the same collective as the plain path.
+        with torch.autocast(device_type=device.type, enabled=False):
+            loss = module.loss_fn(q_reps, p_reps, passage_keys, positive_keys)
+            (loss / ga_steps).backward()
+        self._masked_since_log = getattr(self, "_masked_since_log", 0) + module.loss_fn.last_masked
+        cached = list(q_reps.grad.split(args.gc_q_chunk_size)) + list(p_reps.grad.split(args.gc_p_chunk_size))
+        del q_reps, p_reps
+
+        # 3. Chunk by chunk: recompute with a graph (same dropout masks) and back-propagate the cached gradient.
+        engine = accelerator.deepspeed_engine_wrapped.engine if deepspeed else None
+        zero3 = engine is not None and engine.zero_optimization_stage() == 3
+        units = backward_units(n_q, len(passage_chunks), pair_first=zero3)
+        for u, unit in enumerate(units):
+            last = u == len(units) - 1
+            # DDP: only the last backward all-reduces. accelerate's no_sync is a no-op outside DDP.
+            sync = contextlib.nullcontext() if (last or deepspeed) else accelerator.no_sync(model)
+            with sync:
+                surrogate = torch.zeros((), device=device)
+                for i in unit:
+                    with rng_states[i].replay():
+                        chunk_reps = encode(jobs[i])  # (chunk rows, d)
+                    surrogate = surrogate + (chunk_reps.float() * cached[i]).sum()  # d/d(chunk_reps) = cached[i]
+                if engine is not None and not last:
+                    # Accumulate without ending the window: ZeRO 0/1 reduce nothing yet, ZeRO 2/3 add this
+                    # backward's reduced partition to the accumulated one; no optimizer step.
+                    engine.set_gradient_accumulation_boundary(False)
+                    engine.backward(surrogate, scale_wrt_gas=False)
+                elif deepspeed:
+                    # The Trainer's own backward: boundary = accelerate's sync_gradients, then step if it is set.
+                    accelerator.backward(surrogate, scale_wrt_gas=False)
+                else:
+                    accelerator.backward(surrogate)
+            del chunk_reps, surrogate
+        return (loss / ga_steps).detach()

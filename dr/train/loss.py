@@ -52,7 +52,7 @@ class ContrastiveLoss(nn.Module):
         Args:
             q_reps: (B, d) local queries.
             p_reps: (B*n, d) local passages, grouped per query, positive first.
-            passage_keys: (B*n,) integer docid keys of the passages (see `dr.collator.id_key`).
+            passage_keys: (B*n,) integer docid keys of the passages (see `dr.train.collator.id_key`).
             positive_keys: (B, P) keys of each query's positives, padded with -1. With `passage_keys`,
                 in-batch passages that are positives of a query are masked from its negatives.
         """

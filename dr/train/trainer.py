@@ -19,8 +19,10 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from dr.distributed import all_reduce_sum
 from dr.io.atomic import write_json_atomic
 from dr.model.encoder import BiEncoder
+from dr.train.gradcache import GradCacheMixin
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +57,7 @@ class EpochSampler(torch.utils.data.Sampler):
         return ((self.epoch, i) for i in order)
 
 
-class BiEncoderTrainer(Trainer):
+class BiEncoderTrainer(GradCacheMixin, Trainer):
     """Trainer for `BiEncoder`; see the module docstring for what differs from the base class."""
 
     def __init__(self, *args: Any, resolved_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -75,9 +77,7 @@ class BiEncoderTrainer(Trainer):
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
         if self.args.grad_cache:
-            from dr.train.gradcache import grad_cache_training_step
-
-            return grad_cache_training_step(self, model, inputs)
+            return self.grad_cache_training_step(model, inputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(
@@ -94,10 +94,13 @@ class BiEncoderTrainer(Trainer):
         return (outputs["loss"], outputs) if return_outputs else outputs["loss"]
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
-        """Add to each training log line the in-batch false negatives masked (on this rank) since the last
+        """Add to each training log line the in-batch false negatives masked (on all ranks) since the last
         line and, on a GPU, this rank's peak allocated memory so far (what GradCache chunk sizes trade)."""
         if "loss" in logs and self.args.mask_false_negatives:
-            logs["masked_false_negatives"] = int(self._masked_since_log)
+            # Every rank logs (the Trainer calls log() on all of them after its own collective), so the
+            # sum over ranks is safe here: the global count, as one process on the global batch counts.
+            masked = torch.as_tensor(self._masked_since_log, device=self.args.device)
+            logs["masked_false_negatives"] = int(all_reduce_sum(masked))
             self._masked_since_log = 0
         if "loss" in logs and torch.cuda.is_available() and torch.cuda.is_initialized():
             logs["peak_gpu_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
