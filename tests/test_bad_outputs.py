@@ -163,3 +163,69 @@ def test_unsupported_metric_names_are_refused_with_the_accepted_list(tmp_path, c
         assert evaluate_main(argv) == 2
         err = capsys.readouterr().err
         assert f"unknown metric {name!r}" in err and "nDCG@k" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------- item 4: no guessing run formats
+
+INTEGER_SCORES = "q1\td1\t30\nq1\td2\t20\nq1\td3\t10\n"  # Tevatron, integer scores: best is d1
+
+
+def test_integer_scored_run_is_refused_without_from(tmp_path, capsys):
+    source, out = tmp_path / "rank.txt", tmp_path / "out.marco"
+    source.write_text(INTEGER_SCORES)
+    assert convert(["--input", str(source), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "rank.txt: cannot tell" in err and "--from tevatron" in err and "--from marco" in err
+    assert not out.exists() and not list(tmp_path.glob("out.marco*"))
+
+
+def test_from_tevatron_keeps_integer_scores_order(tmp_path):
+    source, out = tmp_path / "rank.txt", tmp_path / "out.marco"
+    source.write_text(INTEGER_SCORES)
+    assert convert(["--input", str(source), "--output", str(out), "--from", "tevatron"]) == 0
+    assert out.read_text() == "q1\td1\t1\nq1\td2\t2\nq1\td3\t3\n"
+    assert convert(["--input", str(source), "--output", str(out), "--from", "marco"]) == 0
+    assert out.read_text() == "q1\td3\t1\nq1\td2\t2\nq1\td1\t3\n"  # asked for: 10 20 30 read as ranks
+
+
+@pytest.mark.parametrize(
+    "text,name,fmt",
+    [
+        ("q1\td1\t12.5\nq1\td2\t3\n", "rank.txt", "tevatron"),  # a float: not a rank
+        ("q1\td1\t-1\nq1\td2\t3\n", "rank.txt", "tevatron"),  # negative: not a rank
+        ("q1\td1\t2\nq1\td2\t2\n", "rank.txt", "tevatron"),  # repeated within a query: not ranks
+        ("q1 Q0 d1 1 2.5 t\n", "rank.txt", "trec"),
+        ("q1\td1\t1\nq1\td2\t2\n", "run.marco", "marco"),  # the suffix names the format
+        ("q1\td1\t1\nq1\td2\t2\n", "run.tevatron", "tevatron"),
+    ],
+)
+def test_formats_the_content_or_name_tells_apart_are_still_detected(tmp_path, text, name, fmt):
+    from dr.io.runs import read_run
+
+    path = tmp_path / name
+    path.write_text(text)
+    assert read_run(path)[1] == fmt
+
+
+@pytest.mark.parametrize("name", ["eval", "mine"])
+def test_eval_and_mine_refuse_to_guess_too(tmp_path, capsys, name):
+    evaluate, mine = command("eval"), command("mine")
+    (tmp_path / "rank.txt").write_text(INTEGER_SCORES)
+    (tmp_path / "qrels").write_text("q1 0 d1 1\n")
+    common = ["--run", str(tmp_path / "rank.txt"), "--qrels", str(tmp_path / "qrels")]
+    if name == "eval":
+        assert evaluate(common) == 2
+    else:
+        (tmp_path / "corpus.jsonl").write_text('{"docid": "d1", "text": "x"}\n')
+        (tmp_path / "q.jsonl").write_text('{"query_id": "q1", "query": "x"}\n')
+        extra = ["--corpus", str(tmp_path / "corpus.jsonl"), "--queries", str(tmp_path / "q.jsonl")]
+        assert mine([*common, *extra, "--output", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot tell" in err and "--run_format tevatron" in err
+
+
+def test_convert_bad_content_is_exit_1(tmp_path, capsys):
+    (tmp_path / "rank.txt").write_text("q1\td1\tabc\n")
+    assert convert(["--input", str(tmp_path / "rank.txt"), "--output", str(tmp_path / "o.marco")]) == 1
+    assert "rank.txt:1: score 'abc' is not a number" in capsys.readouterr().err
