@@ -229,3 +229,65 @@ def test_convert_bad_content_is_exit_1(tmp_path, capsys):
     (tmp_path / "rank.txt").write_text("q1\td1\tabc\n")
     assert convert(["--input", str(tmp_path / "rank.txt"), "--output", str(tmp_path / "o.marco")]) == 1
     assert "rank.txt:1: score 'abc' is not a number" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ item 11: `| head` is not an error
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _through_closed_pipe(tmp_path: Path, args: list[str], stream: str = "stdout") -> tuple[str, str, int]:
+    """Run `python -m ARGS` writing `stream` into a pipe whose reader, `head -1`, has already exited.
+
+    `echo first` feeds head its one line; the command starts after head is gone, so its first write meets a
+    closed pipe: deterministic, unlike racing head. Returns (what head printed, the command's other
+    stream, the command's exit status).
+    """
+    import shlex
+    import subprocess
+    import sys
+
+    command = shlex.join([sys.executable, "-m", *args])
+    other = shlex.quote(str(tmp_path / "other.txt"))
+    redirect = f"2>{other}" if stream == "stdout" else f"2>&1 >{other}"
+    rc_file = shlex.quote(str(tmp_path / "rc"))
+    script = f"{{ echo first; sleep 0.5; {command} {redirect}; echo $? > {rc_file}; }} | head -1"
+    out = subprocess.run(
+        ["bash", "-c", script], check=True, capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    return out.stdout, (tmp_path / "other.txt").read_text(), int((tmp_path / "rc").read_text())
+
+
+def _eval_files(tmp_path: Path) -> list[str]:
+    (tmp_path / "qrels").write_text(TIE_QRELS)
+    (tmp_path / "run.trec").write_text("1 Q0 a 1 5.0 t\n")
+    return ["--qrels", str(tmp_path / "qrels"), "--run", str(tmp_path / "run.trec")]
+
+
+@pytest.mark.parametrize("name", ["eval", "pipeline", "demo"])
+def test_table_into_a_closed_pipe_exits_quietly(tmp_path, name):
+    if name == "eval":
+        args = ["dr.cli", "eval", *_eval_files(tmp_path), "--output", str(tmp_path / "m.json")]
+    elif name == "pipeline":
+        config = str(REPO / "dr" / "demo" / "demo.yaml")
+        args = ["dr.cli", "pipeline", config, "--dry_run", "--set", f"run_dir={tmp_path}/r"]
+    else:  # the BM25 table; a metrics.json present is reused, so nothing is computed
+        (tmp_path / "bm25").mkdir()
+        (tmp_path / "bm25" / "metrics.json").write_text('{"MRR@10": 0.5, "num_queries": 1}')
+        args = ["dr.cli", "demo", "bm25", "--corpus", "c", "--queries", "q", "--qrels", "r"]
+        args += ["--output_dir", str(tmp_path / "bm25"), "--metrics", "MRR@10"]
+    stdout, other, rc = _through_closed_pipe(tmp_path, args)
+    assert stdout == "first\n"
+    assert other == ""  # no traceback, no "Exception ignored ... BrokenPipeError", and nothing else
+    assert rc == 141  # what a shell reports for a writer stopped by SIGPIPE
+    if name == "eval":  # the outputs were written before the table
+        assert json.loads((tmp_path / "m.json").read_text())["MRR@10"] == 1.0
+
+
+def test_echo_writes_lines_when_the_reader_stays(tmp_path):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "dr.cli", "eval", *_eval_files(tmp_path), "--metrics", "MRR@10"]
+    out = subprocess.run(args, check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0 and out.stdout.splitlines()[2].split() == ["MRR@10", "1.0000"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from dr.console import echo
 from dr.eval.metrics import ACCEPTED_METRICS, DEFAULT_METRICS, check_metrics, evaluate, format_table
 from dr.io.atomic import write_json_atomic
 from dr.io.qrels import read_qrels
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(qrels, run_, args.metrics)
     if args.output:
         write_json_atomic(args.output, results)
-    print(format_table(results))
+    echo(format_table(results))
     return 0
 
 
