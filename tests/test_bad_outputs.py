@@ -291,3 +291,35 @@ def test_echo_writes_lines_when_the_reader_stays(tmp_path):
     args = [sys.executable, "-m", "dr.cli", "eval", *_eval_files(tmp_path), "--metrics", "MRR@10"]
     out = subprocess.run(args, check=False, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 0 and out.stdout.splitlines()[2].split() == ["MRR@10", "1.0000"]
+
+
+# ------------------------------------------------------------------------- item 12: exact qrels messages
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (
+            "1 0 a 1\n1 0 b\n",
+            (
+                "qrels:2: 3 columns where line 1 has 4: every line must have the same columns "
+                "(4: qid iter docid rel, 3: qid docid rel, or 2: qid docid)"
+            ),
+        ),
+        (
+            "1 a\n1 b 1\n",
+            "qrels:2: 3 columns where line 1 has 2: every line must have the same columns",
+        ),
+        (
+            "1 0 a 1 x\n",
+            "qrels:1: 5 columns; qrels need 4 (qid iter docid rel), 3 (qid docid rel) or 2 (qid docid)",
+        ),
+    ],
+)
+def test_qrels_column_message_says_what_is_wrong(tmp_path, text, message):
+    from dr.io.qrels import QrelsFormatError, read_qrels
+
+    (tmp_path / "qrels").write_text(text)
+    with pytest.raises(QrelsFormatError) as err:
+        read_qrels(tmp_path / "qrels")
+    assert message in str(err.value)
