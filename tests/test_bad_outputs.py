@@ -323,3 +323,48 @@ def test_qrels_column_message_says_what_is_wrong(tmp_path, text, message):
     with pytest.raises(QrelsFormatError) as err:
         read_qrels(tmp_path / "qrels")
     assert message in str(err.value)
+
+
+# --------------------------------------------------------------------- item 13: outputs respect the umask
+
+_WRITE_ALL = r"""
+import os, sys
+import numpy as np
+from pathlib import Path
+os.umask(int(sys.argv[2], 8))
+from dr.io.atomic import atomic_path, write_json_atomic, write_text_atomic
+from dr.io.runs import Run, write_run
+from dr.index.shards import ShardMeta, write_shard
+out = Path(sys.argv[1])
+meta = ShardMeta("m", "mean", True, 4, "float32", 16, "passage", 2)
+write_shard(out / "shards" / "corpus.0.arrow", meta, ["a", "b"], np.ones((2, 4)))
+write_json_atomic(out / "corpus.manifest.json", {"x": 1})
+write_json_atomic(out / "metrics.json", {"MRR@10": 0.5})
+write_text_atomic(out / "notes.txt", "x")
+write_run(out / "run.trec", Run({"q": [("a", 1.0)]}), "trec")
+with atomic_path(out / "model" / "model.safetensors") as tmp:
+    tmp.write_bytes(b"weights")
+"""
+
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [("022", 0o644, 0o755), ("027", 0o640, 0o750)])
+def test_atomically_written_outputs_respect_the_umask(tmp_path, umask, file_mode, dir_mode):
+    import stat
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, "-c", _WRITE_ALL, str(out), umask], check=True, cwd=REPO, timeout=120)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    assert [p.relative_to(out).as_posix() for p in files] == [
+        "corpus.manifest.json",
+        "metrics.json",
+        "model/model.safetensors",
+        "notes.txt",
+        "run.trec",
+        "shards/corpus.0.arrow",
+    ]
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == file_mode, path
+    for folder in (out, out / "shards", out / "model"):
+        assert stat.S_IMODE(folder.stat().st_mode) == dir_mode, folder
