@@ -368,3 +368,196 @@ def test_atomically_written_outputs_respect_the_umask(tmp_path, umask, file_mode
         assert stat.S_IMODE(path.stat().st_mode) == file_mode, path
     for folder in (out, out / "shards", out / "model"):
         assert stat.S_IMODE(folder.stat().st_mode) == dir_mode, folder
+
+
+# -------------------------------------------- items 14 and 16: the shard format, as docs/formats.md states it
+
+FORMATS_DOC = REPO / "docs" / "formats.md"
+
+
+def _doc_blocks() -> list[str]:
+    """The ```python blocks of docs/formats.md, in order: [write, read with pyarrow, read with datasets]."""
+    import re
+
+    return re.findall(r"```python\n(.*?)```", FORMATS_DOC.read_text(), re.DOTALL)
+
+
+def _write_as_documented(folder: Path, side: str = "passage", **replace: str) -> Path:
+    """Run the docs' writing recipe in `folder` (side 'query' writes queries.arrow); `replace` edits it."""
+    import os
+
+    code = _doc_blocks()[0]
+    if side == "query":
+        code = code.replace('"passage"', '"query"').replace("corpus.arrow", "queries.arrow")
+    for old, new in replace.items():
+        assert old in code, old
+        code = code.replace(old, new)
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        exec(compile(code, str(FORMATS_DOC), "exec"), {})  # noqa: S102 - our own docs, on purpose
+    finally:
+        os.chdir(cwd)
+    return folder / ("queries.arrow" if side == "query" else "corpus.arrow")
+
+
+def _search(folder: Path, capsys) -> tuple[int, str]:
+    search = command("search")
+    argv = ["--query_reps", str(folder / "queries.arrow"), "--passage_reps", str(folder / "corpus.arrow")]
+    rc = search([*argv, "--depth", "3", "--save_ranking_to", str(folder / "run.txt"), "--quiet"])
+    return rc, capsys.readouterr().err
+
+
+def test_shard_written_with_plain_pyarrow_from_the_docs_is_searched(tmp_path, capsys):
+    from dr.io.runs import read_run
+
+    _write_as_documented(tmp_path)
+    _write_as_documented(tmp_path, side="query")
+    rc, err = _search(tmp_path, capsys)
+    assert rc == 0, err
+    run, _ = read_run(tmp_path / "run.txt")
+    assert sorted(run.rankings) == ["d1", "d2", "d3"]  # the query ids are the docs' ids too
+    assert all(hits[0][0] == qid for qid, hits in run.rankings.items())  # each vector's best match is itself
+
+
+@pytest.mark.parametrize("id_type", ["pa.large_string()", "pa.string()"])
+def test_large_string_ids_are_searched(tmp_path, capsys, id_type):
+    """Many Arrow writers (polars, pandas with pyarrow strings) store ids as large_string."""
+    _write_as_documented(tmp_path, **{"pa.array(ids, pa.string())": "pa.array(ids, pa.large_string())"})
+    _write_as_documented(
+        tmp_path, side="query", **{"pa.array(ids, pa.string())": f"pa.array(ids, {id_type})"}
+    )
+    second = tmp_path / "more"  # a string-id shard next to the large_string one: chunks of two types
+    second.mkdir()
+    _write_as_documented(second, **{'"d1", "d2", "d3"': '"e1", "e2", "e3"'}).rename(
+        tmp_path / "corpus.e.arrow"
+    )
+    search = command("search")
+    argv = ["--query_reps", str(tmp_path / "queries.arrow"), "--depth", "6", "--quiet"]
+    argv += ["--passage_reps", f"{tmp_path}/corpus*.arrow", "--save_ranking_to", str(tmp_path / "run.txt")]
+    assert search(argv) == 0, capsys.readouterr().err
+    lines = (tmp_path / "run.txt").read_text().splitlines()
+    assert len(lines) == 18 and {line.split()[1] for line in lines} == {"d1", "d2", "d3", "e1", "e2", "e3"}
+
+
+@pytest.mark.parametrize(
+    "spelling,value",
+    [("true", True), ("True", True), ("TRUE", True), ("1", True), ("yes", True)]
+    + [("false", False), ("False", False), ("FALSE", False), ("0", False), ("No", False)],
+)
+def test_normalize_accepts_every_boolean_spelling(tmp_path, spelling, value):
+    from dr.index.shards import read_meta
+
+    path = _write_as_documented(tmp_path, **{'"dr.normalize": "false"': f'"dr.normalize": "{spelling}"'})
+    assert read_meta(path).normalize is value
+
+
+@pytest.mark.parametrize(
+    "old,new,message",
+    [
+        ('"dr.normalize": "false"', '"dr.normalize": "maybe"', "dr.normalize 'maybe' is not a boolean"),
+        ('"dr.normalize": "false"', '"dr.normalize": ""', "dr.normalize '' is not a boolean"),
+        (
+            '"dr.format_version": "1"',
+            '"dr.format_version": "1.0"',
+            "dr.format_version '1.0' is not supported",
+        ),
+        ('"dr.dim": "8"', '"dr.dim": "8.0"', "dr.dim '8.0' is not an integer"),
+        ('"dr.count": str(len(ids))', '"dr.count": "-3"', "dr.count '-3' is not an integer"),
+        ('"dr.pooling": "mean"', '"dr.pooling": "max"', "dr.pooling 'max' is not one of cls, mean, last"),
+        ('"dr.side": "passage"', '"dr.side": "doc"', "dr.side 'doc' is not one of query, passage"),
+        ('"dr.dtype": "float32"', '"dr.dtype": "float16"', "embedding column has type"),
+        ('"dr.dim": "8"', '"dr.dim": "4"', "embedding column has type"),
+        ('"dr.model": "my-encoder"', '"dr.model": ""', "dr.model is empty"),
+        ('"dr.count": str(len(ids))', '"dr.count": "5"', "row count differs from dr.count=5"),
+        ("pa.array(ids, pa.string())", "pa.array([1, 2, 3])", "id column has type int64"),
+        ("pa.array(ids, pa.string())", 'pa.array(["d1", None, "d3"])', "id column holds a null"),
+    ],
+)
+def test_bad_shard_fields_are_one_line_errors_naming_the_field(tmp_path, capsys, old, new, message):
+    from dr.index.shards import ShardError, read_meta
+
+    path = _write_as_documented(tmp_path, **{old: new})
+    with pytest.raises(ShardError) as err:
+        read_meta(path)
+    assert message in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+    _write_as_documented(tmp_path, side="query")
+    rc, err = _search(tmp_path, capsys)
+    assert rc == 1 and message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "run.txt").exists()
+
+
+@pytest.fixture
+def dr_shards(tmp_path) -> tuple:
+    """Two shards written by dr (ShardWriter), as corpus.0.arrow / corpus.1.arrow, plus corpus.arrow (both)."""
+    import numpy as np
+
+    from dr.index.shards import ShardMeta, write_shard
+
+    vectors = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
+    ids = [f"p{i}" for i in range(5)]
+    write_shard(
+        tmp_path / "corpus.0.arrow",
+        ShardMeta("m", "mean", True, 4, "float32", 16, "passage", 2),
+        ids[:2],
+        vectors[:2],
+    )
+    write_shard(
+        tmp_path / "corpus.1.arrow",
+        ShardMeta("m", "mean", True, 4, "float32", 16, "passage", 3),
+        ids[2:],
+        vectors[2:],
+    )
+    write_shard(
+        tmp_path / "corpus.arrow", ShardMeta("m", "mean", True, 4, "float32", 16, "passage", 5), ids, vectors
+    )
+    return tmp_path, ids, vectors
+
+
+def _run_doc_block(index: int, folder: Path) -> dict:
+    import os
+
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(folder)
+    try:
+        exec(compile(_doc_blocks()[index], str(FORMATS_DOC), "exec"), namespace)  # noqa: S102 - our own docs
+    finally:
+        os.chdir(cwd)
+    return namespace
+
+
+def test_dr_shards_read_with_pyarrow_as_documented(dr_shards):
+    folder, ids, vectors = dr_shards
+    ns = _run_doc_block(1, folder)
+    assert ns["ids"] == ids and (ns["vectors"] == vectors).all()
+    assert ns["meta"]["dr.format_version"] == "1" and ns["meta"]["dr.count"] == "5"
+    assert list(ns["frame"]["id"]) == ids
+
+
+def test_dr_shards_read_with_datasets_as_documented(dr_shards, monkeypatch, tmp_path_factory):
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path_factory.mktemp("hf-cache"))
+    folder, ids, vectors = dr_shards
+    ds = _run_doc_block(2, folder)["ds"]
+    # data_files="corpus*.arrow": corpus.0, corpus.1, then corpus (sorted names) -> ids twice
+    assert ds["id"] == ids + ids
+    assert [list(v) for v in ds["embedding"][:5]] == vectors.tolist()
+
+
+def test_datasets_from_file_does_not_read_shards_as_the_docs_say(dr_shards):
+    datasets = pytest.importorskip("datasets")
+    import pyarrow as pa
+
+    folder, ids, _ = dr_shards
+    assert '`datasets.Dataset.from_file("corpus.arrow")` fails' in FORMATS_DOC.read_text()
+    with pytest.raises(pa.ArrowInvalid):
+        datasets.Dataset.from_file(str(folder / "corpus.arrow"))
+    table = pa.ipc.open_file(pa.memory_map(str(folder / "corpus.arrow"))).read_all()
+    assert datasets.Dataset(table)["id"] == ids  # the documented alternative
+
+
+def test_dr_shards_read_with_polars_as_documented(dr_shards):
+    polars = pytest.importorskip("polars")
+    folder, ids, _ = dr_shards
+    assert polars.read_ipc(str(folder / "corpus.arrow"))["id"].to_list() == ids
