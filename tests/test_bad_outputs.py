@@ -561,3 +561,12 @@ def test_dr_shards_read_with_polars_as_documented(dr_shards):
     polars = pytest.importorskip("polars")
     folder, ids, _ = dr_shards
     assert polars.read_ipc(str(folder / "corpus.arrow"))["id"].to_list() == ids
+
+
+def test_logged_summary_into_a_closed_pipe_is_quiet(tmp_path):
+    """`dr convert` / `dr search` log their summary to stderr: `2>&1 | head -1` must stay quiet too."""
+    (tmp_path / "run.trec").write_text("1 Q0 a 1 5.0 t\n")
+    args = ["dr.cli", "convert", "--input", str(tmp_path / "run.trec"), "--output", str(tmp_path / "o.marco")]
+    stdout, other, rc = _through_closed_pipe(tmp_path, args, "stderr")
+    assert (stdout, other) == ("first\n", "") and rc in (0, 141)
+    assert (tmp_path / "o.marco").read_text() == "1\ta\t1\n"
