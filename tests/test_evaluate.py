@@ -89,8 +89,9 @@ def test_home_relative_paths_from_flag_equals_form(fixture_files, monkeypatch):
 
 
 def test_mrr_cutoff_and_tie_order(tmp_path):
-    """Equal scores rank by docid ascending: the relevant 'b' comes after 'a' -> RR 1/2, whatever the file order."""
-    (tmp_path / "qrels").write_text("1 0 b 1\n2 0 r 1\n")
+    """Equal scores rank by docid descending (trec_eval's rule): the relevant 'a' comes after 'b' -> RR 1/2,
+    whatever the file order."""
+    (tmp_path / "qrels").write_text("1 0 a 1\n2 0 r 1\n")
     (tmp_path / "run").write_text(
         "1 b 5.0\n1 a 5.0\n" + "".join(f"2 n{i:02d} {20 - i}.5\n" for i in range(10)) + "2 r 0.1\n"
     )
@@ -100,7 +101,7 @@ def test_mrr_cutoff_and_tie_order(tmp_path):
     results = json.loads(out.read_text())
     assert results["MRR@10"] == pytest.approx(0.5 / 2)  # query 2: relevant at rank 11 -> 0 within 10
     assert results["MRR@11"] == pytest.approx((0.5 + 1 / 11) / 2)
-    assert results["RR"] == pytest.approx((0.5 + 1 / 11) / 2)  # trec_eval sees the same (docid-asc) order
+    assert results["RR"] == pytest.approx((0.5 + 1 / 11) / 2)  # trec_eval sees the same order
 
 
 def test_two_column_qrels(tmp_path):

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dr.console import echo
 from dr.eval.metrics import format_table
 from dr.flags import add_bool
 from dr.pipeline import (
@@ -271,7 +272,7 @@ def load_demo_config(path: Path, small: bool, overrides: list[str]) -> dict[str,
 
 
 def _log(message: str) -> None:
-    print(f"[dr demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    echo(f"[dr demo {time.strftime('%H:%M:%S')}] {message}")
 
 
 def run_demo(cfg: dict[str, Any], quiet: bool = True) -> dict[str, Any]:
@@ -366,7 +367,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = bm25_baseline(
             args.corpus, args.queries, args.qrels, Path(args.output_dir), args.metrics, args.depth
         )
-        print(format_table(metrics, title="BM25"))
+        echo(format_table(metrics, title="BM25"))
         return 0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg = load_demo_config(Path(args.config), args.small, args.overrides)
@@ -375,12 +376,12 @@ def run(args: argparse.Namespace) -> int:
     summary = run_demo(cfg, quiet=not args.verbose)
     metrics = list((cfg.get("eval") or {}).get("metrics") or ["MRR@10", "nDCG@10", "R@100"])
     data = summary["data"]
-    print(
+    echo(
         f"\ndr demo ({'small' if args.small else 'default'} setting): Python docstring retrieval, "
         f"{data['corpus']} passages, {data['train_queries']} train / {data['test_queries']} test queries"
     )
-    print(format_table(summary["systems"], metrics, title=f"system ({data['test_queries']} test queries)"))
-    print(
+    echo(format_table(summary["systems"], metrics, title=f"system ({data['test_queries']} test queries)"))
+    echo(
         f"wall time {summary['wall_seconds']:.0f} s; summary: {Path(cfg['run_dir']).absolute() / 'metrics.json'}"
     )
     return 0

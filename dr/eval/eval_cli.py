@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 
-from dr.eval.metrics import DEFAULT_METRICS, evaluate, format_table
+from dr.console import echo
+from dr.eval.metrics import ACCEPTED_METRICS, DEFAULT_METRICS, check_metrics, evaluate, format_table
 from dr.io.atomic import write_json_atomic
 from dr.io.qrels import read_qrels
 from dr.io.runs import FORMATS, read_run
@@ -23,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--run", required=True, help="run file (tevatron, marco or trec; detected)")
     parser.add_argument("--run_format", default="auto", choices=("auto", *FORMATS))
     parser.add_argument(
-        "--metrics", nargs="+", default=list(DEFAULT_METRICS), help="MRR@k or ir_measures names"
+        "--metrics", nargs="+", default=list(DEFAULT_METRICS), help=f"any of: {ACCEPTED_METRICS}"
     )
     parser.add_argument("--output", default=None, help="write the metrics as JSON here (atomically)")
     return parser
@@ -31,12 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate, write the JSON (if asked), print the table."""
+    check_metrics(args.metrics)  # a bad flag is reported before any file is read
     qrels = read_qrels(args.qrels)
     run_, _ = read_run(args.run, args.run_format)
     results = evaluate(qrels, run_, args.metrics)
     if args.output:
         write_json_atomic(args.output, results)
-    print(format_table(results))
+    echo(format_table(results))
     return 0
 
 

@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from pyarrow import ipc
 
 from dr.errors import InputError, UsageError
-from dr.index.shards import ENCODER_FIELDS, ShardError, ShardMeta, read_meta, read_shard
+from dr.index.shards import ENCODER_FIELDS, ShardError, ShardMeta, id_strings, read_meta, read_shard
 
 logger = logging.getLogger("dr.search")
 
@@ -108,9 +108,9 @@ def load_queries(paths: list[str]) -> tuple[list[str], np.ndarray, ShardMeta]:
 
 
 def id_column(path: str) -> pa.ChunkedArray:
-    """The id column of a shard, memory-mapped (the vectors are not read)."""
+    """The id column of a shard as `string` (large_string ids are cast), memory-mapped (vectors not read)."""
     try:
-        return ipc.open_file(pa.memory_map(path, "r")).read_all().column("id")
+        return id_strings(ipc.open_file(pa.memory_map(path, "r")).read_all().column("id"))
     except (pa.ArrowInvalid, OSError, KeyError) as err:
         raise ShardError(f"{path}: cannot read the id column: {err}") from err
 

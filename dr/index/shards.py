@@ -2,23 +2,25 @@
 
 One shard is an Arrow IPC *file* (random access, memory-mappable) with two columns:
 
-    id          string
-    embedding   fixed_size_list<float16 | float32>[dim]
+    id          string | large_string, no nulls
+    embedding   fixed_size_list<float16 | float32>[dim], no nulls
 
 and schema metadata (all values are UTF-8 strings, keys prefixed with ``dr.``):
 
-    dr.format_version  "1"
-    dr.model           model path or name that produced the vectors
+    dr.format_version  exactly "1"
+    dr.model           model path or name that produced the vectors (non-empty)
     dr.pooling         cls | mean | last
-    dr.normalize       "true" | "false"
-    dr.dim             vector dimension
-    dr.dtype           float16 | float32
-    dr.max_length      tokenizer max length used
+    dr.normalize       a boolean: true/false in any case, 1/0, yes/no (written "true" | "false")
+    dr.dim             vector dimension, decimal digits, >= 1
+    dr.dtype           float16 | float32 (the element type of `embedding`)
+    dr.max_length      tokenizer max length used, decimal digits, >= 1
     dr.side            query | passage
-    dr.count           number of rows in the file
+    dr.count           number of rows in the file, decimal digits
 
-It opens without `dr`: ``pyarrow.ipc.open_file(path).read_all()`` or polars' ``pl.read_ipc(path)``. Files are written under a temporary name and renamed when
-complete (`dr.atomic`), so a file under its final name is always whole.
+docs/formats.md is the full contract (with a recipe to write a shard with plain pyarrow); anything it does
+not allow is refused with a one-line `ShardError` naming the file and the field. It opens without `dr`:
+``pyarrow.ipc.open_file(path).read_all()`` or polars' ``pl.read_ipc(path)``. Files are written under a
+temporary name and renamed when complete (`dr.io.atomic`), so a file under its final name is always whole.
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ from pyarrow import ipc
 
 from dr.errors import InputError
 from dr.io.atomic import atomic_path
+from dr.model import POOLINGS  # a constant only: dr.model imports no torch
 
 FORMAT_VERSION = "1"
 # Vectors from shards that differ in these cannot be mixed; the encoder fields decide the vector space.
 ENCODER_FIELDS = ("model", "pooling", "normalize")
 VECTOR_FIELDS = (*ENCODER_FIELDS, "dim", "dtype")
 _DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
+SIDES = ("query", "passage")
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+_DIGITS = re.compile(r"^[0-9]+$")
 
 
 class ShardError(InputError):
@@ -76,25 +82,31 @@ class ShardMeta:
 
     @classmethod
     def from_arrow(cls, metadata: dict[bytes, bytes] | None, source: str) -> ShardMeta:
-        raw = {k.decode(): v.decode() for k, v in (metadata or {}).items() if k.startswith(b"dr.")}
+        """Parse and validate `dr.*` schema metadata (see the module docstring for what is allowed)."""
+        try:
+            raw = {k.decode(): v.decode() for k, v in (metadata or {}).items() if k.startswith(b"dr.")}
+        except UnicodeDecodeError as err:
+            raise ShardError(f"{source}: dr.* schema metadata is not UTF-8: {err}") from None
         missing = [f"dr.{f}" for f in (*cls.__dataclass_fields__, "format_version") if f"dr.{f}" not in raw]
         if missing:
             raise ShardError(f"{source}: not a dr embedding shard (schema metadata lacks {missing})")
         if raw["dr.format_version"] != FORMAT_VERSION:
-            raise ShardError(f"{source}: shard format version {raw['dr.format_version']} is not supported")
-        try:
-            return cls(
-                model=raw["dr.model"],
-                pooling=raw["dr.pooling"],
-                normalize=raw["dr.normalize"] == "true",
-                dim=int(raw["dr.dim"]),
-                dtype=raw["dr.dtype"],
-                max_length=int(raw["dr.max_length"]),
-                side=raw["dr.side"],
-                count=int(raw["dr.count"]),
+            raise ShardError(
+                f"{source}: dr.format_version {raw['dr.format_version']!r} is not supported "
+                f"(this dr reads format {FORMAT_VERSION!r})"
             )
-        except ValueError as err:
-            raise ShardError(f"{source}: bad shard metadata: {err}") from err
+        if not raw["dr.model"]:
+            raise ShardError(f"{source}: dr.model is empty (the model that produced the vectors)")
+        return cls(
+            model=raw["dr.model"],
+            pooling=_choice(raw, "pooling", POOLINGS, source),
+            normalize=_boolean(raw, "normalize", source),
+            dim=_integer(raw, "dim", 1, source),
+            dtype=_choice(raw, "dtype", tuple(_DTYPES), source),
+            max_length=_integer(raw, "max_length", 1, source),
+            side=_choice(raw, "side", SIDES, source),
+            count=_integer(raw, "count", 0, source),
+        )
 
     def differences(
         self, other: ShardMeta, fields: tuple[str, ...] = VECTOR_FIELDS, labels: tuple[str, str] = ("", "")
@@ -107,6 +119,31 @@ class ShardMeta:
             for f in fields
             if getattr(self, f) != getattr(other, f)
         ]
+
+
+def _choice(raw: dict[str, str], field: str, allowed: tuple[str, ...], source: str) -> str:
+    value = raw[f"dr.{field}"]
+    if value not in allowed:
+        raise ShardError(f"{source}: dr.{field} {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _boolean(raw: dict[str, str], field: str, source: str) -> bool:
+    """Any unambiguous spelling of a boolean; anything else is an error, never silently false."""
+    value = raw[f"dr.{field}"]
+    if value.strip().lower() not in _BOOLEANS:
+        raise ShardError(
+            f"{source}: dr.{field} {value!r} is not a boolean (true/false, 1/0, yes/no; any case)"
+        )
+    return _BOOLEANS[value.strip().lower()]
+
+
+def _integer(raw: dict[str, str], field: str, minimum: int, source: str) -> int:
+    """Plain decimal digits (not "8.0", "+8", "8_0", which `int()` would take or half-take)."""
+    value = raw[f"dr.{field}"]
+    if not _DIGITS.match(value) or int(value) < minimum:
+        raise ShardError(f"{source}: dr.{field} {value!r} is not an integer >= {minimum}")
+    return int(value)
 
 
 def _encode_value(value: object) -> str:
@@ -219,19 +256,50 @@ def read_meta(path: str | os.PathLike) -> ShardMeta:
     reader = _open(path)
     meta = ShardMeta.from_arrow(reader.schema.metadata, str(path))
     _check_schema(reader.schema, meta, str(path))
-    if sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches)) != meta.count:
+    batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    for batch in batches:
+        _check_no_nulls(batch, str(path))
+    if sum(batch.num_rows for batch in batches) != meta.count:
         raise ShardError(f"{path}: row count differs from dr.count={meta.count} (truncated or altered)")
     return meta
 
 
 def _check_schema(schema: pa.Schema, meta: ShardMeta, source: str) -> None:
-    expected = shard_schema(meta)
-    if schema.names != expected.names or not schema.field("embedding").type.equals(
-        expected.field("embedding").type
+    """Columns exactly `id` (string | large_string) and `embedding` (fixed_size_list<dr.dtype>[dr.dim])."""
+    if schema.names != ["id", "embedding"]:
+        raise ShardError(f"{source}: columns {schema.names}; a shard has exactly ['id', 'embedding']")
+    id_type = schema.field("id").type
+    if not (pa.types.is_string(id_type) or pa.types.is_large_string(id_type)):
+        raise ShardError(f"{source}: id column has type {id_type}; expected string or large_string")
+    found = schema.field("embedding").type
+    value_type = _DTYPES[meta.dtype][1]
+    if not (
+        pa.types.is_fixed_size_list(found) and found.value_type == value_type and found.list_size == meta.dim
     ):
         raise ShardError(
-            f"{source}: columns {schema} do not match the shard schema {expected.remove_metadata()}"
+            f"{source}: embedding column has type {found}; dr.dtype={meta.dtype} and dr.dim={meta.dim} "
+            f"need fixed_size_list<{meta.dtype}>[{meta.dim}]"
         )
+
+
+def _check_no_nulls(batch: pa.RecordBatch, source: str) -> None:
+    """Refuse null ids or vectors (they would become the docid None or NaN scores)."""
+    if batch.column(0).null_count:
+        raise ShardError(f"{source}: id column holds a null")
+    if batch.column(1).null_count or batch.column(1).flatten().null_count:
+        raise ShardError(f"{source}: embedding column holds a null")
+
+
+def id_strings(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
+    """An id column as a chunked `string` array, whatever of string / large_string each shard used.
+
+    Search concatenates the id columns of many shards into one chunked array, which needs one type.
+    """
+    if isinstance(column, pa.Array):
+        column = pa.chunked_array([column])
+    if not pa.types.is_string(column.type):
+        column = column.cast(pa.string())
+    return column
 
 
 def iter_shard(
@@ -247,6 +315,7 @@ def iter_shard(
     _check_schema(reader.schema, meta, str(path))
     for i in range(reader.num_record_batches):
         batch = reader.get_batch(i)
+        _check_no_nulls(batch, str(path))
         step = max_rows or batch.num_rows or 1
         for start in range(0, batch.num_rows, step):
             part = batch.slice(start, step)
@@ -393,4 +462,6 @@ def manifest_complete(layout: OutputLayout) -> bool:
     ):
         return False
     files = manifest.get("files") or []
-    return len(files) == layout.world_size and all((layout.manifest.parent / f["path"]).is_file() for f in files)
+    return len(files) == layout.world_size and all(
+        (layout.manifest.parent / f["path"]).is_file() for f in files
+    )

@@ -2,6 +2,11 @@
 
 A reader (or a rerun that checks what exists) therefore never sees a half-written file under its final
 name: either the complete file is there, or only a `*.tmp-*` leftover that the next run may delete.
+
+Permissions are those of any file the user creates: mode 0666 minus the umask (0644 under umask 022),
+so teammates on a shared cluster can read shards, runs and metrics. (`tempfile.mkstemp` would create
+them 0600 whatever the umask; the rename keeps the temporary file's mode.) Folders are made by
+`Path.mkdir`, which applies the umask too.
 """
 
 from __future__ import annotations
@@ -9,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,15 +31,29 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=final.name + TMP_MARK, dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _create_unique(final.parent, final.name + TMP_MARK)
     try:
         yield tmp_path
         os.replace(tmp_path, final)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _create_unique(folder: Path, prefix: str, attempts: int = 100) -> Path:
+    """Create a new empty file `folder/prefix<random>` with mode 0666 & ~umask; return its path.
+
+    O_EXCL makes the name ours alone (as mkstemp does), while the kernel applies the umask to 0666.
+    """
+    for _ in range(attempts):
+        path = folder / (prefix + secrets.token_hex(4))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return path
+    raise FileExistsError(f"{folder}: no free temporary name {prefix}* after {attempts} attempts")
 
 
 def write_text_atomic(final: str | os.PathLike, text: str) -> None:

@@ -30,16 +30,22 @@ def read_qrels(path: str | os.PathLike) -> Qrels:
     if not path.is_file():
         raise QrelsFormatError(f"{path}: qrels file not found")
     qrels: Qrels = {}
-    ncols = None
+    ncols, first = None, None  # the column count of the first data line, and its number
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         fields = line.split()
         if not fields or (number == 1 and fields[0] == "query-id"):  # BEIR header
             continue
-        ncols = ncols or len(fields)
-        if len(fields) != ncols or ncols not in (2, 3, 4):
+        if ncols is None:
+            ncols, first = len(fields), number
+        if len(fields) not in (2, 3, 4):
             raise QrelsFormatError(
                 f"{path}:{number}: {len(fields)} columns; qrels need 4 (qid iter docid rel), 3 (qid docid rel) "
-                f"or 2 (qid docid) on every line"
+                f"or 2 (qid docid)"
+            )
+        if len(fields) != ncols:
+            raise QrelsFormatError(
+                f"{path}:{number}: {len(fields)} columns where line {first} has {ncols}: every line must have "
+                f"the same columns (4: qid iter docid rel, 3: qid docid rel, or 2: qid docid)"
             )
         qid, docid = fields[0], fields[2] if ncols == 4 else fields[1]
         try:

@@ -6,10 +6,12 @@ A run maps each query id to its hits, best first. Three text formats are read an
     marco      ``qid<TAB>docid<TAB>rank``            1-based ranks, no scores (MS MARCO / pyserini)
     trec       ``qid Q0 docid rank score tag``       what trec_eval reads
 
-Reading accepts any whitespace as separator. The format is detected from the column count: 6 columns is
-TREC; 3 columns is MS MARCO when every third field is a positive integer and the ranks of each query
-are unique, otherwise Tevatron (Tevatron prints Python floats, which always carry a ``.`` or an
-exponent). Pass the format explicitly when a file is ambiguous, e.g. a Tevatron run with integer scores.
+Reading accepts any whitespace as separator. The format is detected only where the content leaves no
+doubt: 6 columns is TREC; 3 columns is Tevatron when some third field cannot be a rank (a float such as
+``12.5``, a number below 1, or a value repeated within a query). A 3-column file whose third fields are
+all positive integers, unique per query, reads both as MS MARCO ranks and as Tevatron integer scores (in
+the opposite order): it is refused (`AmbiguousRunFormat`) unless its suffix names the format
+(``.marco``, ``.tevatron``) or the caller passes the format (``dr convert --from``, ``--run_format``).
 
 Ordering rules (the same everywhere in dr, so conversions are lossless):
 
@@ -33,7 +35,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dr.errors import InputError
+from dr.errors import InputError, UsageError
 from dr.io.atomic import atomic_path
 
 FORMATS = ("tevatron", "marco", "trec")
@@ -45,6 +47,19 @@ Hit = tuple[str, float]
 
 class RunFormatError(InputError):
     """A run file is malformed (bad column count, number, duplicate hit) or its format is unknown."""
+
+
+class AmbiguousRunFormat(RunFormatError, UsageError):
+    """The content fits two formats (MS MARCO ranks, Tevatron integer scores): the user must name one.
+
+    A usage error (exit status 2) rather than bad data: the file may be fine, the command lacks a flag.
+    """
+
+    exit_code = UsageError.exit_code
+
+
+# A suffix that names a format settles content that fits two (`.tsv` does not: both formats are TSV).
+_DECLARING_SUFFIX = {".marco": "marco", ".tevatron": "tevatron"}
 
 
 @dataclass
@@ -94,8 +109,15 @@ def _split_lines(path: Path) -> list[tuple[int, list[str]]]:
     return [(number, line.split()) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
-def detect_format(rows: list[tuple[int, list[str]]], source: str = "<run>") -> str:
-    """Guess the format of split run lines from their column count (see the module docstring)."""
+def detect_format(
+    rows: list[tuple[int, list[str]]], source: str = "<run>", flag: str = "--run_format"
+) -> str:
+    """The format of split run lines where their content, or the suffix of `source`, tells it.
+
+    Raises:
+        AmbiguousRunFormat: 3 columns that read both as MS MARCO and as Tevatron; the message names `flag`.
+        RunFormatError: no lines, or a column count no format has.
+    """
     if not rows:
         raise RunFormatError(f"{source}: the run file is empty")
     ncols = len(rows[0][1])
@@ -114,7 +136,14 @@ def detect_format(rows: list[tuple[int, list[str]]], source: str = "<run>") -> s
         if key in seen:  # a repeated rank within a query: these are scores, not ranks
             return "tevatron"
         seen.add(key)
-    return "marco"
+    declared = _DECLARING_SUFFIX.get(Path(source).suffix.lower())
+    if declared:
+        return declared
+    raise AmbiguousRunFormat(
+        f"{source}: cannot tell the run format: every third column is a positive integer, unique per query, "
+        f"which reads as MS MARCO ranks and as Tevatron integer scores (opposite orders); pass {flag} marco "
+        f"or {flag} tevatron"
+    )
 
 
 def _parse_score(text: str, source: str, number: int) -> float:
@@ -175,10 +204,13 @@ def parse_run(rows: list[tuple[int, list[str]]], fmt: str, source: str = "<run>"
     return Run({qid: sort_hits(hits) for qid, hits in scored.items()}, scored=True)
 
 
-def read_run(path: str | os.PathLike, fmt: str = "auto") -> tuple[Run, str]:
+def read_run(path: str | os.PathLike, fmt: str = "auto", flag: str = "--run_format") -> tuple[Run, str]:
     """Read a run file; return (run, the format used). `fmt` is "auto" or one of `FORMATS`.
 
+    `flag` is the caller's option for the format, named in the message when "auto" cannot decide.
+
     Raises:
+        AmbiguousRunFormat: "auto" on content that fits two formats (see `detect_format`).
         RunFormatError: naming the file and line of the first malformed line.
     """
     path = Path(path)
@@ -186,13 +218,19 @@ def read_run(path: str | os.PathLike, fmt: str = "auto") -> tuple[Run, str]:
         raise RunFormatError(f"{path}: run file not found")
     rows = _split_lines(path)
     if fmt == "auto":
-        fmt = detect_format(rows, str(path))
+        fmt = detect_format(rows, str(path), flag)
     elif not rows:
         raise RunFormatError(f"{path}: the run file is empty")
     return parse_run(rows, fmt, str(path)), fmt
 
 
 # ----------------------------------------------------------------------------------------------- writing
+
+
+def check_tag(tag: str) -> None:
+    """Refuse a TREC run tag that would break the 6-column line (`RunFormatError`)."""
+    if not tag or any(ch.isspace() for ch in tag):
+        raise RunFormatError(f"run tag {tag!r} must be non-empty and contain no whitespace")
 
 
 def format_lines(run: Run, fmt: str, tag: str = DEFAULT_TAG) -> Iterable[str]:
@@ -203,8 +241,8 @@ def format_lines(run: Run, fmt: str, tag: str = DEFAULT_TAG) -> Iterable[str]:
     """
     if fmt not in FORMATS:
         raise RunFormatError(f"unknown run format {fmt!r}; expected one of {FORMATS}")
-    if fmt == "trec" and (not tag or any(ch.isspace() for ch in tag)):
-        raise RunFormatError(f"run tag {tag!r} must be non-empty and contain no whitespace")
+    if fmt == "trec":
+        check_tag(tag)
     for qid, hits in run.rankings.items():
         for rank, (docid, score) in enumerate(hits, 1):
             if not run.scored:

@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dr.console import echo
 from dr.errors import InputError, UsageError
 from dr.index.shards import OutputLayout, manifest_complete
 from dr.model import DR_CONFIG_NAME
@@ -420,9 +421,9 @@ class Runner:
 
     def log(self, message: str) -> None:
         line = f"[dr pipeline {time.strftime('%H:%M:%S')}] {message}"
-        print(line, flush=True)
         with open(self.layout.root / "pipeline.log", "a", encoding="utf-8") as f:
             f.write(line + "\n")
+        echo(line)
 
     def run(self, steps: list[Step]) -> None:
         """Run every step not already complete; a step that runs forces all later ones."""

@@ -7,6 +7,7 @@ import json
 import shlex
 from pathlib import Path
 
+from dr.console import echo
 from dr.eval.metrics import format_table
 from dr.flags import add_bool
 from dr.pipeline import add_override_flag, build_steps, load_config, run_pipeline
@@ -28,12 +29,12 @@ def run(args: argparse.Namespace) -> int:
     """Exit status 0 ok, 2 bad config (`PipelineError`), 1 a stage failed (`StageFailed`)."""
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
-        print(json.dumps(cfg, indent=2))
+        echo(json.dumps(cfg, indent=2))
         for step in build_steps(cfg):
-            print(f"# {step.name}\n{shlex.join(step.cmd)}")
+            echo(f"# {step.name}\n{shlex.join(step.cmd)}")
         return 0
     metrics = run_pipeline(cfg, quiet=args.quiet, force=args.force)
-    print(format_table(metrics, title=Path(cfg["run_dir"]).name))
+    echo(format_table(metrics, title=Path(cfg["run_dir"]).name))
     return 0
 
 
