@@ -22,7 +22,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import REPO, _free_port, as_flags, make_train_rows, run, subprocess_env, write_jsonl
+from tests.helpers import (
+    REPO,
+    _free_port,
+    as_flags,
+    command,
+    make_train_rows,
+    run,
+    subprocess_env,
+    write_jsonl,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -102,12 +111,8 @@ def _direct_pipeline(inputs: dict, out: Path) -> None:
     with OMP_NUM_THREADS=1): train, 3 encode shards, queries, search, convert, eval."""
     import torch
 
-    from dr.convert import main as convert
-    from dr.encode import main as encode
-    from dr.evaluate import main as evaluate
-    from dr.search import main as search
-    from dr.train import main as train
-
+    train, encode, search = command("train"), command("encode"), command("search")
+    convert, evaluate = command("convert"), command("eval")
     emb, model = out / "embeddings", out / "model"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -197,8 +202,8 @@ def _shards(emb: Path) -> list[Path]:
 
 def _assert_same_outputs(run_dir: Path, ref: Path, ids: list[str]) -> None:
     """Shards cover the corpus exactly once and equal the direct run's; so do the run and the metrics."""
-    from dr.runfile import read_run
-    from dr.shards import read_shard
+    from dr.index.shards import read_shard
+    from dr.io.runs import read_run
 
     files = _shards(run_dir / "embeddings")
     assert [f.name for f in files] == [f.name for f in _shards(ref / "embeddings")]
