@@ -245,3 +245,57 @@ def command(name: str):
     from dr.cli import run_command
 
     return functools.partial(run_command, name)
+
+
+def launch_two_nodes(
+    args: list[str], nproc_per_node: int = 1, timeout: float = 300, check: bool = True, **env: str
+) -> list[subprocess.CompletedProcess]:
+    """Run `args` (e.g. `["-m", "dr.encode", ...]`) as a two-node job on this machine: two torchrun agents,
+    `--nnodes 2 --node_rank 0|1`, joined by a c10d rendezvous on a free localhost port, as one agent per
+    node of a cluster would be started. Each agent runs in its own session; on timeout both sessions (the
+    agents and their workers) are killed. Returns both results, node 0 first; with `check`, fails with
+    their output unless both exit 0."""
+    import contextlib
+    import signal
+    import tempfile
+    import time
+
+    port = _free_port()
+    with contextlib.ExitStack() as files:
+        agents = []
+        for node in range(2):
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+                "--nproc_per_node", str(nproc_per_node), "--rdzv_backend", "c10d",
+                "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", f"dr-two-nodes-{port}", *args,
+            ]  # fmt: skip
+            out = files.enter_context(tempfile.TemporaryFile("w+"))
+            err = files.enter_context(tempfile.TemporaryFile("w+"))
+            env_ = subprocess_env(**env)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=err, text=True, env=env_, cwd=REPO, start_new_session=True
+            )
+            agents.append((cmd, proc, out, err))
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        for _, proc, _, _ in agents:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                break
+        results = []
+        for cmd, proc, out, err in agents:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)  # the agent's session: it and its workers
+                proc.wait()
+            out.seek(0)
+            err.seek(0)
+            results.append(subprocess.CompletedProcess(cmd, proc.returncode, out.read(), err.read()))
+    if timed_out or (check and any(r.returncode != 0 for r in results)):
+        report = "\n".join(
+            f"--- node {n}: exit {r.returncode}\n--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-5000:]}"
+            for n, r in enumerate(results)
+        )
+        raise AssertionError(f"two-node launch {'timed out' if timed_out else 'failed'}: {args}\n{report}")
+    return results

@@ -171,6 +171,34 @@ def test_shards_and_slurm_array_cover_corpus_once(tiny_model_dir, corpus_file, t
     assert sorted(p.name for p in (tmp_path / "slurm").glob("*.arrow")) == names
 
 
+def test_resubmitted_array_task_keeps_its_shard(tiny_model_dir, corpus_file, tmp_path, monkeypatch, capsys):
+    """`sbatch --array=1` (resubmitting one task of a 0-2 array) sets SLURM_ARRAY_TASK_COUNT=1 and
+    SLURM_ARRAY_TASK_MIN=1: the array's shape no longer says which shard it is. With --encode_num_shard N
+    the task id itself is the shard index, so the resubmitted task redoes exactly its own missing shard
+    (it used to encode shard 0 again, "complete: skipped", leaving shard 1 missing)."""
+    out = tmp_path / "o" / "corpus"
+    for i in (0, 2):
+        assert (
+            encode(
+                tiny_model_dir, corpus_file, out, "--encode_num_shard", "3", "--encode_shard_index", str(i)
+            )
+            == 0
+        )
+    for key, value in {
+        "SLURM_ARRAY_TASK_ID": "1",
+        "SLURM_ARRAY_TASK_COUNT": "1",
+        "SLURM_ARRAY_TASK_MIN": "1",
+    }.items():
+        monkeypatch.setenv(key, value)
+    assert encode(tiny_model_dir, corpus_file, out, "--encode_num_shard", "3") == 0
+    assert (tmp_path / "o" / "corpus.00001-of-00003.rank00000-of-00001.arrow").is_file()
+    ids, _ = read_all(tmp_path / "o", "corpus.*.arrow")
+    assert ids == [f"d{i}" for i in range(N_ROWS)]
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    assert encode(tiny_model_dir, corpus_file, out, "--encode_num_shard", "3") == 2
+    assert "shard index 3 is not in [0, 3)" in capsys.readouterr().err
+
+
 def test_shard_index_out_of_range(tiny_model_dir, corpus_file, tmp_path, capsys):
     rc = encode(tiny_model_dir, corpus_file, tmp_path / "o" / "c", "--encode_num_shard", "2",
                 "--encode_shard_index", "2")  # fmt: skip

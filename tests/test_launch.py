@@ -23,6 +23,7 @@ SCRIPTS = sorted(
         *REPO.glob("slurm/*.sbatch"),
         REPO / "demo.sh",
         REPO / "bench" / "scifact.sh",
+        REPO / "scripts" / "slurm_local.sh",
     ]
 )
 
@@ -151,16 +152,31 @@ def test_submit_all_chains_dependencies(tmp_path: Path) -> None:
         QRELS="qrels.trec",
         SHARDS="4",
         ENCODE_ARGS="--fp16 --p_max_len 128",
+        SBATCH_ARGS="--account=a --time=1:00:00",
+        TRAIN_SBATCH_ARGS="--nodes=4 --gres=gpu:8",
+        EVAL_SBATCH_ARGS="--cpus-per-task=2",
     )
     jobs = [line.split(" ", 1) for line in log.read_text().splitlines()]
     assert [j for j, _ in jobs] == ["100", "101", "102", "103", "104"]
     train, corpus, queries, search, evaluate = (args for _, args in jobs)
+    assert all(args.startswith("--parsable --account=a --time=1:00:00 ") for _, args in jobs)
+    assert "--time=1:00:00 --nodes=4 --gres=gpu:8 " in train and "--nodes" not in corpus + search + evaluate
+    assert "--cpus-per-task=2" in evaluate and "--cpus-per-task" not in train + corpus + queries + search
     assert "slurm/train.sbatch --config train.yaml --output_dir" in train
     assert "--dependency=afterok:100 --array=0-3" in corpus and "encode.sbatch" in corpus
-    assert "--fp16 --p_max_len 128" in corpus
+    assert "--encode_num_shard 4 --fp16 --p_max_len 128" in corpus  # the task id is the shard index
     assert "--dependency=afterok:100" in queries and "--encode_is_qry" in queries and "--array" not in queries
     assert "--dependency=afterok:101:102" in search and "search.sbatch" in search
     assert "--dependency=afterok:103" in evaluate and "eval.sbatch" in evaluate
+    # After resubmitting a failed encode task (job 555): only search and eval again, after it.
+    _bash("slurm/submit_all.sh", str(tmp_path / "run"), PATH=path, CORPUS="c.jsonl", QUERIES="q.tsv",
+          QRELS="qrels.trec", STAGES="search eval", AFTER="555")  # fmt: skip
+    again = [line.split(" ", 1)[1] for line in log.read_text().splitlines()[5:]]
+    assert len(again) == 2 and "--dependency=afterok:555" in again[0] and "search.sbatch" in again[0]
+    assert "--dependency=afterok:105" in again[1] and "eval.sbatch" in again[1]
+    bad = run(["bash", str(REPO / "slurm/submit_all.sh"), str(tmp_path / "run")], check=False, timeout=30,
+              PATH=path, CORPUS="c", QUERIES="q", QRELS="r", STAGES="search evaluate")  # fmt: skip
+    assert bad.returncode == 2 and "unknown stage 'evaluate'" in bad.stderr
 
 
 @pytest.mark.slow

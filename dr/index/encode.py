@@ -92,7 +92,8 @@ class EncodeArguments:
     encode_shard_index: int | None = field(
         default=None,
         metadata={
-            "help": "Which shard to encode, 0-based (default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, "
+            "help": "Which shard to encode, 0-based (default: SLURM_ARRAY_TASK_ID when --encode_num_shard "
+            "is given, which survives resubmitting one task; else SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN; "
             "else 0).",
             "aliases": ["--dataset_shard_index"],
         },
@@ -178,6 +179,11 @@ def resolve_sharding(args: EncodeArguments, env: dict[str, str] | None = None) -
         num = int(env["SLURM_ARRAY_TASK_COUNT"])
         index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
         source = "SLURM_ARRAY_TASK_ID/COUNT/MIN"
+    elif num is not None and index is None and "SLURM_ARRAY_TASK_ID" in env:
+        # The shard count is fixed by the flag, so the task id itself is the shard: a resubmitted single
+        # task (`sbatch --array=7`, where COUNT=1 and MIN=7) still encodes shard 7 of num.
+        index = int(env["SLURM_ARRAY_TASK_ID"])
+        source = "--encode_num_shard and SLURM_ARRAY_TASK_ID"
     else:
         num, index = (1 if num is None else num), (0 if index is None else index)
         source = "--encode_num_shard/--encode_shard_index"
