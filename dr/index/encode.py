@@ -32,7 +32,7 @@ from torch.utils.data import Dataset as TorchDataset
 from dr import distributed as dist
 from dr.errors import UsageError
 from dr.flags import DataArguments, ModelArguments, to_jsonable
-from dr.model.text import pad_rows, tokenize_unpadded
+from dr.model.text import pad_rows, tokenize, tokenize_unpadded
 from dr.io.atomic import remove_stale_temporaries, write_json_atomic
 from dr.io.corpus import TextCorpus, load_corpus
 from dr.index.shards import (
@@ -354,7 +354,7 @@ def encode_fn(model: Any, side: str):
 
 def probe_dim(model: Any, tokenizer: Any, side: str, device: torch.device) -> int:
     """The vector size, by encoding one short text (robust to any backbone's config naming)."""
-    batch = tokenizer(["dimension probe"], return_tensors="pt")
+    batch = tokenize(tokenizer, ["dimension probe"], max_length=8)
     with torch.inference_mode():
         return int(encode_fn(model, side)({k: v.to(device) for k, v in batch.items()}).shape[-1])
 
