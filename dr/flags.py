@@ -78,6 +78,10 @@ class ModelArguments:
         },
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Where downloaded hub models are cached."})
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel passed to from_pretrained (eager | sdpa | flash_attention_2)."},
+    )
     lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (PEFT) instead of all weights."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (scale = alpha / r)."})

@@ -193,15 +193,18 @@ class BiEncoder(nn.Module):
         passage: dict[str, torch.Tensor],
         passage_keys: torch.Tensor | None = None,
         positive_keys: torch.Tensor | None = None,
+        teacher_scores: torch.Tensor | None = None,
         **_: Any,
     ) -> dict[str, torch.Tensor]:
         """Training step: B queries and B*n passages (grouped per query, positive first) -> loss.
 
         With docid keys (from `TrainCollator`), in-batch false negatives are masked (see `ContrastiveLoss`).
+        `teacher_scores` (B, n) go to a distillation loss (`dr.distill.DistillationLoss`) when one is set.
         """
         q_reps = self.encode_query(query)  # (B, d)
         p_reps = self.encode_passage(passage)  # (B*n, d)
-        loss = self.loss_fn(q_reps, p_reps, passage_keys, positive_keys)
+        extra = {} if teacher_scores is None else {"teacher_scores": teacher_scores}
+        loss = self.loss_fn(q_reps, p_reps, passage_keys, positive_keys, **extra)
         return {"loss": loss, "q_reps": q_reps.detach(), "p_reps": p_reps.detach()}
 
     # ---- gradient checkpointing (called by the Trainer) ---------------------------------------------

@@ -41,6 +41,30 @@ class DRTrainingArguments(TrainingArguments):
             "on the full (gathered) batch, then back-propagate chunk by chunk. Same gradients, less memory."
         },
     )
+    loss: str | None = field(
+        default=None,
+        metadata={
+            "help": "contrastive | kl | margin_mse. kl: KL(teacher || student) over each query's own group; "
+            "margin_mse: MSE of (positive - negative) score margins; both need a teacher 'score' on every "
+            "passage (dr score). Default: kl when --distil_temperature is given (Tevatron v2's "
+            "train_distil), else contrastive."
+        },
+    )
+    distil_temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "KL temperature: student and teacher scores are divided by it before the softmax. "
+            "Default: --temperature (Tevatron v2's own default is 0.02, for --normalize students).",
+            "aliases": ["--distill_temperature"],
+        },
+    )
+    distill_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "w in loss = (1 - w) * contrastive + w * distillation (kl / margin_mse only). Default 1.0: "
+            "distillation alone, as Tevatron v2's train_distil."
+        },
+    )
     gc_q_chunk_size: int = field(default=4, metadata={"help": "Queries per GradCache chunk."})
     gc_p_chunk_size: int = field(default=32, metadata={"help": "Passages per GradCache chunk."})
     overwrite_output_dir: bool = field(
@@ -56,6 +80,7 @@ class DRTrainingArguments(TrainingArguments):
             raise UsageError(
                 f"--gc_q_chunk_size and --gc_p_chunk_size must be >= 1, got {self.gc_q_chunk_size}, {self.gc_p_chunk_size}"
             )
+        self._resolve_loss()
         if self.report_to in (None, "all", ["all"]):
             self.report_to = "none"
         import torch
@@ -66,6 +91,29 @@ class DRTrainingArguments(TrainingArguments):
         cpu_deepspeed = not torch.cuda.is_available() and bool(self.deepspeed)
         with _bf16_allowed_on_cpu() if cpu_deepspeed and self.bf16 else contextlib.nullcontext():
             super().__post_init__()
+
+    def _resolve_loss(self) -> None:
+        """Fill --loss / --distill_weight defaults; refuse distillation flags a run would ignore."""
+        if self.loss is None:
+            self.loss = "kl" if self.distil_temperature is not None else "contrastive"
+        if self.loss not in LOSSES:
+            raise UsageError(f"--loss must be one of {LOSSES}, got {self.loss!r}")
+        if self.loss == "contrastive":
+            given = [f for f in ("distil_temperature", "distill_weight") if getattr(self, f) is not None]
+            if given:
+                raise UsageError(f"--{given[0]} needs a distillation loss (--loss kl or margin_mse)")
+            return
+        if self.distill_weight is None:
+            self.distill_weight = 1.0
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise UsageError(f"--distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.loss == "margin_mse" and self.distil_temperature is not None:
+            raise UsageError("--distil_temperature is used by --loss kl only (margin_mse compares raw margins)")
+        if self.distil_temperature is not None and not self.distil_temperature > 0:
+            raise UsageError(f"--distil_temperature must be > 0, got {self.distil_temperature}")
+
+
+LOSSES = ("contrastive", "kl", "margin_mse")
 
 
 @contextlib.contextmanager

@@ -61,6 +61,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
 
     _check_precision(training_args)
     _check_output_dir(training_args)
+    distilling = training_args.loss != "contrastive"
+    if distilling and data_args.train_n_passages < 2:
+        raise ConfigError(f"--loss {training_args.loss} needs negatives to distil over: --train_n_passages >= 2")
     resume = _resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     set_seed(training_args.seed)
 
@@ -71,6 +74,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
             config=data_args.dataset_config,
             group_size=data_args.train_n_passages,
             cache_dir=model_args.cache_dir,
+            need_scores=distilling,
         )
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name, model_args.cache_dir)
     overrides = {
@@ -92,7 +96,20 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         lora=model_args.lora_settings(),
         lora_name_or_path=model_args.lora_name_or_path,
         merge_lora=False,  # keep adapters separate and trainable; encoding merges them
+        **({"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}),
     )
+    if distilling:
+        from dr.distill import DistillationLoss
+
+        # Resolved here (it defaults to the model's --temperature), so dr_train_args.json records it.
+        training_args.distil_temperature = training_args.distil_temperature or model.encoder_config.temperature
+        model.loss_fn = DistillationLoss(
+            training_args.loss,
+            weight=training_args.distill_weight,
+            distill_temperature=training_args.distil_temperature,
+            temperature=model.encoder_config.temperature,
+            gather_across_devices=training_args.negatives_x_device,
+        )
     # Decided once, saved in dr_config.json: encoding then tokenises exactly as training did.
     model.encoder_config.append_eos = resolve_append_eos(model.encoder_config, tokenizer)
     # Prefixes as resolved (flag > the starting dr folder's dr_config.json > none), like every other setting.
@@ -110,6 +127,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         from dr.train.trainer import RESOLVED_CONFIG_NAME
 
         write_json_atomic(Path(training_args.output_dir) / RESOLVED_CONFIG_NAME, resolved)
+    if distilling:
+        logger.info(
+            "loss: %.3g * contrastive + %.3g * %s (distillation temperature %g)",
+            1 - model.loss_fn.weight,
+            model.loss_fn.weight,
+            training_args.loss,
+            model.loss_fn.distill_temperature,
+        )
     logger.info(
         "training %s (%s pooling, normalize=%s) on %d queries x %d passages; world size %d, gathered negatives %s",
         model_args.model_name_or_path,
@@ -131,6 +156,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
             model.encoder_config.p_max_len,
             data_args.pad_to_multiple_of,
             model.encoder_config.append_eos,
+            teacher_scores=distilling,
         ),
         resolved_config=resolved,
     )

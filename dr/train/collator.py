@@ -24,7 +24,8 @@ class TrainCollator:
     """Tokenise TrainItems into padded query and passage batches, plus integer docid keys.
 
     Output: {"query": tokens (B, Lq), "passage": tokens (B*n, Lp) grouped per query, positive first,
-    "passage_keys": (B*n,) int64, "positive_keys": (B, P) int64 padded with -1}.
+    "passage_keys": (B*n,) int64, "positive_keys": (B, P) int64 padded with -1}; with `teacher_scores`
+    also "teacher_scores": (B, n) float32, each row in the order of the group's passages (positive first).
     """
 
     tokenizer: Any
@@ -32,6 +33,7 @@ class TrainCollator:
     p_max_len: int
     pad_to_multiple_of: int | None = 8
     append_eos: bool = False  # see dr.model.text.resolve_append_eos
+    teacher_scores: bool = False  # emit the items' teacher scores (a distillation loss is configured)
 
     def _tokenize(self, texts: list[str], max_len: int) -> dict[str, torch.Tensor]:
         return tokenize(self.tokenizer, texts, max_len, self.append_eos, self.pad_to_multiple_of)
@@ -45,7 +47,7 @@ class TrainCollator:
             positive_keys[row, : len(item.positive_ids)] = torch.tensor(
                 [id_key(d) for d in item.positive_ids]
             )
-        return {
+        batch = {
             "query": self._tokenize(queries, self.q_max_len),
             "passage": self._tokenize(passages, self.p_max_len),
             "passage_keys": torch.tensor(
@@ -53,3 +55,8 @@ class TrainCollator:
             ),
             "positive_keys": positive_keys,
         }
+        if self.teacher_scores:
+            if any(item.teacher_scores is None for item in items):
+                raise ValueError("a training group has no teacher scores (validation should have caught it)")
+            batch["teacher_scores"] = torch.tensor([item.teacher_scores for item in items], dtype=torch.float32)
+        return batch

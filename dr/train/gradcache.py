@@ -184,7 +184,8 @@ class GradCacheMixin:
         # 2. The loss on the whole (gathered) batch and its gradient w.r.t. the representations, in float32.
         # Only the leaves get gradients; the all_gather's backward runs the same collective as the plain path.
         with torch.autocast(device_type=device.type, enabled=False):
-            loss = module.loss_fn(q_reps, p_reps, passage_keys, positive_keys)
+            extra = {"teacher_scores": inputs["teacher_scores"]} if "teacher_scores" in inputs else {}
+            loss = module.loss_fn(q_reps, p_reps, passage_keys, positive_keys, **extra)
             (loss / ga_steps).backward()
         self._masked_since_log = getattr(self, "_masked_since_log", 0) + module.loss_fn.last_masked
         cached = list(q_reps.grad.split(args.gc_q_chunk_size)) + list(p_reps.grad.split(args.gc_p_chunk_size))

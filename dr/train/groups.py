@@ -5,6 +5,8 @@ Tevatron row format (JSONL / Parquet / hub):
     {"query_id": str, "query": str,
      "positive_passages": [{"docid": str, "title": str, "text": str}, ...],
      "negative_passages": [{"docid": str, "title": str, "text": str}, ...]}
+For distillation (`dr train --loss kl|margin_mse`) every passage also carries "score": float, the
+teacher's score for (query, passage) (Tevatron v2's field; `dr score` writes it).
 
 BEIR-style folder: `corpus.jsonl` ({"_id"|"docid", "title", "text"}), queries (`queries.<split>.tsv`,
 `queries.tsv`, or `queries.jsonl` with an optional "split" field) and qrels (`qrels.<split>.trec`,
@@ -65,6 +67,7 @@ class TrainItem(NamedTuple):
     passages: list[str]  # positive first, then negatives
     passage_ids: list[str]  # docid of each passage (or "text:<text>" when the data has no docids)
     positive_ids: list[str]  # docids of *all* the query's positives, not only the one served
+    teacher_scores: list[float] | None = None  # the "score" of each served passage, when all have one
 
 
 def passage_id(passage: dict[str, Any]) -> str:
@@ -155,11 +158,13 @@ class TevatronGroups(GroupSource):
         negatives = row.get("negative_passages") or []
         pos, neg = choose_group(rng, len(positives), len(negatives), group_size)
         passages = [positives[pos]] + [negatives[i] for i in neg]
+        scores = [p.get("score") for p in passages]
         return TrainItem(
             row["query"],
             [passage_text(p) for p in passages],
             [passage_id(p) for p in passages],
             [passage_id(p) for p in positives],
+            None if any(x is None for x in scores) else [float(x) for x in scores],
         )
 
 
@@ -203,8 +208,11 @@ def load_train_groups(
     config: str | None = None,
     group_size: int = 8,
     cache_dir: str | None = None,
+    need_scores: bool = False,
 ) -> GroupSource:
     """Load and validate training groups from any supported source (see module docstring).
+
+    `need_scores` (a distillation loss): every passage must carry a finite numeric teacher "score".
 
     What `dataset_name` means is decided by `dr.io.corpus.resolve_input`, the resolver `dr encode` uses
     too, so both accept the same files, globs, folders and hub names.
@@ -216,9 +224,14 @@ def load_train_groups(
     except CorpusError as err:
         raise DataError(str(err)) from err
     if spec.kind == "beir":
+        if need_scores:
+            raise DataError(
+                f"{spec.describe()}: a BEIR folder has no teacher scores for a distillation loss; build a "
+                "training file (dr mine) and score it (dr score)"
+            )
         return load_beir_groups(Path(spec.files[0]), split, group_size)
     if spec.kind == "hub":
-        return TevatronGroups(_load_hub(spec, group_size, cache_dir))
+        return TevatronGroups(_load_hub(spec, group_size, cache_dir, need_scores))
     if spec.kind not in TRAIN_FORMATS:
         raise DataError(
             f"{spec.describe()}: {spec.kind} files cannot hold training groups; use JSONL, JSON, Parquet or "
@@ -226,20 +239,22 @@ def load_train_groups(
         )
     import datasets
 
-    parts = [_load_local_file(InputSpec(f, spec.kind, (f,)), group_size, cache_dir) for f in spec.files]
+    parts = [
+        _load_local_file(InputSpec(f, spec.kind, (f,)), group_size, cache_dir, need_scores) for f in spec.files
+    ]
     return TevatronGroups(parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts))
 
 
-def _load_hub(spec: InputSpec, group_size: int, cache_dir: str | None) -> Any:
+def _load_hub(spec: InputSpec, group_size: int, cache_dir: str | None, need_scores: bool = False) -> Any:
     try:
         ds = load_dataset(spec, cache_dir)
     except Exception as err:
         raise DataError(f"cannot load {spec.describe()} from the hub: {err}") from err
-    validate_groups(ds.data.table, spec.name, group_size)
+    validate_groups(ds.data.table, spec.name, group_size, need_scores)
     return ds
 
 
-def _load_local_file(spec: InputSpec, group_size: int, cache_dir: str | None) -> Any:
+def _load_local_file(spec: InputSpec, group_size: int, cache_dir: str | None, need_scores: bool = False) -> Any:
     path = Path(spec.files[0])
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
@@ -248,7 +263,7 @@ def _load_local_file(spec: InputSpec, group_size: int, cache_dir: str | None) ->
     except Exception as err:
         cause = err.__cause__ or err
         raise DataError(f"{path}: cannot parse as {spec.kind}: {cause}") from err
-    validate_groups(ds.data.table, str(path), group_size)
+    validate_groups(ds.data.table, str(path), group_size, need_scores)
     return ds
 
 
@@ -262,8 +277,9 @@ def _first_true(mask: pa.ChunkedArray | pa.Array) -> int | None:
     return int(hits[0]) if len(hits) else None
 
 
-def _locate_bad_passage_row(source: str, name: str) -> str | None:
-    """For a JSONL file whose passages do not share one shape: the first row with a malformed passage."""
+def _locate_bad_passage_row(source: str, name: str, need_scores: bool = False) -> str | None:
+    """For a JSONL file whose passages do not share one shape: the first row with a malformed passage
+    (with `need_scores`, also the first passage whose "score" is missing, not a number or not finite)."""
     if not source.endswith((".jsonl", ".json")) or not Path(source).is_file():
         return None
     with open(source, encoding="utf-8") as f:
@@ -278,11 +294,63 @@ def _locate_bad_passage_row(source: str, name: str) -> str | None:
                     return f"{_row_label(source, index)}: field '{name}[]' must be objects, found {type(passage).__name__}"
                 if not isinstance(passage.get("text"), str):
                     return f"{_row_label(source, index)}: field '{name}[].text' is missing or not a string"
+            for j, passage in enumerate(value if need_scores else []):
+                problem = _score_problem(passage.get("score"))
+                if problem:
+                    return f"{_row_label(source, index)}: field '{name}[{j}].score' {problem}{SCORE_HINT}"
     return None
 
 
-def validate_groups(table: pa.Table, source: str, group_size: int) -> None:
-    """Check schema and content of Tevatron-format rows, vectorised; raise DataError naming row and field."""
+SCORE_HINT = " (a distillation loss needs a teacher score on every passage; `dr score` writes them)"
+
+
+def _score_problem(value: Any) -> str:
+    """Why a JSON value is not a usable teacher score ("" when it is one)."""
+    if value is None:
+        return "is missing or null"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"must be a number, found {json.dumps(value)[:40]}"
+    if not np.isfinite(value):
+        return f"must be finite, found {value}"
+    return ""
+
+
+def _validate_scores(table: pa.Table, source: str, name: str, struct: pa.StructType) -> None:
+    """Every passage of column `name` has a finite numeric "score" (vectorised); DataError naming row/field."""
+    column = table.column(name)
+    lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+
+    def where(flat: int) -> str:  # the row and passage index of a flattened passage position
+        row = int(np.searchsorted(starts, flat, side="right")) - 1
+        return f"{_row_label(source, row)}: field '{name}[{flat - starts[row]}].score'"
+
+    if struct.get_field_index("score") < 0:
+        raise DataError(f"{_row_label(source, 0)}: field '{name}[0].score' is missing{SCORE_HINT}")
+    kind = struct.field("score").type
+    scores = pc.struct_field(pc.list_flatten(column), "score")
+    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind)):
+        located = _locate_bad_passage_row(source, name, need_scores=True)  # mixed JSON values: read the file
+        if located:
+            raise DataError(located)
+        first = _first_true(pc.invert(pc.is_null(scores)))
+        found = "" if first is None else f", found {scores[first].as_py()!r}"
+        raise DataError(f"{where(first or 0)} must be a number (the column is {kind}{found}){SCORE_HINT}")
+    bad = _first_true(pc.is_null(scores))
+    if bad is not None:
+        raise DataError(f"{where(bad)} is missing or null{SCORE_HINT}")
+    if pa.types.is_floating(kind):
+        values = scores.to_numpy(zero_copy_only=False)
+        bad_values = np.flatnonzero(~np.isfinite(values))
+        if len(bad_values):
+            raise DataError(f"{where(int(bad_values[0]))} must be finite, found {values[bad_values[0]]}")
+
+
+def validate_groups(table: pa.Table, source: str, group_size: int, need_scores: bool = False) -> None:
+    """Check schema and content of Tevatron-format rows, vectorised; raise DataError naming row and field.
+
+    `need_scores`: every passage must also carry a finite numeric teacher "score" (distillation).
+    """
     if table.num_rows == 0:
         raise DataError(f"{source}: no rows")
     required = ["query", "positive_passages"] + (["negative_passages"] if group_size > 1 else [])
@@ -303,7 +371,8 @@ def validate_groups(table: pa.Table, source: str, group_size: int) -> None:
         if not (pa.types.is_list(ftype) or pa.types.is_large_list(ftype)) or not pa.types.is_struct(
             ftype.value_type
         ):
-            located = _locate_bad_passage_row(source, name)  # mixed shapes: find the row by reading the file
+            # mixed shapes: find the row by reading the file
+            located = _locate_bad_passage_row(source, name, need_scores)
             raise DataError(
                 located
                 or f"{source}: field {name!r} must be a list of {{docid, title, text}} objects, found {ftype}"
@@ -339,6 +408,8 @@ def validate_groups(table: pa.Table, source: str, group_size: int) -> None:
             offsets = np.cumsum(lengths.to_numpy(zero_copy_only=False))
             row = int(np.searchsorted(offsets, bad_flat, side="right"))
             raise DataError(f"{_row_label(source, row)}: field '{name}[].text' is null or missing")
+        if need_scores:
+            _validate_scores(table, source, name, struct)
 
 
 # ---- BEIR-style folders ----------------------------------------------------------------------------------

@@ -56,6 +56,17 @@ class ContrastiveLoss(nn.Module):
             positive_keys: (B, P) keys of each query's positives, padded with -1. With `passage_keys`,
                 in-batch passages that are positives of a query are masked from its negatives.
         """
+        scores, labels, passage_keys = self.similarities(q_reps, p_reps, passage_keys)
+        return self.cross_entropy(scores, labels, passage_keys, positive_keys)
+
+    def similarities(
+        self, q_reps: torch.Tensor, p_reps: torch.Tensor, passage_keys: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Raw float32 scores q.p of the local queries against all (gathered) passages.
+
+        Returns (scores (B, W*B*n) before the temperature, labels (B,) = column of each query's own
+        positive, i.e. the first column of its own group, passage_keys gathered like the passages).
+        """
         n_local_queries = q_reps.shape[0]
         if p_reps.shape[0] % n_local_queries:
             raise ValueError(
@@ -71,9 +82,22 @@ class ContrastiveLoss(nn.Module):
         # Scores in float32 even under fp16/bf16 autocast: softmax over thousands of candidates is
         # sensitive to rounding, and GradCache (which scores cached float32 vectors) must agree exactly.
         with torch.autocast(q_reps.device.type, enabled=False):
-            scores = q_reps.float() @ p_reps.float().T / self.temperature  # (B, W*B*n)
+            scores = q_reps.float() @ p_reps.float().T  # (B, W*B*n)
         query_index = torch.arange(n_local_queries, device=q_reps.device) + rank_offset  # (B,) global
         labels = query_index * group_size  # (B,) row of each query's positive in the global layout
+        return scores, labels, passage_keys
+
+    def cross_entropy(
+        self,
+        scores: torch.Tensor,
+        labels: torch.Tensor,
+        passage_keys: torch.Tensor | None = None,
+        positive_keys: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean cross-entropy of `similarities`' raw scores / temperature, false negatives masked."""
+        n_local_queries = scores.shape[0]
+        with torch.autocast(scores.device.type, enabled=False):
+            scores = scores / self.temperature  # (B, W*B*n)
         if passage_keys is not None and positive_keys is not None:
             is_positive = (passage_keys[None, :, None] == positive_keys[:, None, :]).any(-1)  # (B, W*B*n)
             is_positive[torch.arange(n_local_queries), labels] = False  # keep each query's own target

@@ -80,12 +80,23 @@ class BiEncoderTrainer(GradCacheMixin, Trainer):
             return self.grad_cache_training_step(model, inputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The base class's device move, except that teacher scores keep float32: under DeepSpeed it
+        casts every floating input to the engine's fp16/bf16, which would round the teacher's scores."""
+        teacher = inputs.get("teacher_scores")
+        prepared = super()._prepare_inputs({k: v for k, v in inputs.items() if k != "teacher_scores"})
+        if teacher is not None:
+            prepared["teacher_scores"] = teacher.to(self.args.device, dtype=torch.float32)
+        return prepared
+
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
     ) -> Any:
         keys = {}
         if self.args.mask_false_negatives:
             keys = {"passage_keys": inputs["passage_keys"], "positive_keys": inputs["positive_keys"]}
+        if "teacher_scores" in inputs:  # a distillation loss is configured (dr/distill.py)
+            keys["teacher_scores"] = inputs["teacher_scores"]
         outputs = model(query=inputs["query"], passage=inputs["passage"], **keys)
         # A tensor sum: int() here would force a device sync on every step; the log line converts it.
         self._masked_since_log = (
