@@ -229,3 +229,158 @@ def test_collator_aligns_teacher_scores_with_the_served_group(tiny_model_dir):
     expected = [[score_of[d] for d in item.passage_ids] for item in items]
     assert batch["teacher_scores"].dtype == torch.float32
     assert batch["teacher_scores"].tolist() == expected
+
+
+# ---- 2 ranks vs one process through `dr train` (one SGD step: tests/test_train_distributed.py's method) ----
+LOSSES = {"kl": ["--loss", "kl", "--distill_weight", "0.5"], "margin_mse": ["--loss", "margin_mse"]}
+
+
+def _randomly_scored_rows() -> list[dict]:
+    """4 queries x (1 positive + 4 negatives) with teacher scores that disagree with the data's labels in
+    places (so the distillation gradient is not the contrastive one)."""
+    import random
+
+    rng = random.Random(11)
+    rows = make_train_rows(4, n_negatives=4, seed=3)
+    for row in rows:
+        for passage in row["positive_passages"] + row["negative_passages"]:
+            passage["score"] = round(rng.uniform(-3, 3), 3)
+    return rows
+
+
+@pytest.fixture(scope="module")
+def distill_reference(tiny_model_dir, tmp_path_factory):
+    """{loss: (folder, data, weights after one single-process step on the global batch of 4)}."""
+    from transformers import AutoModel
+
+    from tests.test_train_distributed import PER_DEVICE, WORLD, _flags
+
+    folder = tmp_path_factory.mktemp("distill-equivalence")
+    data = write_jsonl(folder / "train.jsonl", _randomly_scored_rows())
+    cache: dict[str, tuple] = {}
+
+    def get(loss: str) -> tuple:
+        if loss not in cache:
+            out = folder / f"ref-{loss}"
+            flags = _flags(tiny_model_dir, data, out, WORLD * PER_DEVICE) + LOSSES[loss]
+            run([sys.executable, "-m", "dr.train", *flags])
+            cache[loss] = (folder, data, AutoModel.from_pretrained(out).state_dict())
+        return cache[loss]
+
+    return get
+
+
+GC = ["--grad_cache", "--gc_q_chunk_size", "1", "--gc_p_chunk_size", "3"]
+ZERO2 = ["--deepspeed", str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("loss", "extra"),
+    [
+        pytest.param("kl", [], id="kl-ddp"),
+        pytest.param("margin_mse", [], id="margin_mse-ddp"),
+        pytest.param("kl", ZERO2, id="kl-zero2"),
+        pytest.param("kl", GC, id="kl-gradcache-ddp"),
+        pytest.param("margin_mse", GC + ZERO2, id="margin_mse-gradcache-zero2"),
+    ],
+)
+def test_two_ranks_distillation_step_equals_one_process(tiny_model_dir, distill_reference, loss, extra):
+    import shutil
+
+    from tests.helpers import torchrun
+    from tests.test_train_distributed import PER_DEVICE, WORLD, _assert_same_weights, _flags
+
+    folder, data, expected = distill_reference(loss)
+    out = folder / f"{loss}-{len(extra)}"
+    flags = _flags(tiny_model_dir, data, out, PER_DEVICE) + LOSSES[loss] + extra
+    run(torchrun(WORLD) + ["-m", "dr.train", *flags], timeout=400)
+    _assert_same_weights(out, expected, tiny_model_dir)
+    shutil.rmtree(out, ignore_errors=True)
+
+
+# ---- dr score --------------------------------------------------------------------------------------------
+def make_cross_encoder(folder: Path, tiny_model_dir: Path, num_labels: int = 1) -> Path:
+    """A randomly initialised BertForSequenceClassification built from a config, with the tiny tokenizer."""
+    import shutil
+
+    from transformers import BertConfig, BertForSequenceClassification
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = BertConfig.from_pretrained(str(tiny_model_dir), num_labels=num_labels)
+    torch.manual_seed(1)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_model_dir / name).exists():
+            shutil.copy(tiny_model_dir / name, folder / name)
+    return folder
+
+
+def _score_cmd(teacher: Path, kind: str, data: Path, out: Path, *extra: str) -> list[str]:
+    flags = as_flags(model_name_or_path=teacher, teacher_type=kind, dataset_name=data, output=out, batch_size=5)
+    return ["-m", "dr.score", *flags, "--window_rows", "2", *extra]
+
+
+def _scores(path: Path) -> list[tuple[str, list[float]]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [
+        (r["query_id"], [p["score"] for p in r["positive_passages"] + r["negative_passages"]]) for r in rows
+    ]
+
+
+@pytest.fixture(scope="module")
+def score_input(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("score")
+    return write_jsonl(folder / "train.jsonl", make_train_rows(7, n_negatives=3, seed=2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["cross", "bi"])
+def test_score_two_ranks_equal_one_process_and_resume(tiny_model_dir, score_input, tmp_path, kind):
+    from tests.helpers import torchrun
+
+    teacher = make_cross_encoder(tmp_path / "ce", tiny_model_dir) if kind == "cross" else tiny_model_dir
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    run([sys.executable, *_score_cmd(teacher, kind, score_input, one)])
+    run(torchrun(2) + _score_cmd(teacher, kind, score_input, two))
+    expected = _scores(one)
+    assert [q for q, _ in expected] == [str(i) for i in range(7)]  # input order
+    assert all(len(s) == 4 and all(isinstance(x, float) for x in s) for _, s in expected)
+    assert len({x for _, s in expected for x in s}) > 20  # real, distinct scores
+    got = _scores(two)
+    assert [q for q, _ in got] == [q for q, _ in expected]
+    for (_, a), (_, b) in zip(got, expected):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    # The rows are passed through: only "score" was added.
+    source = [json.loads(line) for line in score_input.read_text().splitlines()]
+    stripped = [json.loads(line) for line in two.read_text().splitlines()]
+    for row in stripped:
+        for p in row["positive_passages"] + row["negative_passages"]:
+            p.pop("score")
+    assert stripped == source
+    manifest = json.loads((tmp_path / "two.jsonl.manifest.json").read_text())
+    assert (manifest["rows"], manifest["passages_scored"], len(manifest["parts"])) == (7, 28, 2)
+
+    # Resume: a part lost (a rank killed before its rename) is redone, the other one is skipped.
+    parts = sorted((tmp_path / "two.jsonl.parts").glob("rows-*.jsonl"))
+    parts[1].unlink()
+    two.unlink()
+    proc = run(torchrun(2) + _score_cmd(teacher, kind, score_input, two))
+    assert "is complete (3 rows): skipped" in proc.stderr
+    assert _scores(two) == got  # no duplicates, same order
+    # Another teacher must not reuse the parts.
+    other = make_cross_encoder(tmp_path / "ce2", tiny_model_dir, num_labels=2) if kind == "cross" else teacher
+    if kind == "cross":
+        proc = run([sys.executable, *_score_cmd(other, kind, score_input, two)], check=False)
+        assert proc.returncode == 2 and "another input or teacher" in proc.stderr
+
+
+def test_score_bad_rows_exit_1_and_publish_nothing(tiny_model_dir, tmp_path):
+    from dr.score import main
+
+    rows = make_train_rows(3)
+    del rows[1]["positive_passages"][0]["text"]
+    data = write_jsonl(tmp_path / "bad.jsonl", rows)
+    assert main(as_flags(model_name_or_path=tiny_model_dir, teacher_type="bi", dataset_name=data,
+                         output=tmp_path / "out.jsonl")) == 1
+    assert not (tmp_path / "out.jsonl").exists()

@@ -1,0 +1,449 @@
+"""`dr score`: teacher scores for a training file -> the same rows with "score" on every passage.
+
+The teacher is a cross-encoder (`--teacher_type cross`: any `AutoModelForSequenceClassification` folder;
+score = its logit for the (query, passage) pair: the single logit of a 1-label head, the positive-class
+logit (label 1) of a 2-label head) or a bi-encoder (`--teacher_type bi`: any model `dr encode` takes;
+score = q.p with its pooling / normalisation / prefixes / max lengths, through `dr.model.BiEncoder`).
+Passages are `title + " " + text`, as training and encoding build them.
+
+Distributed like `dr encode`: the input rows are cut into `--num_shards` contiguous shards (or a SLURM job
+array's tasks), the shard into one contiguous range per rank (torchrun / deepspeed / srun); each rank writes
+its rows, scored, to `<output>.parts/rows-<start>-<stop>.jsonl` (temporary name, renamed when complete),
+so a rerun skips finished parts and redoes the rest. When the parts cover every input row, rank 0 writes
+`<output>` (rows in input order) and `<output>.manifest.json` (counts, parts, teacher), atomically; with a
+job array the task that completes the cover does it. `--overwrite` starts from scratch.
+
+Input: Tevatron-format JSONL (what `dr mine` writes); rows are passed through unchanged except "score".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from dr.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from dr.paths import expand_home
+
+logger = logging.getLogger("dr.score")
+
+TEACHER_FILE = "teacher.json"
+PASSAGE_FIELDS = ("positive_passages", "negative_passages")
+
+
+class ScoreError(ValueError):
+    """Bad input rows (exit 1); the message names the file, the line and the field."""
+
+
+class ScoreUsageError(ValueError):
+    """Bad flags or outputs that conflict with this run (exit 2)."""
+
+
+# ---- input ---------------------------------------------------------------------------------------------
+class JsonlRows:
+    """Random access to the non-blank lines of a JSONL file by row number (byte offsets, one scan)."""
+
+    def __init__(self, path: Path) -> None:
+        if not path.is_file():
+            raise ScoreError(f"{path}: no such file")
+        if path.suffix not in (".jsonl", ".json"):
+            raise ScoreUsageError(f"{path}: dr score reads Tevatron-format JSONL (.jsonl); convert it first")
+        self.path = path
+        self.offsets: list[int] = []  # byte offset of each row
+        self.lines: list[int] = []  # 1-based line number of each row, for messages
+        with open(path, "rb") as f:
+            position = 0
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    self.offsets.append(position)
+                    self.lines.append(number)
+                position += len(line)
+        if not self.offsets:
+            raise ScoreError(f"{path}: no rows")
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def read(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """Rows [start, stop), parsed and checked."""
+        rows = []
+        with open(self.path, "rb") as f:
+            if start < stop:
+                f.seek(self.offsets[start])
+            for index in range(start, stop):
+                raw = f.readline()
+                while not raw.strip():
+                    raw = f.readline()
+                rows.append(self._check(self._parse(raw, index), index))
+        return rows
+
+    def _where(self, index: int) -> str:
+        return f"{self.path}: row {index + 1} (line {self.lines[index]})"
+
+    def _parse(self, raw: bytes, index: int) -> Any:
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ScoreError(f"{self._where(index)}: not valid JSON ({err.msg})") from err
+
+    def _check(self, row: Any, index: int) -> dict[str, Any]:
+        where = self._where(index)
+        if not isinstance(row, dict):
+            raise ScoreError(f"{where}: expected a JSON object, found {type(row).__name__}")
+        if not isinstance(row.get("query"), str):
+            raise ScoreError(f"{where}: field 'query' is missing or not a string")
+        for name in PASSAGE_FIELDS:
+            value = row.get(name, [] if name == "negative_passages" else None)
+            if not isinstance(value, list) or (name == "positive_passages" and not value):
+                raise ScoreError(f"{where}: field {name!r} must be a non-empty list of passages")
+            for j, passage in enumerate(value):
+                if not isinstance(passage, dict) or not isinstance(passage.get("text"), str):
+                    raise ScoreError(f"{where}: field '{name}[{j}].text' is missing or not a string")
+        return row
+
+
+# ---- teachers ------------------------------------------------------------------------------------------
+class CrossTeacher:
+    """score(query, passage) = the classifier's relevance logit (see the module docstring)."""
+
+    def __init__(self, args: argparse.Namespace, device: Any) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path).to(device).eval()
+        labels = self.model.config.num_labels
+        if labels not in (1, 2):
+            raise ScoreUsageError(
+                f"{args.model_name_or_path}: a cross-encoder teacher needs 1 or 2 labels, it has {labels}"
+            )
+        self.column = 0 if labels == 1 else 1
+        self.max_length = min(args.max_length, self.tokenizer.model_max_length or args.max_length)
+        self.truncation = args.truncation
+        self.device = device
+        self.settings = {"num_labels": labels, "max_length": self.max_length, "truncation": self.truncation}
+
+    def score(self, queries: list[str], passages: list[str]) -> list[float]:
+        import torch
+
+        batch = self.tokenizer(
+            queries,
+            passages,
+            truncation=self.truncation,
+            max_length=self.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        with torch.inference_mode():
+            logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits  # (N, labels)
+        return logits[:, self.column].float().cpu().tolist()
+
+
+class BiTeacher:
+    """score(query, passage) = q.p of a bi-encoder, encoded exactly as `dr encode` would."""
+
+    def __init__(self, args: argparse.Namespace, device: Any) -> None:
+        from dr.arguments import ModelArguments
+        from dr.encode import load_encoder
+
+        model_args = ModelArguments(
+            model_name_or_path=args.model_name_or_path,
+            tokenizer_name=args.tokenizer_name,
+            pooling=args.pooling,
+            normalize=args.normalize,
+        )
+        self.model, self.tokenizer = load_encoder(model_args, device)
+        cfg = self.model.encoder_config
+        self.config = cfg
+        self.q_max_len = args.q_max_len or cfg.q_max_len
+        self.p_max_len = args.p_max_len or cfg.p_max_len
+        self.device = device
+        self.settings = {
+            "pooling": cfg.pooling,
+            "normalize": cfg.normalize,
+            "q_max_len": self.q_max_len,
+            "p_max_len": self.p_max_len,
+            "query_prefix": cfg.query_prefix,
+            "passage_prefix": cfg.passage_prefix,
+        }
+
+    def _encode(self, texts: list[str], max_length: int, encode: Any) -> Any:
+        from dr.model import tokenize_unpadded
+
+        rows = tokenize_unpadded(self.tokenizer, texts, max_length, bool(self.config.append_eos))
+        batch = self.tokenizer.pad(rows, padding=True, return_tensors="pt")
+        return encode({k: v.to(self.device) for k, v in batch.items()}).float()  # (N, d)
+
+    def score(self, queries: list[str], passages: list[str]) -> list[float]:
+        import torch
+
+        cfg = self.config
+        with torch.inference_mode():
+            q = self._encode([cfg.query_prefix + t for t in queries], self.q_max_len, self.model.encode_query)
+            p = self._encode([cfg.passage_prefix + t for t in passages], self.p_max_len, self.model.encode_passage)
+            return (q * p).sum(-1).cpu().tolist()
+
+
+def load_teacher(args: argparse.Namespace, device: Any) -> CrossTeacher | BiTeacher:
+    return CrossTeacher(args, device) if args.teacher_type == "cross" else BiTeacher(args, device)
+
+
+def teacher_identity(args: argparse.Namespace, teacher: CrossTeacher | BiTeacher) -> dict[str, Any]:
+    """What a part was scored with; a rerun with anything else must not reuse the parts."""
+    from dr.encode import model_identity
+
+    return {"type": args.teacher_type, "model": model_identity(args.model_name_or_path), **teacher.settings}
+
+
+# ---- scoring a range -----------------------------------------------------------------------------------
+def score_rows(rows: list[dict[str, Any]], teacher: CrossTeacher | BiTeacher, batch_size: int) -> int:
+    """Set "score" on every passage of `rows` in place (pairs batched across rows); return the pair count."""
+    from dr.data import passage_text
+
+    pairs = [
+        (row["query"], passage)
+        for row in rows
+        for name in PASSAGE_FIELDS
+        for passage in row.get(name) or []
+    ]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        scores = teacher.score([q for q, _ in chunk], [passage_text(p) for _, p in chunk])
+        for (_, passage), value in zip(chunk, scores):
+            passage["score"] = float(value)
+    return len(pairs)
+
+
+def split_range(start: int, stop: int, parts: int, index: int) -> tuple[int, int]:
+    n = stop - start
+    return start + n * index // parts, start + n * (index + 1) // parts
+
+
+def part_path(parts_dir: Path, start: int, stop: int) -> Path:
+    return parts_dir / f"rows-{start:09d}-{stop:09d}.jsonl"
+
+
+def _line_count(path: Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def covering_parts(parts_dir: Path, total: int) -> list[tuple[int, int, Path]] | None:
+    """Complete parts that tile [0, total) (preferring longer parts), or None while rows are missing."""
+    found: dict[int, list[tuple[int, Path]]] = {}
+    for path in parts_dir.glob("rows-*-*.jsonl"):
+        try:
+            start, stop = (int(x) for x in path.stem.split("-")[1:3])
+        except ValueError:
+            continue
+        found.setdefault(start, []).append((stop, path))
+    chosen, position = [], 0
+    while position < total:
+        candidates = sorted((s for s in found.get(position, []) if s[0] <= total), reverse=True)
+        if not candidates:
+            return None
+        stop, path = candidates[0]
+        chosen.append((position, stop, path))
+        position = stop
+    return chosen
+
+
+# ---- the driver ----------------------------------------------------------------------------------------
+def prepare_parts_dir(parts_dir: Path, expected: dict[str, Any], overwrite: bool) -> None:
+    """Rank 0: create the parts folder for this input and teacher (or check that an existing one matches)."""
+    import shutil
+
+    marker = parts_dir / TEACHER_FILE
+    if overwrite and parts_dir.exists():
+        shutil.rmtree(parts_dir)
+    if marker.is_file():
+        found = json.loads(marker.read_text(encoding="utf-8"))
+        if found != expected:
+            raise ScoreUsageError(
+                f"{parts_dir} holds parts of another input or teacher ({found}); use --overwrite or another --output"
+            )
+        return
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, expected)
+
+
+def setup_rank(args: argparse.Namespace, rank: int, world: int) -> SimpleNamespace:
+    """Plan this rank's rows, index the input and load the teacher; rank 0 prepares the parts folder."""
+    from dr import distributed as dist
+    from dr.encode import EncodeError, resolve_sharding
+
+    try:
+        num_shards, shard_index = resolve_sharding(
+            SimpleNamespace(encode_num_shard=args.num_shards, encode_shard_index=args.shard_index)
+        )
+    except EncodeError as err:
+        raise ScoreUsageError(str(err)) from err
+    source = JsonlRows(Path(args.dataset_name))
+    total = len(source)
+    start, stop = split_range(*split_range(0, total, num_shards, shard_index), world, rank)
+    parts_dir = Path(str(args.output) + ".parts")
+    teacher = load_teacher(args, dist.default_device())
+    expected = {
+        "teacher": teacher_identity(args, teacher),
+        "input": str(source.path.resolve()),
+        "input_bytes": source.path.stat().st_size,
+        "input_rows": total,
+    }
+    if rank == 0:
+        prepare_parts_dir(parts_dir, expected, args.overwrite)
+    tag = f"dr score [rank {rank}/{world}]" if world > 1 else "dr score"
+    return SimpleNamespace(
+        source=source, total=total, start=start, stop=stop, parts_dir=parts_dir, teacher=teacher,
+        identity=expected["teacher"], tag=tag,
+    )
+
+
+def score_own_part(args: argparse.Namespace, plan: SimpleNamespace) -> None:
+    """Score this rank's rows into its part file, unless a complete one is there."""
+    start, stop = plan.start, plan.stop
+    path = part_path(plan.parts_dir, start, stop)
+    if path.is_file() and _line_count(path) == stop - start:
+        print(f"{plan.tag}: {path.name} is complete ({stop - start} rows): skipped", file=sys.stderr)
+        return
+    remove_stale_temporaries(plan.parts_dir, path.name)
+    began, pairs = time.perf_counter(), 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for window in range(start, stop, args.window_rows):
+            rows = plan.source.read(window, min(window + args.window_rows, stop))
+            pairs += score_rows(rows, plan.teacher, args.batch_size)
+            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    print(
+        f"{plan.tag}: rows [{start}, {stop}) of {plan.total}: {pairs} pairs in "
+        f"{time.perf_counter() - began:.1f}s -> {path}",
+        file=sys.stderr,
+    )
+
+
+def publish(args: argparse.Namespace, plan: SimpleNamespace) -> bool:
+    """Rank 0: when the parts cover the input, write the output in input order and its manifest."""
+    parts = covering_parts(plan.parts_dir, plan.total)
+    if parts is None:
+        print(
+            f"dr score: not every row of {args.dataset_name} is scored yet (other shards running?); the job "
+            "that completes the parts writes the output",
+            file=sys.stderr,
+        )
+        return False
+    output = Path(args.output)
+    rows = passages = 0
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as out:
+        for _, _, path in parts:
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    if line.strip():
+                        row = json.loads(line)
+                        rows += 1
+                        passages += sum(len(row.get(name) or []) for name in PASSAGE_FIELDS)
+                        out.write(line if line.endswith("\n") else line + "\n")
+    if rows != plan.total:
+        output.unlink(missing_ok=True)
+        raise ScoreUsageError(f"{plan.parts_dir}: parts hold {rows} rows, the input {plan.total}")
+    write_json_atomic(
+        Path(str(output) + ".manifest.json"),
+        {
+            "format": "dr.score",
+            "version": 1,
+            "input": str(Path(args.dataset_name).resolve()),
+            "output": str(output.resolve()),
+            "rows": rows,
+            "passages_scored": passages,
+            "teacher": plan.identity,
+            "parts": [{"path": p.name, "range": [a, b]} for a, b, p in parts],
+        },
+    )
+    print(f"dr score: wrote {rows} rows ({passages} scored passages) to {output}", file=sys.stderr)
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dr score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_name_or_path", required=True, help="the teacher (a local folder or hub name)")
+    parser.add_argument("--teacher_type", required=True, choices=["cross", "bi"])
+    parser.add_argument(
+        "--dataset_name", "--train_file", "--input", required=True, help="Tevatron-format training JSONL"
+    )
+    parser.add_argument("--output", required=True, help="the scored training file to write (JSONL)")
+    parser.add_argument("--tokenizer_name", default=None, help="tokenizer, if not the teacher's own")
+    parser.add_argument(
+        "--batch_size", "--per_device_eval_batch_size", type=int, default=64, help="pairs per forward pass"
+    )
+    parser.add_argument("--max_length", type=int, default=512, help="cross: max tokens of query + passage")
+    parser.add_argument(
+        "--truncation",
+        default="longest_first",
+        choices=["longest_first", "only_second"],
+        help="cross: what to cut when a pair is too long (only_second: the passage only)",
+    )
+    parser.add_argument("--q_max_len", "--query_max_len", type=int, default=None, help="bi: query max tokens")
+    parser.add_argument("--p_max_len", "--passage_max_len", type=int, default=None, help="bi: passage max tokens")
+    parser.add_argument("--pooling", default=None, choices=["cls", "mean", "last"], help="bi: override pooling")
+    parser.add_argument(
+        "--normalize", default=None, type=lambda v: v.lower() in ("1", "true", "yes"), nargs="?", const=True
+    )
+    parser.add_argument(
+        "--num_shards", "--encode_num_shard", type=int, default=None, help="contiguous shards (SLURM array)"
+    )
+    parser.add_argument("--shard_index", "--encode_shard_index", type=int, default=None)
+    parser.add_argument("--window_rows", type=int, default=256, help="rows read and written at a time")
+    parser.add_argument("--overwrite", action="store_true", help="drop existing parts and rescore everything")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `dr score`; 0 ok, 1 bad input rows, 2 bad flags / conflicting outputs."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    args = expand_home(build_parser().parse_args(argv))
+    for name in ("batch_size", "max_length", "window_rows"):
+        if getattr(args, name) < 1:
+            print(f"dr score: error: --{name} must be >= 1", file=sys.stderr)
+            return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from dr import distributed as dist
+    from dr.encode import _agree
+
+    dist.init_process_group()
+    succeeded = False
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        plan = None
+        # Two phases, each ended by an agreement every rank reaches (so a failing rank never leaves its
+        # peers waiting in a collective): set up (input, teacher, parts folder), then score.
+        for phase in (lambda: setup_rank(args, rank, world), lambda: score_own_part(args, plan)):
+            error: Exception | None = None
+            try:
+                result = phase()
+                plan = result if plan is None else plan
+            except (ValueError, OSError) as err:
+                error = err
+            all_ok = _agree(error is None)
+            if error is not None:
+                print(f"dr score: error: {error}", file=sys.stderr)
+                return 1 if isinstance(error, (ScoreError, OSError)) else 2
+            if not all_ok:
+                print("dr score: error: another rank failed (see its message); nothing was published", file=sys.stderr)
+                return 1
+        if rank == 0:
+            try:
+                publish(args, plan)
+            except (ValueError, OSError) as err:
+                print(f"dr score: error: {err}", file=sys.stderr)
+                return 2
+        succeeded = True
+        return 0
+    finally:
+        dist.close_process_group(succeeded)
+
+if __name__ == "__main__":
+    from dr.distributed import exit_status
+
+    raise SystemExit(exit_status(main()))
