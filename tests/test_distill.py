@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dr.distill import DistillationLoss, kl, margin_mse
-from dr.loss import ContrastiveLoss
+from dr.train.distill import DistillationLoss, kl, margin_mse
+from dr.train.loss import ContrastiveLoss
 from tests.helpers import as_flags, make_train_rows, run, write_jsonl
 
 B, N, D = 3, 4, 5  # 3 queries x (1 positive + 3 hard negatives), 5-dim vectors
@@ -172,7 +172,7 @@ def _corrupt(rows: list[dict], how: str) -> tuple[list[dict], str]:
 
 @pytest.mark.parametrize("how", ["missing", "string", "nan"])
 def test_bad_teacher_scores_are_one_line_errors_naming_row_and_field(tiny_model_dir, tmp_path, how, caplog):
-    from dr.train import main
+    from dr.train.cli import main
 
     rows, field = _corrupt(scored_rows(4), how)
     data = write_jsonl(tmp_path / "train.jsonl", rows)
@@ -194,7 +194,7 @@ def test_bad_score_exits_1_without_traceback(tiny_model_dir, tmp_path):
 
 
 def test_contrastive_training_ignores_scores_and_refuses_distillation_flags(tiny_model_dir, tmp_path):
-    from dr.train import main
+    from dr.train.cli import main
 
     data = write_jsonl(tmp_path / "train.jsonl", scored_rows(4))
     assert main(_train_flags(tiny_model_dir, data, tmp_path / "o", loss="contrastive", distill_weight=0.5)) == 2
@@ -203,7 +203,7 @@ def test_contrastive_training_ignores_scores_and_refuses_distillation_flags(tiny
 
 
 def test_tevatron_spelling_distil_temperature_implies_kl(tmp_path):
-    from dr.arguments import DRTrainingArguments
+    from dr.flags import DRTrainingArguments
 
     args = DRTrainingArguments(output_dir=str(tmp_path), distil_temperature=0.02)
     assert (args.loss, args.distill_weight) == ("kl", 1.0)
@@ -212,9 +212,9 @@ def test_tevatron_spelling_distil_temperature_implies_kl(tmp_path):
 
 def test_collator_aligns_teacher_scores_with_the_served_group(tiny_model_dir):
     """The served group is (positive, sampled negatives...): the scores follow choose_group's indices."""
-    from dr.collator import TrainCollator
-    from dr.data import TevatronGroups, TrainGroups
-    from dr.model import load_tokenizer
+    from dr.train.collator import TrainCollator
+    from dr.train.groups import TevatronGroups, TrainGroups
+    from dr.model.encoder import load_tokenizer
 
     import datasets
 
@@ -318,7 +318,7 @@ def make_cross_encoder(folder: Path, tiny_model_dir: Path, num_labels: int = 1) 
 
 def _score_cmd(teacher: Path, kind: str, data: Path, out: Path, *extra: str) -> list[str]:
     flags = as_flags(model_name_or_path=teacher, teacher_type=kind, dataset_name=data, output=out, batch_size=5)
-    return ["-m", "dr.score", *flags, "--window_rows", "2", *extra]
+    return ["-m", "dr.eval.score", *flags, "--window_rows", "2", *extra]
 
 
 def _scores(path: Path) -> list[tuple[str, list[float]]]:
@@ -376,7 +376,7 @@ def test_score_two_ranks_equal_one_process_and_resume(tiny_model_dir, score_inpu
 
 
 def test_score_bad_rows_exit_1_and_publish_nothing(tiny_model_dir, tmp_path):
-    from dr.score import main
+    from dr.eval.score import main
 
     rows = make_train_rows(3)
     del rows[1]["positive_passages"][0]["text"]

@@ -28,8 +28,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from dr.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from dr.paths import expand_home
+from dr.io.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from dr.io.paths import expand_home
 
 logger = logging.getLogger("dr.score")
 
@@ -148,8 +148,8 @@ class BiTeacher:
     """score(query, passage) = q.p of a bi-encoder, encoded exactly as `dr encode` would."""
 
     def __init__(self, args: argparse.Namespace, device: Any) -> None:
-        from dr.arguments import ModelArguments
-        from dr.encode import load_encoder
+        from dr.flags import ModelArguments
+        from dr.index.encode import load_encoder
 
         model_args = ModelArguments(
             model_name_or_path=args.model_name_or_path,
@@ -173,7 +173,7 @@ class BiTeacher:
         }
 
     def _encode(self, texts: list[str], max_length: int, encode: Any) -> Any:
-        from dr.model import tokenize_unpadded
+        from dr.model.encoder import tokenize_unpadded
 
         rows = tokenize_unpadded(self.tokenizer, texts, max_length, bool(self.config.append_eos))
         batch = self.tokenizer.pad(rows, padding=True, return_tensors="pt")
@@ -195,7 +195,7 @@ def load_teacher(args: argparse.Namespace, device: Any) -> CrossTeacher | BiTeac
 
 def teacher_identity(args: argparse.Namespace, teacher: CrossTeacher | BiTeacher) -> dict[str, Any]:
     """What a part was scored with; a rerun with anything else must not reuse the parts."""
-    from dr.encode import model_identity
+    from dr.index.encode import model_identity
 
     return {"type": args.teacher_type, "model": model_identity(args.model_name_or_path), **teacher.settings}
 
@@ -203,7 +203,7 @@ def teacher_identity(args: argparse.Namespace, teacher: CrossTeacher | BiTeacher
 # ---- scoring a range -----------------------------------------------------------------------------------
 def score_rows(rows: list[dict[str, Any]], teacher: CrossTeacher | BiTeacher, batch_size: int) -> int:
     """Set "score" on every passage of `rows` in place (pairs batched across rows); return the pair count."""
-    from dr.data import passage_text
+    from dr.train.groups import passage_text
 
     pairs = [
         (row["query"], passage)
@@ -275,7 +275,7 @@ def prepare_parts_dir(parts_dir: Path, expected: dict[str, Any], overwrite: bool
 def setup_rank(args: argparse.Namespace, rank: int, world: int) -> SimpleNamespace:
     """Plan this rank's rows, index the input and load the teacher; rank 0 prepares the parts folder."""
     from dr import distributed as dist
-    from dr.encode import EncodeError, resolve_sharding
+    from dr.index.encode import EncodeError, resolve_sharding
 
     try:
         num_shards, shard_index = resolve_sharding(
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from dr import distributed as dist
-    from dr.encode import _agree
+    from dr.index.encode import _agree
 
     dist.init_process_group()
     succeeded = False

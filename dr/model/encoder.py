@@ -199,7 +199,7 @@ class BiEncoder(nn.Module):
         """Training step: B queries and B*n passages (grouped per query, positive first) -> loss.
 
         With docid keys (from `TrainCollator`), in-batch false negatives are masked (see `ContrastiveLoss`).
-        `teacher_scores` (B, n) go to a distillation loss (`dr.distill.DistillationLoss`) when one is set.
+        `teacher_scores` (B, n) go to a distillation loss (`dr.train.distill.DistillationLoss`) when one is set.
         """
         q_reps = self.encode_query(query)  # (B, d)
         p_reps = self.encode_passage(passage)  # (B*n, d)

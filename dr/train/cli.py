@@ -99,7 +99,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         **({"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}),
     )
     if distilling:
-        from dr.distill import DistillationLoss
+        from dr.train.distill import DistillationLoss
 
         # Resolved here (it defaults to the model's --temperature), so dr_train_args.json records it.
         training_args.distil_temperature = training_args.distil_temperature or model.encoder_config.temperature

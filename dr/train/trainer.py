@@ -95,7 +95,7 @@ class BiEncoderTrainer(GradCacheMixin, Trainer):
         keys = {}
         if self.args.mask_false_negatives:
             keys = {"passage_keys": inputs["passage_keys"], "positive_keys": inputs["positive_keys"]}
-        if "teacher_scores" in inputs:  # a distillation loss is configured (dr/distill.py)
+        if "teacher_scores" in inputs:  # a distillation loss is configured (dr/train/distill.py)
             keys["teacher_scores"] = inputs["teacher_scores"]
         outputs = model(query=inputs["query"], passage=inputs["passage"], **keys)
         # A tensor sum: int() here would force a device sync on every step; the log line converts it.

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dr.loss import ContrastiveLoss
+from dr.train.loss import ContrastiveLoss
 
 DISTILL_LOSSES = ("kl", "margin_mse")
 
