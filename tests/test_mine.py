@@ -107,3 +107,33 @@ def test_bad_inputs_fail_clearly(inputs, capsys, change, message):
     assert _mine(inputs) == 1  # bad files: exit status 1
     assert message in capsys.readouterr().err
     assert not inputs["out"].exists()
+
+
+def test_keep_scores_writes_run_scores_and_null_for_unretrieved_positives(inputs, caplog):
+    from dr.train.groups import DataError
+
+    assert _mine(inputs, "--ranks", "2", "20", "--n_negatives", "5", "--keep_scores") == 0
+    rows = {r["query_id"]: r for r in _rows(inputs["out"])}
+    run_scores = {"q1": {f"d{r}": 100 - r + 0.5 for r in range(30)}}
+    q1 = rows["q1"]
+    for p in q1["positive_passages"] + q1["negative_passages"]:
+        assert p["score"] == run_scores["q1"][p["docid"]]  # d3 -> 97.5, d7 -> 93.5, negatives alike
+    q2 = rows["q2"]
+    assert q2["positive_passages"][0]["docid"] == "d0" and q2["positive_passages"][0]["score"] is None
+    assert all(isinstance(p["score"], float) for p in q2["negative_passages"])
+    config = json.loads(Path(str(inputs["out"]) + ".config.json").read_text())
+    assert config["counts"]["positives_without_score"] == 1
+    assert "dr score" in caplog.text
+    assert len(load_train_groups(str(inputs["out"]), group_size=4)) == 2  # contrastive training: fine
+    line = 1 + [r["query_id"] for r in _rows(inputs["out"])].index("q2")
+    with pytest.raises(DataError, match=rf"row {line} \(line {line}\): field 'positive_passages\[0\].score'"):
+        load_train_groups(str(inputs["out"]), group_size=4, need_scores=True)
+
+
+def test_keep_scores_needs_a_scored_run(inputs, capsys):
+    lines = inputs["run"].read_text().splitlines()
+    marco = inputs["run"].with_name("run.marco")
+    marco.write_text("".join(f"{q}\t{d}\t{i % 30 + 1}\n" for i, (q, d, _) in enumerate(l.split("\t") for l in lines)))
+    inputs["run"] = marco
+    assert _mine(inputs, "--run_format", "marco", "--keep_scores") == 2
+    assert "needs a scored run" in capsys.readouterr().err

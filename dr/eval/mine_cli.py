@@ -9,6 +9,13 @@ Negatives are drawn from the hits ranked in [--ranks A B) (1-based, A included, 
 judged-relevant document, optionally only those scoring at least `--margin` below the query's best
 positive (hits scored almost like a positive are often unjudged positives). The draw depends only on
 (--seed, query id), so the same inputs give the same file. Written atomically.
+
+`--keep_scores` keeps the run's scores as teacher scores for distillation (`dr train --loss kl`): every
+passage gets "score" = its score in the run. A positive the run did not retrieve has no run score: it gets
+"score": null (the count is logged and saved), which `dr train` with a distillation loss rejects naming
+the row; `dr score --teacher_type bi --model_name_or_path <the run's model>` fills every score with that
+model's q.p (the same numbers the run has for retrieved passages). Nothing is guessed for it: the max of
+the run would invent a teacher signal, the min would claim the model ranked it last.
 """
 
 from __future__ import annotations
@@ -91,7 +98,11 @@ def mine(args: argparse.Namespace) -> dict[str, int]:
         raise MineError(
             f"{args.run}: query id {unknown[0]!r} is not in {args.queries} ({len(unknown)} unknown)"
         )
+    if args.keep_scores and not run.scored:
+        raise MineError(f"{args.run}: --keep_scores needs a scored run (tevatron or TREC format), not ranks only")
     counts = {"queries_in_run": len(run), "written": 0, "no_positive": 0, "no_negative": 0, "short": 0}
+    if args.keep_scores:
+        counts["positives_without_score"] = 0
     plans = []
     for qid, hits in run.rankings.items():
         positives = {d: r for d, r in qrels.get(qid, {}).items() if r > 0}
@@ -104,8 +115,8 @@ def mine(args: argparse.Namespace) -> dict[str, int]:
             counts["no_negative"] += 1
             continue
         counts["short"] += len(negatives) < args.n_negatives
-        plans.append((qid, sorted(positives), negatives))
-    needed = {d for _, pos, neg in plans for d in (*pos, *neg)}
+        plans.append((qid, sorted(positives), negatives, dict(hits) if args.keep_scores else None))
+    needed = {d for _, pos, neg, _ in plans for d in (*pos, *neg)}
     passages = lookup_passages(args.corpus, needed)
     missing = sorted(needed - passages.keys())
     if missing:
@@ -114,13 +125,17 @@ def mine(args: argparse.Namespace) -> dict[str, int]:
             f"({len(missing)} missing)"
         )
     with atomic_path(args.output) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for qid, pos, neg in plans:
+        for qid, pos, neg, scores in plans:
             row = {
                 "query_id": qid,
                 "query": queries[qid],
                 "positive_passages": [passages[d] for d in pos],
                 "negative_passages": [passages[d] for d in neg],
             }
+            if scores is not None:  # the run's scores as teacher scores (module docstring)
+                for name in ("positive_passages", "negative_passages"):
+                    row[name] = [{**p, "score": scores.get(p["docid"])} for p in row[name]]
+                counts["positives_without_score"] += sum(d not in scores for d in pos)
             out.write(json.dumps(row, ensure_ascii=False) + "\n")
             counts["written"] += 1
     return counts
@@ -152,6 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep hits scoring <= best positive score - MARGIN (needs a scored run)",
     )
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--keep_scores",
+        action="store_true",
+        help="write each passage's run score as its teacher 'score' (for dr train --loss kl|margin_mse); "
+        "positives the run did not retrieve get null (fill them with dr score)",
+    )
     return parser
 
 
@@ -173,6 +194,12 @@ def run(args: argparse.Namespace) -> int:
         counts["short"],
         args.n_negatives,
     )
+    if counts.get("positives_without_score"):
+        logger.warning(
+            "--keep_scores: %d positives are not in the run and have score null; before distilling, fill "
+            "them with dr score --teacher_type bi --model_name_or_path <the run's model>",
+            counts["positives_without_score"],
+        )
     return 0
 
 
