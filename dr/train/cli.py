@@ -101,12 +101,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     if distilling:
         from dr.train.distill import DistillationLoss
 
-        # Resolved here (it defaults to the model's --temperature), so dr_train_args.json records it.
-        training_args.distil_temperature = training_args.distil_temperature or model.encoder_config.temperature
+        if training_args.loss == "kl":  # defaults to the model's --temperature; dr_train_args.json records it
+            training_args.distil_temperature = training_args.distil_temperature or model.encoder_config.temperature
         model.loss_fn = DistillationLoss(
             training_args.loss,
             weight=training_args.distill_weight,
-            distill_temperature=training_args.distil_temperature,
+            distill_temperature=training_args.distil_temperature or 1.0,  # (unused by margin_mse)
             temperature=model.encoder_config.temperature,
             gather_across_devices=training_args.negatives_x_device,
         )
@@ -129,7 +129,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         write_json_atomic(Path(training_args.output_dir) / RESOLVED_CONFIG_NAME, resolved)
     if distilling:
         logger.info(
-            "loss: %.3g * contrastive + %.3g * %s (distillation temperature %g)",
+            "loss: %.3g * contrastive + %.3g * %s (KL temperature %g)",
             1 - model.loss_fn.weight,
             model.loss_fn.weight,
             training_args.loss,
