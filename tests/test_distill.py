@@ -171,15 +171,15 @@ def _corrupt(rows: list[dict], how: str) -> tuple[list[dict], str]:
 
 
 @pytest.mark.parametrize("how", ["missing", "string", "nan"])
-def test_bad_teacher_scores_are_one_line_errors_naming_row_and_field(tiny_model_dir, tmp_path, how, caplog):
+def test_bad_teacher_scores_are_one_line_errors_naming_row_and_field(tiny_model_dir, tmp_path, how, capsys):
     from dr.train.cli import main
 
     rows, field = _corrupt(scored_rows(4), how)
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     out = tmp_path / "out"
     assert main(_train_flags(tiny_model_dir, data, out)) == 1
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and "\n" not in errors[0], errors
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dr train: error:")]
+    assert len(errors) == 1, errors
     assert f"{data}: row 3 (line 3): field '" in errors[0] and field in errors[0], errors[0]
     assert how != "missing" or "dr score" in errors[0]  # says where scores come from
     assert not (out / "dr_config.json").exists() and not (out / "model.safetensors").exists()
@@ -212,16 +212,22 @@ TEVATRON_TRAIN_DISTIL = """--do_train --output_dir OUT --model_name_or_path intf
 
 def test_tevatron_train_distil_command_parses_to_its_objective(tmp_path):
     """Its flags, unchanged, mean: KL only over the group, T = 0.02, the e5 settings."""
-    from dr.flags import DataArguments, DRTrainingArguments, ModelArguments, parse_args
+    from dr.flags import DataArguments, ModelArguments, parse_flags, to_dataclasses
+    from dr.train.args import DRTrainingArguments
+    from dr.train.cli import build_parser
+
+    def parse(argv: list[str]) -> tuple:
+        extra = {"use_cpu": True} if not torch.cuda.is_available() else {}  # what prepare_launch decides
+        types = (ModelArguments, DataArguments, DRTrainingArguments)
+        return to_dataclasses(parse_flags(build_parser(), argv), types, **extra)
 
     argv = [a.replace("OUT", str(tmp_path)).replace(":_", ": ") for a in TEVATRON_TRAIN_DISTIL.split()]
-    model, data, train = parse_args((ModelArguments, DataArguments, DRTrainingArguments), argv)
+    model, data, train = parse(argv)
     assert (train.loss, train.distill_weight, train.distil_temperature) == ("kl", 1.0, 0.02)
     assert (model.attn_implementation, model.pooling, model.normalize, model.temperature) == ("eager", "mean", True, 0.01)
     assert (data.train_n_passages, data.q_max_len, data.query_prefix) == (16, 350, "query: ")
     assert DRTrainingArguments(output_dir=str(tmp_path)).loss == "contrastive"
-    *_, other = parse_args((ModelArguments, DataArguments, DRTrainingArguments),
-                           ["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--distill_temperature", "0.5"])
+    *_, other = parse(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--distill_temperature", "0.5"])
     assert (other.loss, other.distil_temperature) == ("kl", 0.5)  # the alias spelling
     with pytest.raises(ValueError, match="kl only"):  # margin_mse has no temperature: not silently ignored
         DRTrainingArguments(output_dir=str(tmp_path), loss="margin_mse", distil_temperature=0.5)
@@ -231,7 +237,7 @@ def test_collator_aligns_teacher_scores_with_the_served_group(tiny_model_dir):
     """The served group is (positive, sampled negatives...): the scores follow choose_group's indices."""
     from dr.train.collator import TrainCollator
     from dr.train.groups import TevatronGroups, TrainGroups
-    from dr.model.encoder import load_tokenizer
+    from dr.model.text import load_tokenizer
 
     import datasets
 
@@ -435,7 +441,8 @@ def _top1_accuracy(model_dir: Path) -> float:
     """Each topic's query against 2 unseen passages per topic: how often the best passage has its topic."""
     import random
 
-    from dr.model.encoder import BiEncoder, load_tokenizer
+    from dr.model.encoder import BiEncoder
+    from dr.model.text import load_tokenizer
     from tests.helpers import FILLER, TOPICS
 
     rng = random.Random(9)

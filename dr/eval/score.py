@@ -28,8 +28,8 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from dr.errors import InputError, UsageError
 from dr.io.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
-from dr.io.paths import expand_home
 
 logger = logging.getLogger("dr.score")
 
@@ -37,12 +37,12 @@ TEACHER_FILE = "teacher.json"
 PASSAGE_FIELDS = ("positive_passages", "negative_passages")
 
 
-class ScoreError(ValueError):
+class ScoreError(InputError):
     """Bad input rows (exit 1); the message names the file, the line and the field."""
 
 
-class ScoreUsageError(ValueError):
-    """Bad flags or outputs that conflict with this run (exit 2)."""
+class ScoreUsageError(UsageError):
+    """Bad flags, or outputs of another input or teacher (exit 2)."""
 
 
 # ---- input ---------------------------------------------------------------------------------------------
@@ -148,7 +148,7 @@ class BiTeacher:
     """score(query, passage) = q.p of a bi-encoder, encoded exactly as `dr encode` would."""
 
     def __init__(self, args: argparse.Namespace, device: Any) -> None:
-        from dr.flags import ModelArguments
+        from dr.flags import DataArguments, ModelArguments
         from dr.index.encode import load_encoder
 
         model_args = ModelArguments(
@@ -157,11 +157,11 @@ class BiTeacher:
             pooling=args.pooling,
             normalize=args.normalize,
         )
-        self.model, self.tokenizer = load_encoder(model_args, device)
+        data_args = DataArguments(q_max_len=args.q_max_len, p_max_len=args.p_max_len)
+        self.model, self.tokenizer = load_encoder(model_args, data_args, device)  # flags override dr_config
         cfg = self.model.encoder_config
         self.config = cfg
-        self.q_max_len = args.q_max_len or cfg.q_max_len
-        self.p_max_len = args.p_max_len or cfg.p_max_len
+        self.q_max_len, self.p_max_len = cfg.q_max_len, cfg.p_max_len
         self.device = device
         self.settings = {
             "pooling": cfg.pooling,
@@ -173,7 +173,7 @@ class BiTeacher:
         }
 
     def _encode(self, texts: list[str], max_length: int, encode: Any) -> Any:
-        from dr.model.encoder import tokenize_unpadded
+        from dr.model.text import tokenize_unpadded
 
         rows = tokenize_unpadded(self.tokenizer, texts, max_length, bool(self.config.append_eos))
         batch = self.tokenizer.pad(rows, padding=True, return_tensors="pt")
@@ -399,51 +399,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run `dr score`; 0 ok, 1 bad input rows, 2 bad flags / conflicting outputs."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    args = expand_home(build_parser().parse_args(argv))
+def run(args: argparse.Namespace) -> int:
+    """Every rank sets up and scores its part; all agree after each phase; rank 0 then publishes."""
+    from dr import distributed as dist
+
     for name in ("batch_size", "max_length", "window_rows"):
         if getattr(args, name) < 1:
-            print(f"dr score: error: --{name} must be >= 1", file=sys.stderr)
-            return 2
+            raise ScoreUsageError(f"--{name} must be >= 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from dr import distributed as dist
-    from dr.index.encode import _agree
-
-    dist.init_process_group()
-    succeeded = False
-    try:
+    with dist.process_group():
         rank, world = dist.get_rank(), dist.get_world_size()
         plan = None
-        # Two phases, each ended by an agreement every rank reaches (so a failing rank never leaves its
-        # peers waiting in a collective): set up (input, teacher, parts folder), then score.
+        # Two phases, each ended by a collective every rank reaches (so a failing rank never leaves its
+        # peers waiting): set up (input, teacher, parts folder), then score.
         for phase in (lambda: setup_rank(args, rank, world), lambda: score_own_part(args, plan)):
             error: Exception | None = None
             try:
                 result = phase()
                 plan = result if plan is None else plan
-            except (ValueError, OSError) as err:
+            except Exception as err:  # noqa: BLE001 - every rank must reach the agreement, then it is raised
                 error = err
-            all_ok = _agree(error is None)
-            if error is not None:
-                print(f"dr score: error: {error}", file=sys.stderr)
-                return 1 if isinstance(error, (ScoreError, OSError)) else 2
-            if not all_ok:
-                print("dr score: error: another rank failed (see its message); nothing was published", file=sys.stderr)
-                return 1
+            dist.raise_if_any_failed(error)
         if rank == 0:
-            try:
-                publish(args, plan)
-            except (ValueError, OSError) as err:
-                print(f"dr score: error: {err}", file=sys.stderr)
-                return 2
-        succeeded = True
-        return 0
-    finally:
-        dist.close_process_group(succeeded)
+            publish(args, plan)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dr score` for library callers and tests: the exit status (2 bad flags, 1 bad files)."""
+    from dr.cli import run_command
+
+    return run_command("score", argv)
 
 if __name__ == "__main__":
-    from dr.distributed import exit_status
+    from dr.cli import module_main
 
-    raise SystemExit(exit_status(main()))
+    raise SystemExit(module_main("score"))
