@@ -74,13 +74,9 @@ class JsonlRows:
         """Rows [start, stop), parsed and checked."""
         rows = []
         with open(self.path, "rb") as f:
-            if start < stop:
-                f.seek(self.offsets[start])
             for index in range(start, stop):
-                raw = f.readline()
-                while not raw.strip():
-                    raw = f.readline()
-                rows.append(self._check(self._parse(raw, index), index))
+                f.seek(self.offsets[index])
+                rows.append(self._check(self._parse(f.readline(), index), index))
         return rows
 
     def _where(self, index: int) -> str:
@@ -242,15 +238,17 @@ def covering_parts(parts_dir: Path, total: int) -> list[tuple[int, int, Path]] |
         except ValueError:
             continue
         found.setdefault(start, []).append((stop, path))
-    chosen, position = [], 0
-    while position < total:
-        candidates = sorted((s for s in found.get(position, []) if s[0] <= total), reverse=True)
-        if not candidates:
-            return None
-        stop, path = candidates[0]
-        chosen.append((position, stop, path))
-        position = stop
-    return chosen
+
+    def cover(position: int) -> list[tuple[int, int, Path]] | None:  # depth-first: stale layouts may mix
+        if position == total:
+            return []
+        for stop, path in sorted((c for c in found.get(position, []) if position < c[0] <= total), reverse=True):
+            rest = cover(stop)
+            if rest is not None:
+                return [(position, stop, path), *rest]
+        return None
+
+    return cover(0)
 
 
 # ---- the driver ----------------------------------------------------------------------------------------
