@@ -48,7 +48,7 @@ step dr mine --run "$r1/train.run.txt" --queries "$data/queries.train.tsv" --qre
   --corpus "$data/corpus.jsonl" --output "$d/train.mined.jsonl" --ranks 3 50 --n_negatives 15 --seed 42
 
 # 3. Teacher scores on every (query, passage) of the mined file (resumable; ranks write parts).
-score=(-m dr.eval.score --teacher_type "$teacher_type" --model_name_or_path "$teacher" \
+score=(-m dr.eval.score_cli --teacher_type "$teacher_type" --model_name_or_path "$teacher" \
   --dataset_name "$d/train.mined.jsonl" --output "$d/train.scored.jsonl" --batch_size 64)
 if [[ "$nproc" -gt 1 ]]; then
   step "$py" -m torch.distributed.run --nproc_per_node "$nproc" "${score[@]}"

@@ -21,7 +21,7 @@ COMMANDS = {
     "convert": ("dr.eval.convert_cli", "convert run files between tevatron, MS MARCO and TREC formats"),
     "eval": ("dr.eval.eval_cli", "MRR@10, nDCG@10, recall, MAP of a run against qrels"),
     "mine": ("dr.eval.mine_cli", "hard negatives from a run of the training queries -> a new training file"),
-    "score": ("dr.eval.score", "teacher scores (cross- or bi-encoder) on every passage of a training file"),
+    "score": ("dr.eval.score_cli", "teacher scores (cross- or bi-encoder) on every passage of a training file"),
     "pipeline": ("dr.pipeline.cli", "train -> encode -> search -> convert -> eval from one config, resumable"),
     "demo": ("dr.demo.cli", "the offline end-to-end demo on an embedded dataset (CPU, a few minutes)"),
 }

@@ -341,7 +341,7 @@ def make_cross_encoder(folder: Path, tiny_model_dir: Path, num_labels: int = 1) 
 
 def _score_cmd(teacher: Path, kind: str, data: Path, out: Path, *extra: str) -> list[str]:
     flags = as_flags(model_name_or_path=teacher, teacher_type=kind, dataset_name=data, output=out, batch_size=5)
-    return ["-m", "dr.eval.score", *flags, "--window_rows", "2", *extra]
+    return ["-m", "dr.eval.score_cli", *flags, "--window_rows", "2", *extra]
 
 
 def _scores(path: Path) -> list[tuple[str, list[float]]]:
@@ -399,7 +399,7 @@ def test_score_two_ranks_equal_one_process_and_resume(tiny_model_dir, score_inpu
 
 
 def test_score_bad_rows_exit_1_and_publish_nothing(tiny_model_dir, tmp_path):
-    from dr.eval.score import main
+    from dr.eval.score_cli import main
 
     rows = make_train_rows(3)
     del rows[1]["positive_passages"][0]["text"]

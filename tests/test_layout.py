@@ -48,6 +48,7 @@ HELP_FLAGS = {
     "convert": "--run_format",
     "eval": "--metrics",
     "mine": "--n_negatives",
+    "score": "--teacher_type",
     "pipeline": "--force",
     "demo": "--small",
 }
@@ -69,6 +70,7 @@ REQUIRED = {
     "mine": ["--run", "r", "--queries", "q", "--qrels", "x", "--corpus", "c", "--output", "o"],
     "pipeline": ["cfg.yaml"],
     "encode": ["--model_name_or_path", "m"],
+    "score": ["--model_name_or_path", "m", "--teacher_type", "bi", "--dataset_name", "d", "--output", "o"],
 }
 
 

@@ -1,4 +1,4 @@
-"""`dr score`: teacher scores for a training file -> the same rows with "score" on every passage.
+"""Teacher scores for a training file -> the same rows with "score" on every passage (`dr score`: score_cli).
 
 The teacher is a cross-encoder (`--teacher_type cross`: any `AutoModelForSequenceClassification` folder;
 score = its logit for the (query, passage) pair: the single logit of a 1-label head, the positive-class
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -361,75 +360,3 @@ def publish(args: argparse.Namespace, plan: SimpleNamespace) -> bool:
     )
     print(f"dr score: wrote {rows} rows ({passages} scored passages) to {output}", file=sys.stderr)
     return True
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dr score", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_name_or_path", required=True, help="the teacher (a local folder or hub name)")
-    parser.add_argument("--teacher_type", required=True, choices=["cross", "bi"])
-    parser.add_argument(
-        "--dataset_name", "--train_file", "--input", required=True, help="Tevatron-format training JSONL"
-    )
-    parser.add_argument("--output", required=True, help="the scored training file to write (JSONL)")
-    parser.add_argument("--tokenizer_name", default=None, help="tokenizer, if not the teacher's own")
-    parser.add_argument(
-        "--batch_size", "--per_device_eval_batch_size", type=int, default=64, help="pairs per forward pass"
-    )
-    parser.add_argument("--max_length", type=int, default=512, help="cross: max tokens of query + passage")
-    parser.add_argument(
-        "--truncation",
-        default="longest_first",
-        choices=["longest_first", "only_second"],
-        help="cross: what to cut when a pair is too long (only_second: the passage only)",
-    )
-    parser.add_argument("--q_max_len", "--query_max_len", type=int, default=None, help="bi: query max tokens")
-    parser.add_argument("--p_max_len", "--passage_max_len", type=int, default=None, help="bi: passage max tokens")
-    parser.add_argument("--pooling", default=None, choices=["cls", "mean", "last"], help="bi: override pooling")
-    parser.add_argument(
-        "--normalize", default=None, type=lambda v: v.lower() in ("1", "true", "yes"), nargs="?", const=True
-    )
-    parser.add_argument(
-        "--num_shards", "--encode_num_shard", type=int, default=None, help="contiguous shards (SLURM array)"
-    )
-    parser.add_argument("--shard_index", "--encode_shard_index", type=int, default=None)
-    parser.add_argument("--window_rows", type=int, default=256, help="rows read and written at a time")
-    parser.add_argument("--overwrite", action="store_true", help="drop existing parts and rescore everything")
-    return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    """Every rank sets up and scores its part; all agree after each phase; rank 0 then publishes."""
-    from dr import distributed as dist
-
-    for name in ("batch_size", "max_length", "window_rows"):
-        if getattr(args, name) < 1:
-            raise ScoreUsageError(f"--{name} must be >= 1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with dist.process_group():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        plan = None
-        # Two phases, each ended by a collective every rank reaches (so a failing rank never leaves its
-        # peers waiting): set up (input, teacher, parts folder), then score.
-        for phase in (lambda: setup_rank(args, rank, world), lambda: score_own_part(args, plan)):
-            error: Exception | None = None
-            try:
-                result = phase()
-                plan = result if plan is None else plan
-            except Exception as err:  # noqa: BLE001 - every rank must reach the agreement, then it is raised
-                error = err
-            dist.raise_if_any_failed(error)
-        if rank == 0:
-            publish(args, plan)
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`dr score` for library callers and tests: the exit status (2 bad flags, 1 bad files)."""
-    from dr.cli import run_command
-
-    return run_command("score", argv)
-
-if __name__ == "__main__":
-    from dr.cli import module_main
-
-    raise SystemExit(module_main("score"))
