@@ -3,7 +3,7 @@
 The teacher is a cross-encoder (`--teacher_type cross`: any `AutoModelForSequenceClassification` folder;
 score = its logit for the (query, passage) pair: the single logit of a 1-label head, the positive-class
 logit (label 1) of a 2-label head) or a bi-encoder (`--teacher_type bi`: any model `dr encode` takes;
-score = q.p with its pooling / normalisation / prefixes / max lengths, through `dr.model.BiEncoder`).
+score = q.p with its pooling / normalisation / prefixes / max lengths, through `dr.model.encoder.BiEncoder`).
 Passages are `title + " " + text`, as training and encoding build them.
 
 Distributed like `dr encode`: the input rows are cut into `--num_shards` contiguous shards (or a SLURM job
