@@ -70,7 +70,8 @@ FILLER = [
 
 
 def write_vocab(folder: Path) -> None:
-    """A BERT WordPiece vocabulary covering the fixture words (plus subword pieces for robustness)."""
+    """A BERT WordPiece vocabulary covering the fixture words (plus subword pieces for robustness): 140
+    tokens, above the 100 that dr requires of a tokenizer (dr/model/check.py)."""
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
     pieces = ["##" + ch for ch in letters] + list(".,:;-_!?'\"()/")
@@ -121,6 +122,8 @@ def make_tiny_decoder(folder: Path, eos_in_template: bool = False) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     words = ["<unk>", "</s>"] + sorted(set(TOPICS + FILLER + ["what", "about", "the", "a"]))
+    # Reserved tokens up to 128 entries: dr refuses tokenizers under 100 tokens (dr/model/check.py).
+    words += [f"<reserved{i}>" for i in range(128 - len(words))]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     if eos_in_template:

@@ -249,6 +249,7 @@ def model_identity(name_or_path: str) -> str:
 
 def load_encoder(model_args: ModelArguments, data_args: DataArguments, device: torch.device):
     """(BiEncoder in eval mode on `device`, tokenizer); flags override the saved dr_config.json."""
+    from dr.model.check import check_tokenizer_fits
     from dr.model.encoder import BiEncoder
     from dr.model.text import load_tokenizer, resolve_append_eos
 
@@ -269,6 +270,7 @@ def load_encoder(model_args: ModelArguments, data_args: DataArguments, device: t
         **({"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}),
     )
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name, model_args.cache_dir)
+    check_tokenizer_fits(tokenizer, [model.query_encoder, model.passage_model], model_args.model_name_or_path)
     model.encoder_config.append_eos = resolve_append_eos(model.encoder_config, tokenizer)
     return model.to(device).eval(), tokenizer
 
@@ -439,9 +441,12 @@ def open_input(data_args: DataArguments, args: EncodeArguments, prefix: str) -> 
     return corpus
 
 
-def check_input(corpus: TextCorpus, plan: Plan, args: EncodeArguments) -> None:
+def check_input(corpus: TextCorpus, plan: Plan, args: EncodeArguments, log: Any = None) -> None:
     """Identical on every rank, so all ranks fail together before anything is written."""
-    corpus.validate(*plan.shard_range)
+    empty = corpus.validate(*plan.shard_range)
+    if empty and log is not None and plan.rank == 0:
+        # Allowed (docs/encode.md): such a row is encoded from its prefix/title alone; said once, counted.
+        log(f"{empty} of the shard's {plan.shard_range[1] - plan.shard_range[0]} rows have an empty text")
     if args.duplicate_check == "input":
         corpus.check_unique(0, len(corpus))
     elif args.duplicate_check == "shard":
@@ -568,7 +573,7 @@ def run_encode(model_args: ModelArguments, data_args: DataArguments, args: Encod
     max_length = cfg.q_max_len if query else cfg.p_max_len
     corpus = open_input(data_args, args, prefix)
     plan = make_plan(args, len(corpus), rank, world)
-    check_input(corpus, plan, args)
+    check_input(corpus, plan, args, log)
     dim = probe_dim(model, tokenizer, args.side, device)
     identity = model_identity(model_args.model_name_or_path)
     expected = [

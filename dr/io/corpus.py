@@ -35,6 +35,8 @@ from dr.errors import InputError
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dr.io.input_check import json_lines_problem, quiet_json_loader, utf8_problem
+
 ID_FIELDS = ("docid", "_id", "query_id", "qid", "id")
 TEXT_FIELDS = {"passage": ("text", "contents"), "query": ("query", "text")}
 TITLE_FIELD = "title"
@@ -160,6 +162,7 @@ def load_dataset(spec: InputSpec, cache_dir: str | None = None):
     """Load (or reuse the Arrow cache of) the input as a memory-mapped `datasets.Dataset`."""
     import datasets
 
+    check_text_files(spec)
     datasets.disable_progress_bars()
     if spec.kind == "hub":
         return datasets.load_dataset(spec.name, spec.config, split=spec.split, cache_dir=cache_dir)
@@ -178,7 +181,37 @@ def load_dataset(spec: InputSpec, cache_dir: str | None = None):
             features=features,
             cache_dir=cache_dir,
         )
-    return datasets.load_dataset(spec.kind, data_files=list(spec.files), split="train", cache_dir=cache_dir)
+    with quiet_json_loader():  # its own error line would precede ours, which names the line
+        return datasets.load_dataset(spec.kind, data_files=list(spec.files), split="train", cache_dir=cache_dir)
+
+
+def check_text_files(spec: InputSpec) -> None:
+    """Refuse local JSON/TSV files with invalid UTF-8 before `datasets` reads them (pyarrow lets some
+    through, to fail later without a file name or, worse, to be encoded or trained on)."""
+    if spec.kind not in ("json", "tsv"):
+        return
+    for path in spec.files:
+        problem = utf8_problem(path)
+        if problem:
+            raise CorpusError(problem)
+
+
+def explain_load_error(spec: InputSpec, err: Exception) -> str:
+    """One line for a failed load: the first bad line of a JSONL input when one is found, else the cause
+    (datasets wraps it: `DatasetGenerationError`, or `StopIteration` for an empty file)."""
+    if isinstance(err, InputError):
+        return str(err)
+    if spec.kind == "json":
+        for path in spec.files:
+            problem = json_lines_problem(path)
+            if problem:
+                return problem
+    cause = err
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause):
+        return f"{spec.describe()}: no rows (the input is empty)"
+    return f"{spec.describe()}: cannot read: {str(cause) or type(cause).__name__}"
 
 
 def _pick(
@@ -199,7 +232,7 @@ def _pick(
 
 def _as_strings(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     """A column as Arrow strings: numbers are cast; mixed-type JSON values arrive JSON-encoded and are decoded."""
-    if isinstance(column.type, pa.ExtensionType):  # datasets' arrow.json: mixed types, each value JSON text
+    if isinstance(column.type, pa.BaseExtensionType):  # datasets' arrow.json: mixed types, each value JSON text
         values = [
             None if v is None else json.loads(v) for v in column.cast(column.type.storage_type).to_pylist()
         ]
@@ -269,8 +302,13 @@ class TextCorpus:
         """The ids of rows [start, stop) as Arrow strings (vectorised checks)."""
         return _as_strings(self.column(self.id_field, start, stop))
 
-    def validate(self, start: int, stop: int) -> None:
-        """Fail on the first row in [start, stop) without an id or text (null or absent)."""
+    def validate(self, start: int, stop: int) -> int:
+        """Fail on the first row in [start, stop) without an id or text (null or absent), or whose text
+        (or title) is not a string; return how many rows have an empty (or all-blank) text.
+
+        Empty text is allowed (a passage may be only a title; a corpus may hold placeholders) but
+        counted, so that the caller logs it; a number or an object where text belongs is an error.
+        """
         for name in (self.id_field, self.text_field):
             values = self.column(name, start, stop)
             if values.null_count:
@@ -281,6 +319,30 @@ class TextCorpus:
             raise CorpusError(
                 f"{self._where(start + pc.index(empty, True).as_py())}: empty {self.id_field!r}"
             )
+        for name in (self.text_field, self.title_field):
+            if name is not None:
+                self._check_strings(name, start, stop)
+        texts = self.column(self.text_field, start, stop)
+        return int(pc.sum(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0)).as_py() or 0)
+
+    def _check_strings(self, name: str, start: int, stop: int) -> None:
+        """Refuse a text/title column that holds anything but strings, naming the first such row."""
+        values = self.column(name, start, stop)
+        if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            return
+        if pa.types.is_null(values.type):
+            return  # every value null: the null checks above own that case
+        if isinstance(values.type, pa.BaseExtensionType):  # datasets' arrow.json: mixed types, JSON text each
+            storage = values.cast(values.type.storage_type).to_pylist()
+            decoded = [None if v is None else json.loads(v) for v in storage]
+        else:
+            decoded = values.to_pylist()
+        for i, value in enumerate(decoded):
+            if value is not None and not isinstance(value, str):
+                raise CorpusError(
+                    f"{self._where(start + i)}: field {name!r} must be a string, found "
+                    f"{type(value).__name__} ({json.dumps(value, default=str)[:40]})"
+                )
 
     def check_unique(self, start: int, stop: int) -> None:
         """Fail if an id occurs twice in rows [start, stop); vectorised, before anything is encoded."""
@@ -333,8 +395,8 @@ def load_corpus(
     spec = resolve_input(source, side, split, config)
     try:
         dataset = load_dataset(spec, cache_dir)
-    except Exception as err:  # datasets raises many types; re-raised naming the input
-        raise CorpusError(f"{spec.describe()}: cannot read: {type(err).__name__}: {err}") from err
+    except Exception as err:  # datasets raises many types; re-raised naming the input, line and cause
+        raise CorpusError(explain_load_error(spec, err)) from err
     columns = list(dataset.column_names)
     if side == "query" and SPLIT_FIELD in columns and len(spec.files) == 1:
         dataset = _only_split(dataset, spec, split)  # one queries.jsonl holding every split

@@ -27,6 +27,7 @@ from dr.model import DR_CONFIG_NAME, POOLINGS
 from dr.errors import InputError
 from dr.io.atomic import write_json_atomic
 from dr.train.loss import ContrastiveLoss
+from dr.model.check import check_model_source
 
 ADAPTER_CONFIG = "adapter_config.json"
 QUERY_SUBDIR, PASSAGE_SUBDIR = "query_model", "passage_model"
@@ -144,6 +145,7 @@ class BiEncoder(nn.Module):
         LoRA: a folder saved with adapters (or `lora_name_or_path`) is loaded on its base model and, with
         `merge_lora` (encoding), merged into plain weights; `lora` settings add fresh trainable adapters.
         """
+        check_model_source(model_name_or_path, cache_dir=cache_dir)
         saved = EncoderConfig.load(model_name_or_path) if Path(model_name_or_path).is_dir() else None
         config = EncoderConfig.resolve(saved, overrides)
         q_dir, p_dir = _encoder_dirs(Path(model_name_or_path))

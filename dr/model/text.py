@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import AutoTokenizer
 
+from dr.model.check import check_model_source, check_tokenizer, check_tokenizer_files
+
 if TYPE_CHECKING:
     from dr.model.encoder import EncoderConfig
 
@@ -54,8 +56,13 @@ def tokenize_unpadded(
 
 def load_tokenizer(model_name_or_path: str, tokenizer_name: str | None = None, cache_dir: str | None = None):
     """The tokenizer saved with the model (or `tokenizer_name`), padding on the right; adds a pad token
-    if the model has none."""
+    if the model has none. A missing source or a degenerate tokenizer is a `ModelError` (dr/model/check.py)."""
+    check_model_source(model_name_or_path, cache_dir=cache_dir)
+    check_tokenizer_files(model_name_or_path, tokenizer_name)
+    if tokenizer_name:
+        check_model_source(tokenizer_name, "tokenizer", cache_dir=cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model_name_or_path, cache_dir=cache_dir)
+    check_tokenizer(tokenizer, tokenizer_name or model_name_or_path)
     if tokenizer.pad_token is None:  # decoder backbones (last-token pooling) often have no pad token
         tokenizer.pad_token = tokenizer.eos_token
     # LLM tokenizers often pad on the left (for generation). A plain forward numbers positions 0..L-1

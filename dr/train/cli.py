@@ -56,6 +56,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     from dr.train.collator import TrainCollator
     from dr.train.groups import TrainGroups, load_train_groups
     from dr.model.encoder import BiEncoder
+    from dr.model.check import check_model_source, check_tokenizer_fits
     from dr.model.text import load_tokenizer, resolve_append_eos
     from dr.train.trainer import BiEncoderTrainer
 
@@ -65,6 +66,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     if distilling and data_args.train_n_passages < 2:
         raise ConfigError(f"--loss {training_args.loss} needs negatives to distil over: --train_n_passages >= 2")
     resume = _resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    check_model_source(model_args.model_name_or_path, cache_dir=model_args.cache_dir)  # before the data
     set_seed(training_args.seed)
 
     with training_args.main_process_first(desc="loading training data"):
@@ -98,6 +100,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         merge_lora=False,  # keep adapters separate and trainable; encoding merges them
         **({"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}),
     )
+    check_tokenizer_fits(tokenizer, [model.query_encoder, model.passage_model], model_args.model_name_or_path)
     if distilling:
         from dr.train.distill import DistillationLoss
 

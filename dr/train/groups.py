@@ -27,7 +27,16 @@ import pyarrow.compute as pc
 import torch
 
 from dr.errors import InputError
-from dr.io.corpus import CorpusError, InputSpec, format_text, load_corpus, load_dataset, resolve_input
+from dr.io.corpus import (
+    CorpusError,
+    InputSpec,
+    explain_load_error,
+    format_text,
+    load_corpus,
+    load_dataset,
+    resolve_input,
+)
+from dr.io.input_check import first_line_where, not_a_string
 from dr.io.paths import expand_tilde
 
 logger = logging.getLogger(__name__)
@@ -260,9 +269,8 @@ def _load_local_file(spec: InputSpec, group_size: int, cache_dir: str | None, ne
         raise DataError(f"{path}: file is empty")
     try:
         ds = load_dataset(spec, cache_dir)
-    except Exception as err:
-        cause = err.__cause__ or err
-        raise DataError(f"{path}: cannot parse as {spec.kind}: {cause}") from err
+    except Exception as err:  # bad UTF-8, a bad JSON line: named by file line (dr/io/input_check.py)
+        raise DataError(explain_load_error(spec, err)) from err
     validate_groups(ds.data.table, str(path), group_size, need_scores)
     return ds
 
@@ -360,7 +368,12 @@ def validate_groups(table: pa.Table, source: str, group_size: int, need_scores: 
     if not pa.types.is_string(table.schema.field("query").type) and not pa.types.is_large_string(
         table.schema.field("query").type
     ):
-        raise DataError(f"{source}: field 'query' must be a string, found {table.schema.field('query').type}")
+        located = None
+        if source.endswith((".jsonl", ".json")) and Path(source).is_file():
+            located = first_line_where(source, lambda row: not_a_string(row, "query"))
+        raise DataError(
+            located or f"{source}: field 'query' must be a string, found {table.schema.field('query').type}"
+        )
     bad = _first_true(pc.is_null(table.column("query")))
     if bad is not None:
         raise DataError(f"{_row_label(source, bad)}: field 'query' is null or missing")
@@ -386,7 +399,8 @@ def validate_groups(table: pa.Table, source: str, group_size: int, need_scores: 
             struct.field("text").type
         ):
             raise DataError(
-                f"{source}: field '{name}.text' must be a string, found {struct.field('text').type}"
+                _locate_bad_passage_row(source, name)
+                or f"{source}: field '{name}.text' must be a string, found {struct.field('text').type}"
             )
         column = table.column(name)
         lengths = pc.list_value_length(column).fill_null(0)
@@ -408,6 +422,9 @@ def validate_groups(table: pa.Table, source: str, group_size: int, need_scores: 
             offsets = np.cumsum(lengths.to_numpy(zero_copy_only=False))
             row = int(np.searchsorted(offsets, bad_flat, side="right"))
             raise DataError(f"{_row_label(source, row)}: field '{name}[].text' is null or missing")
+        empty = int(pc.sum(pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(texts)), 0)).as_py() or 0)
+        if empty:  # allowed, as in `dr encode` (docs/encode.md): such a passage is its title alone
+            logger.warning("%s: %d passages in %r have an empty text", source, empty, name)
         if need_scores:
             _validate_scores(table, source, name, struct)
 

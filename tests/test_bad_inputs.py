@@ -1,0 +1,249 @@
+"""The bad-input and fault matrix (issue 15, "Inputs and faults"; docs/bad_inputs.md): every case ends in
+one line naming the file / row / field, a non-zero exit, no traceback and nothing written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import command, make_train_rows, write_jsonl, write_vocab
+
+encode_main = command("encode")
+train_main = command("train")
+
+
+def _corpus_rows(n: int = 8) -> list[dict]:
+    return [{"docid": f"d{i}", "title": "", "text": f"apple river {i} copper"} for i in range(n)]
+
+
+def _encode(model: Path, data: Path, out: Path, *extra: str) -> int:
+    argv = [
+        "--model_name_or_path", str(model), "--dataset_name", str(data), "--encoded_save_path", str(out),
+        "--per_device_eval_batch_size", "4", "--dataloader_num_workers", "0", "--p_max_len", "32",
+        "--dataset_cache_dir", str(out.parent / ".cache"),
+    ]  # fmt: skip
+    return encode_main(argv + list(extra))
+
+
+def _train(model: Path, data: Path, out: Path, *extra: str) -> int:
+    argv = [
+        "--model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(out),
+        "--q_max_len", "16", "--p_max_len", "32", "--max_steps", "1", "--per_device_train_batch_size", "2",
+        "--train_n_passages", "2", "--report_to", "none", "--save_strategy", "no",
+    ]  # fmt: skip
+    return train_main(argv + list(extra))
+
+
+def _fails(capsys, rc: int, *needles: str, status: int = 1) -> str:
+    """The command exited `status` with exactly one error line, containing every needle, and no traceback."""
+    err = capsys.readouterr().err
+    assert rc == status, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if ": error: " in line]
+    assert len(lines) == 1, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "corpus.jsonl", _corpus_rows())
+
+
+@pytest.fixture
+def train_file(tmp_path: Path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", make_train_rows(4, n_negatives=1))
+
+
+def _no_outputs(folder: Path) -> None:
+    """Nothing but the input cache (`_encode` keeps it beside the outputs) was written into `folder`."""
+    left = [p.name for p in folder.iterdir() if p.name != ".cache"] if folder.exists() else []
+    assert not left, left
+
+
+# ---- item 2: tokenizers ------------------------------------------------------------------------------------
+@pytest.fixture
+def no_tokenizer_model(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "weights-only"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, folder / name)
+    return folder
+
+
+def test_test_tokenizers_are_not_degenerate(tmp_path, tiny_model_dir):
+    from dr.model.text import load_tokenizer
+    from dr.model.check import MIN_VOCAB
+
+    write_vocab(tmp_path)
+    assert len((tmp_path / "vocab.txt").read_text().split()) >= MIN_VOCAB
+    assert len(load_tokenizer(str(tiny_model_dir))) >= MIN_VOCAB
+
+
+def test_model_without_tokenizer_files_is_refused(no_tokenizer_model, corpus, train_file, tmp_path, capsys):
+    rc = _encode(no_tokenizer_model, corpus, tmp_path / "o" / "c")
+    _fails(capsys, rc, str(no_tokenizer_model), "--tokenizer_name")
+    _no_outputs(tmp_path / "o")
+    rc = _train(no_tokenizer_model, train_file, tmp_path / "t")
+    _fails(capsys, rc, str(no_tokenizer_model), "--tokenizer_name")
+    _no_outputs(tmp_path / "t")
+
+
+def test_tiny_or_oversized_tokenizer_is_refused(tiny_model_dir, corpus, tmp_path, capsys):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    tiny = tmp_path / "tiny-tok"
+    tiny.mkdir()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "apple"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(tiny)
+    rc = _encode(tiny_model_dir, corpus, tmp_path / "o" / "c", "--tokenizer_name", str(tiny))
+    _fails(capsys, rc, str(tiny), "only 6 tokens", "--tokenizer_name")
+    small = tmp_path / "small-vocab"  # the fixture tokenizer (140 tokens) on a 120-row embedding table
+    BertModel(BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(small)  # fmt: skip
+    rc = _encode(small, corpus, tmp_path / "o" / "c", "--tokenizer_name", str(tiny_model_dir))
+    _fails(capsys, rc, str(small), "140 tokens", "only 120", "--tokenizer_name")
+    _no_outputs(tmp_path / "o")
+
+
+def test_tokenizer_smaller_than_the_embedding_table_is_fine(tiny_model_dir, corpus, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    padded = tmp_path / "padded"  # vocab_size padded up to a multiple of 64, as many real models are
+    BertModel(BertConfig(vocab_size=192, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64)).save_pretrained(padded)  # fmt: skip
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, padded / name)
+    assert _encode(padded, corpus, tmp_path / "o" / "c") == 0
+
+
+# ---- item 7: model paths -----------------------------------------------------------------------------------
+def test_missing_model_folder_is_one_line(corpus, train_file, tmp_path, capsys):
+    missing = tmp_path / "no-such-model"
+    _fails(capsys, _encode(missing, corpus, tmp_path / "o" / "c"), f"no such model folder: {missing}")
+    _fails(capsys, _train(missing, train_file, tmp_path / "t"), f"no such model folder: {missing}")
+    _no_outputs(tmp_path / "t")
+
+
+def test_hub_name_offline_says_it_cannot_be_reached(corpus, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = _encode(Path("no-such-org/no-such-model"), corpus, tmp_path / "o" / "c")
+    _fails(capsys, rc, "no-such-org/no-such-model", "offline")
+
+
+# ---- item 6: non-UTF-8 bytes -------------------------------------------------------------------------------
+def test_non_utf8_corpus_names_file_line_and_byte(corpus, tiny_model_dir, tmp_path, capsys):
+    data = corpus.read_bytes().splitlines(keepends=True)
+    data[2] = data[2].replace(b"river", b"riv\xe9r")
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b"".join(data))
+    offset = sum(len(line) for line in data[:2]) + data[2].index(b"\xe9")
+    rc = _encode(tiny_model_dir, bad, tmp_path / "o" / "c")
+    _fails(capsys, rc, str(bad), "line 3", f"byte offset {offset}", "UTF-8")
+    _no_outputs(tmp_path / "o")
+
+
+def test_non_utf8_training_data_writes_nothing(train_file, tiny_model_dir, tmp_path, capsys):
+    data = train_file.read_bytes().splitlines(keepends=True)
+    data[1] = data[1].replace(b"what", b"wh\xffat", 1)
+    train_file.write_bytes(b"".join(data))
+    out = tmp_path / "t"
+    _fails(capsys, _train(tiny_model_dir, train_file, out), str(train_file), "line 2", "UTF-8")
+    _no_outputs(out)  # no dr_train_args.json / config.json of a run that never started
+
+
+# ---- item 5: empty and non-string text ---------------------------------------------------------------------
+@pytest.mark.parametrize("value", [42, {"a": 1}, ["x"]])
+def test_non_string_text_names_row_and_field(value, tiny_model_dir, tmp_path, capsys):
+    rows = _corpus_rows()
+    rows[4]["text"] = value
+    data = write_jsonl(tmp_path / "typed.jsonl", rows)
+    rc = _encode(tiny_model_dir, data, tmp_path / "o" / "c")
+    _fails(capsys, rc, str(data), "row 5", "field 'text' must be a string")
+    _no_outputs(tmp_path / "o")
+
+
+def test_non_string_title_is_refused_too(tiny_model_dir, tmp_path, capsys):
+    rows = _corpus_rows()
+    rows[2]["title"] = 7
+    data = write_jsonl(tmp_path / "typed.jsonl", rows)
+    _fails(capsys, _encode(tiny_model_dir, data, tmp_path / "o" / "c"), "row 3", "field 'title'")
+
+
+def test_empty_text_is_encoded_and_counted(tiny_model_dir, tmp_path, caplog):
+    rows = _corpus_rows()
+    rows[1]["text"] = ""
+    rows[6]["text"] = "   "
+    data = write_jsonl(tmp_path / "empty-text.jsonl", rows)
+    with caplog.at_level(logging.INFO):
+        assert _encode(tiny_model_dir, data, tmp_path / "o" / "c") == 0
+    assert "2 of the shard's 8 rows have an empty text" in caplog.text, caplog.text
+
+
+def test_empty_training_passage_text_is_counted(tmp_path, caplog):
+    from dr.train.groups import load_train_groups
+
+    rows = make_train_rows(4, n_negatives=1)
+    rows[2]["negative_passages"][0]["text"] = ""
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    with caplog.at_level(logging.WARNING):
+        load_train_groups(str(data), group_size=2)
+    assert "1 passages in 'negative_passages' have an empty text" in caplog.text
+
+
+def test_mixed_type_ids_are_not_json_quoted(tmp_path):
+    from dr.io.corpus import load_corpus
+
+    rows = _corpus_rows(3)
+    rows[1]["docid"] = 7  # mixed int / str ids arrive from datasets as JSON text: '"d0"', '7', ...
+    corpus = load_corpus(str(write_jsonl(tmp_path / "ids.jsonl", rows)))
+    assert corpus.records(0, 3)[0] == ["d0", "7", "d2"]
+
+
+# ---- item 12: clearer messages -----------------------------------------------------------------------------
+def test_json_parse_error_gives_the_line_number(corpus, tiny_model_dir, tmp_path, capsys):
+    lines = corpus.read_text().splitlines(keepends=True)
+    lines.insert(3, '{"docid": "x", "text": \n')
+    bad = tmp_path / "broken.jsonl"
+    bad.write_text("".join(lines))
+    _fails(capsys, _encode(tiny_model_dir, bad, tmp_path / "o" / "c"), str(bad), "line 4", "not valid JSON")
+    train = tmp_path / "train-broken.jsonl"
+    rows = [json.dumps(r) + "\n" for r in make_train_rows(4, n_negatives=1)]
+    rows.insert(2, '{"query_id": "9", "query": \n')
+    train.write_text("".join(rows))
+    _fails(capsys, _train(tiny_model_dir, train, tmp_path / "t"), str(train), "line 3", "not valid JSON")
+
+
+def test_wrong_query_type_names_the_line(tiny_model_dir, tmp_path, capsys):
+    rows = make_train_rows(4, n_negatives=1)
+    rows[2]["query"] = 42
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    line = _fails(capsys, _train(tiny_model_dir, data, tmp_path / "t"), str(data), "line 3", "'query'")
+    assert "extension" not in line
+
+
+def test_wrong_passage_text_type_names_the_row(tmp_path):
+    from dr.train.groups import DataError, load_train_groups
+
+    rows = make_train_rows(4, n_negatives=1)
+    rows[3]["positive_passages"][0]["text"] = 42
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"row 4 \(line 4\).*positive_passages\[\]\.text") as err:
+        load_train_groups(str(data), group_size=2)
+    assert "extension" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [(b"", "no rows"), (b"\n\n", "no rows"), (b"hello world\nnot json\n", "line 1: not valid JSON")],
+)
+def test_empty_or_malformed_corpus(content, needle, tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "corpus.jsonl"
+    bad.write_bytes(content)
+    line = _fails(capsys, _encode(tiny_model_dir, bad, tmp_path / "o" / "c"), str(bad), needle)
+    assert "StopIteration" not in line and "DatasetGenerationError" not in line
