@@ -247,3 +247,45 @@ def test_empty_or_malformed_corpus(content, needle, tiny_model_dir, tmp_path, ca
     bad.write_bytes(content)
     line = _fails(capsys, _encode(tiny_model_dir, bad, tmp_path / "o" / "c"), str(bad), needle)
     assert "StopIteration" not in line and "DatasetGenerationError" not in line
+
+
+# ---- items 8, 9 and issue 10 bugs 2, 3: output folder and resume ----------------------------------------
+def test_unwritable_output_dir_is_one_line(tiny_model_dir, train_file, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # fails for root too, unlike a chmod'ed folder
+    rc = _train(tiny_model_dir, train_file, blocker / "sub")
+    _fails(capsys, rc, f"--output_dir {blocker / 'sub'}", "not a folder")
+
+
+@pytest.mark.parametrize("value", ["false", "none", "no", "False"])
+def test_resume_false_still_guards_an_existing_model(value, tiny_model_dir, train_file, tmp_path, capsys):
+    out = tmp_path / "t"
+    out.mkdir()
+    (out / "dr_config.json").write_text("{}")
+    rc = _train(tiny_model_dir, train_file, out, "--resume_from_checkpoint", value)
+    _fails(capsys, rc, "already holds a model", status=2)
+
+
+def test_resume_latest_without_checkpoint_is_one_line(tiny_model_dir, train_file, tmp_path, capsys):
+    out = tmp_path / "t"
+    out.mkdir()
+    rc = _train(tiny_model_dir, train_file, out, "--resume_from_checkpoint", "latest")
+    _fails(capsys, rc, "--resume_from_checkpoint latest", "no checkpoint", status=2)
+
+
+def test_resume_latest_skips_a_checkpoint_cut_short(tiny_model_dir, train_file, tmp_path, capsys, caplog):
+    from dr.train.checkpoints import COMPLETE_MARKER
+
+    out = tmp_path / "t"
+    flags = ("--save_strategy", "steps", "--save_steps", "1", "--per_device_train_batch_size", "1")
+    assert _train(tiny_model_dir, train_file, out, "--max_steps", "2", *flags) == 0
+    assert all((out / f"checkpoint-{n}" / COMPLETE_MARKER).is_file() for n in (1, 2))
+    # A kill while checkpoint-2 was being written: weights cut short, the marker (written last) absent.
+    weights = out / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (out / "checkpoint-2" / COMPLETE_MARKER).unlink()
+    with caplog.at_level(logging.INFO):
+        rc = _train(tiny_model_dir, train_file, out, "--max_steps", "3", "--resume_from_checkpoint", "latest", *flags)
+    assert rc == 0, capsys.readouterr().err
+    assert "resuming from checkpoint-1; skipped newer incomplete checkpoints" in caplog.text
+    assert "checkpoint-2" in caplog.text

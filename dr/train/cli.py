@@ -7,11 +7,13 @@ Launch with plain `python` (one GPU or the CPU), `torchrun --nproc_per_node N` (
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from dr.model import DR_CONFIG_NAME
 from dr.flags import ConfigError, DataArguments, ModelArguments, dataclass_parser, to_dataclasses
 from dr.train.args import DRTrainingArguments
+from dr.train.checkpoints import resolve_resume, wants_resume
 
 logger = logging.getLogger("dr.train")
 
@@ -27,8 +29,11 @@ def _check_precision(args: DRTrainingArguments) -> None:
 
 
 def _check_output_dir(args: DRTrainingArguments) -> None:
+    """Refuse to train over an existing model unless told to replace it or resume (`--resume_from_checkpoint
+    false` is no resume); refuse an output folder that cannot be written, before any work."""
     out = Path(args.output_dir)
-    if not out.is_dir() or args.overwrite_output_dir or args.resume_from_checkpoint:
+    _check_writable(out)
+    if not out.is_dir() or args.overwrite_output_dir or wants_resume(args.resume_from_checkpoint):
         return
     if (out / DR_CONFIG_NAME).exists() or any(out.glob("checkpoint-*")):
         raise ConfigError(
@@ -37,15 +42,27 @@ def _check_output_dir(args: DRTrainingArguments) -> None:
         )
 
 
-def _resolve_resume(value: str | None, output_dir: str) -> str | bool | None:
-    """`latest`/`true` -> the newest checkpoint in output_dir (True for the Trainer); a path must exist."""
-    if value is None or value.lower() in ("", "false", "none", "no"):
-        return None
-    if value.lower() in ("latest", "true", "last", "yes"):
-        return True
-    if not Path(value).is_dir():
-        raise ConfigError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
-    return value
+def _check_writable(out: Path) -> None:
+    """`--output_dir` must be (or be creatable as) a writable folder. Checked by creating a probe file where
+    the folder exists (root ignores permission bits but not a read-only mount), else by its nearest
+    existing parent, which must be a writable folder (a path below a regular file fails for root too)."""
+    import tempfile
+
+    from dr.errors import InputError
+
+    parent = out
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"--output_dir {out}: cannot create it: {parent} is not a folder")
+    try:
+        if parent == out:
+            with tempfile.TemporaryFile(dir=out):
+                pass
+        elif not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(f"{parent} is not writable")
+    except OSError as err:
+        raise InputError(f"--output_dir {out}: cannot write there: {err.strerror or err}") from err
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: DRTrainingArguments) -> None:
@@ -65,7 +82,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     distilling = training_args.loss != "contrastive"
     if distilling and data_args.train_n_passages < 2:
         raise ConfigError(f"--loss {training_args.loss} needs negatives to distil over: --train_n_passages >= 2")
-    resume = _resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
+    resume = resolve_resume(training_args.resume_from_checkpoint, training_args.output_dir)
     check_model_source(model_args.model_name_or_path, cache_dir=model_args.cache_dir)  # before the data
     set_seed(training_args.seed)
 

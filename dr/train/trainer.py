@@ -22,6 +22,7 @@ from transformers import Trainer
 from dr.distributed import all_reduce_sum
 from dr.io.atomic import write_json_atomic
 from dr.model.encoder import BiEncoder
+from dr.train.checkpoints import mark_complete
 from dr.train.gradcache import GradCacheMixin
 
 logger = logging.getLogger(__name__)
@@ -124,6 +125,15 @@ class BiEncoderTrainer(GradCacheMixin, Trainer):
         model: BiEncoder = self.accelerator.unwrap_model(self.model)
         model.save(output_dir, state_dict=state_dict, tokenizer=self.processing_class)
         write_json_atomic(os.path.join(output_dir, RESOLVED_CONFIG_NAME), self.resolved_config)
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """The Trainer's checkpoint, then (every rank done, main process) the completion marker, so that
+        `--resume_from_checkpoint latest` never picks a checkpoint cut short by a kill (dr/train/checkpoints.py)."""
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()  # DeepSpeed: every rank's shards are on disk
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            mark_complete(folder, self.state.global_step)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         # DeepSpeed restores its own engine state; DDP / single-process runs read our saved folders.
