@@ -289,3 +289,64 @@ def test_resume_latest_skips_a_checkpoint_cut_short(tiny_model_dir, train_file, 
     assert rc == 0, capsys.readouterr().err
     assert "resuming from checkpoint-1; skipped newer incomplete checkpoints" in caplog.text
     assert "checkpoint-2" in caplog.text
+
+
+# ---- item 3: shards checked against their manifest ---------------------------------------------------------
+@pytest.fixture
+def encoded(tiny_model_dir, corpus, tmp_path) -> dict[str, Path]:
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"query_id": "q1", "query": "apple"}, {"query_id": "q2", "query": "river"}])
+    assert _encode(tiny_model_dir, corpus, tmp_path / "emb" / "corpus") == 0
+    assert _encode(tiny_model_dir, queries, tmp_path / "emb" / "q", "--encode_is_qry") == 0
+    return {"passages": tmp_path / "emb" / "corpus.arrow", "queries": tmp_path / "emb" / "q.arrow"}
+
+
+def _search(encoded: dict[str, Path], out: Path, *extra: str) -> int:
+    argv = ["--query_reps", str(encoded["queries"]), "--passage_reps", str(encoded["passages"]),
+            "--depth", "3", "--save_ranking_to", str(out), "--quiet", *extra]  # fmt: skip
+    return command("search")(argv)
+
+
+def _flip_last_vector_byte(path: Path) -> None:
+    """Change one vector value in place (same size, same rows): only the sha256 can tell."""
+    import pyarrow as pa
+    from pyarrow import ipc
+
+    table = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+    data = bytearray(path.read_bytes())
+    needle = table.column("embedding")[0].values.to_numpy().tobytes()[:8]
+    at = bytes(data).find(needle)
+    assert at > 0
+    data[at] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_search_refuses_a_shard_whose_sha256_changed(encoded, tmp_path, capsys, caplog):
+    with caplog.at_level(logging.INFO):
+        assert _search(encoded, tmp_path / "ok.run") == 0
+    assert "checked against their manifest" in caplog.text and "sha256 of 1" in caplog.text
+    _flip_last_vector_byte(encoded["passages"])
+    rc = _search(encoded, tmp_path / "bad.run")
+    _fails(capsys, rc, str(encoded["passages"]), "corpus.manifest.json", "sha256")
+    assert not (tmp_path / "bad.run").exists()
+    assert _search(encoded, tmp_path / "size.run", "--verify", "size") == 0  # same rows, same size
+    assert _search(encoded, tmp_path / "none.run", "--verify", "none") == 0
+
+
+def test_search_refuses_a_shard_with_other_rows_or_size(encoded, tmp_path, capsys):
+    import dataclasses
+
+    from dr.index.shards import read_shard, write_shard
+
+    shard = encoded["passages"]
+    ids, vectors, meta = read_shard(shard)  # a valid shard that lost its last row after encoding
+    write_shard(shard, dataclasses.replace(meta, count=len(ids) - 1), ids[:-1], vectors[:-1])
+    rc = _search(encoded, tmp_path / "bad.run", "--verify", "size")
+    _fails(capsys, rc, str(shard), "corpus.manifest.json", "rows")
+
+
+def test_verify_full_refuses_shards_without_manifest(encoded, tmp_path, capsys):
+    (encoded["passages"].parent / "corpus.manifest.json").unlink()
+    assert _search(encoded, tmp_path / "auto.run") == 0
+    capsys.readouterr()
+    rc = _search(encoded, tmp_path / "full.run", "--verify", "full")
+    _fails(capsys, rc, str(encoded["passages"]), "--verify full")

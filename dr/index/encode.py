@@ -516,6 +516,7 @@ def write_manifest(plan: Plan, expected: list[ShardMeta], config: dict[str, Any]
                 "rank": r,
                 "rows": meta.count,
                 "range": list(plan.rank_range(r)),
+                "bytes": path.stat().st_size,
                 "sha256": file_sha256(path),
             }
         )

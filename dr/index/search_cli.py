@@ -44,6 +44,7 @@ from dr.index.shard_set import (
     read_metas,
     split_shards,
 )
+from dr.index.shard_check import VERIFY_MODES, verify_shards
 from dr.index.shards import ShardMeta
 from dr.io.atomic import write_json_atomic
 from dr.io.runs import FORMATS, Run, write_run
@@ -94,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--load_index", default=None, help="search a saved index instead of the shards")
     add_bool(p, "--allow_model_mismatch", help="query/passage reps from different models")
+    p.add_argument(
+        "--verify",
+        default="auto",
+        choices=VERIFY_MODES,
+        help="check shards against their manifest: auto = rows, size and sha256 where recorded; full = "
+        "also refuse shards no manifest lists; size = rows and size only; none (see docs/search.md)",
+    )
     add_bool(p, "--quiet", help="no progress bar")
     return p
 
@@ -137,6 +145,7 @@ def _exact(args, query_vecs: np.ndarray, qmeta: ShardMeta, backend: str) -> Outc
     error, part = None, (np.zeros((len(query_vecs), 0), np.float32), [[] for _ in query_vecs])
     try:
         if mine:
+            _verify(mine, args.verify, "passage", timings)  # each rank hashes only the shards it searches
             part = search_shards(
                 query_vecs,
                 mine,
@@ -162,6 +171,14 @@ def _exact(args, query_vecs: np.ndarray, qmeta: ShardMeta, backend: str) -> Outc
     return Outcome(scores, docids, info)
 
 
+def _verify(paths: list[str], mode: str, side: str, timings: dict) -> None:
+    """Refuse shards that differ from their manifest (dr/index/shard_check.py); log what it cost."""
+    report = verify_shards(paths, mode)
+    if mode != "none":
+        logger.info("dr search: %s shards: %s", side, report.summary())
+        timings[f"verify_{side}_s"] = report.seconds
+
+
 def _meta_fields(meta: ShardMeta) -> dict:
     """A shard's metadata for the config/sidecar JSON, without the per-shard row count."""
     fields = asdict(meta)
@@ -182,6 +199,7 @@ def _approximate(args, query_vecs: np.ndarray, qmeta: ShardMeta) -> Outcome:
         paths = expand_paths(args.passage_reps, "--passage_reps")
         metas = read_metas(paths, "passage")
         check_query_passage(qmeta, metas[0], args.allow_model_mismatch)
+        _verify(paths, args.verify, "passage", timings)
         check_unique_docids(paths)
         max_rows = _block_rows(qmeta.dim, parse_bytes(args.max_memory))
         index = build_index(paths, qmeta.dim, args.index_factory, max_rows, args.train_size)
@@ -232,7 +250,9 @@ def run_search(args: argparse.Namespace) -> None:
         raise UsageError(f"--depth must be >= 1, got {args.depth}")
     parse_bytes(args.max_memory)
     backend = choose_backend(args.use_gpu)
-    query_ids, query_vecs, qmeta = load_queries(expand_paths(args.query_reps, "--query_reps"))
+    query_paths = expand_paths(args.query_reps, "--query_reps")
+    _verify(query_paths, args.verify, "query", {})
+    query_ids, query_vecs, qmeta = load_queries(query_paths)
     approximate = bool(args.index_factory or args.load_index)
     if approximate and D.get_world_size() > 1:
         # One index on rank 0. The other ranks have nothing to do: all leave the group now, without a
