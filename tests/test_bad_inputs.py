@@ -350,3 +350,57 @@ def test_verify_full_refuses_shards_without_manifest(encoded, tmp_path, capsys):
     capsys.readouterr()
     rc = _search(encoded, tmp_path / "full.run", "--verify", "full")
     _fails(capsys, rc, str(encoded["passages"]), "--verify full")
+
+
+# ---- item 10 and item 12 (YAML booleans): a pipeline config is validated whole, before any stage -----------
+def _pipeline_config(tmp_path: Path, monkeypatch, **changes: object) -> Path:
+    import yaml
+
+    from tests.test_pipeline import _write_fixture
+
+    path = _write_fixture(tmp_path, tmp_path / "model")
+    monkeypatch.setenv("FIXTURE", str(tmp_path))
+    config = yaml.safe_load(path.read_text())
+    for key, value in changes.items():
+        section, _, name = key.partition("__")
+        if name:
+            config[section][name] = value
+        else:
+            config[section] = value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_pipeline_run_dir_of_the_wrong_type(tmp_path, monkeypatch, capsys):
+    path = _pipeline_config(tmp_path, monkeypatch, run_dir=[1, 2])
+    _fails(capsys, command("pipeline")([str(path)]), "run_dir", "expected a path", status=2)
+
+
+@pytest.mark.parametrize(
+    ("change", "needles"),
+    [
+        ({"search__depth": -1}, ("search", "--depth", "must be >= 1")),
+        ({"search__no_such_flag": 3}, ("search", "no_such_flag")),
+        ({"encode__num_shards": "two"}, ("encode.num_shards",)),
+        ({"stage_timeout_s": "soon"}, ("stage_timeout_s",)),
+        ({"eval__metrics": "MRR@10"}, ("eval.metrics",)),
+    ],
+)
+def test_pipeline_bad_later_stage_fails_before_the_first(change, needles, tmp_path, monkeypatch, capsys):
+    path = _pipeline_config(tmp_path, monkeypatch, **change)
+    _fails(capsys, command("pipeline")([str(path)]), *needles, status=2)
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
+
+
+def test_yaml_no_for_a_choice_flag_means_no(tmp_path, monkeypatch):
+    from dr import pipeline
+
+    path = _pipeline_config(tmp_path, monkeypatch)
+    path.write_text(path.read_text().replace("save_strategy: 'no'", "save_strategy: no"))
+    cfg = pipeline.load_config(path)
+    assert cfg["train"]["save_strategy"] is False  # what YAML 1.1 reads
+    pipeline.fix_bool_choices(cfg)
+    steps = pipeline.build_steps(cfg)
+    pipeline.check_stage_flags(steps)
+    cmd = steps[0].cmd
+    assert cmd[cmd.index("--save_strategy") + 1] == "no"

@@ -61,6 +61,14 @@ class Outcome:
     info: dict
 
 
+def _positive_int(text: str) -> int:
+    """An integer >= 1 (argparse type: a bad value is a usage error naming the flag, also in a pipeline)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dr search", description="Search passage embedding shards with query reps."
@@ -69,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--passage_reps", default=None, help="passage shard glob (quote it); optional with --load_index"
     )
-    p.add_argument("--depth", type=int, default=100, help="hits per query")
+    p.add_argument("--depth", type=_positive_int, default=100, help="hits per query")
     p.add_argument("--batch_size", type=int, default=-1, help="queries per pass over the corpus; -1 = all")
     add_bool(p, "--save_text", help="accepted for Tevatron compatibility (always text)")
     p.add_argument("--save_ranking_to", required=True, help="run file to write")

@@ -70,6 +70,7 @@ from typing import Any
 from dr.console import echo
 from dr.errors import InputError, UsageError
 from dr.index.shards import OutputLayout, manifest_complete
+from dr.pipeline.check import check_stage_flags, check_types, fix_bool_choices
 from dr.model import DR_CONFIG_NAME
 from dr.io.paths import expand_tilde
 
@@ -186,6 +187,7 @@ def resolve_config(data: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(data) - TOP_LEVEL_KEYS)
     if unknown:
         raise PipelineError(f"unknown top-level keys {unknown}; allowed: {sorted(TOP_LEVEL_KEYS)}")
+    check_types(data)  # a TypeError deep in a stage would be a traceback (dr/pipeline/check.py)
     cfg = expand_value(copy.deepcopy(data))
     if not cfg.get("run_dir"):
         raise PipelineError("run_dir is required")
@@ -528,10 +530,12 @@ def save_resolved_config(cfg: dict[str, Any], runner: Runner) -> None:
 
 def run_pipeline(cfg: dict[str, Any], quiet: bool = False, force: bool = False) -> dict[str, Any]:
     """Run (or resume) the pipeline described by a resolved config; return the metrics."""
+    fix_bool_choices(cfg)
+    steps = build_steps(cfg)
+    check_stage_flags(steps)  # every stage's flags, before the first stage runs
     runner = Runner(cfg, quiet=quiet, force=force)
     runner.layout.logs.mkdir(parents=True, exist_ok=True)
     save_resolved_config(cfg, runner)
-    steps = build_steps(cfg)
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     for s in previous:
         signal.signal(s, runner.terminate_child)
