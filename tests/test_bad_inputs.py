@@ -404,3 +404,69 @@ def test_yaml_no_for_a_choice_flag_means_no(tmp_path, monkeypatch):
     pipeline.check_stage_flags(steps)
     cmd = steps[0].cmd
     assert cmd[cmd.index("--save_strategy") + 1] == "no"
+
+
+# ---- item 15: a stage that is done is done; progress on the console ---------------------------------------
+def _done_after_run():
+    """A step's `done`: False before it ran (so it runs), True after."""
+    calls = []
+    return lambda: bool(calls) or calls.append(1) is not None and False
+
+
+def _runner(tmp_path: Path, quiet: bool = True):
+    from dr import pipeline
+
+    cfg = {"run_dir": str(tmp_path / "run"), "env": {}, "stage_timeout_s": None}
+    runner = pipeline.Runner(cfg, quiet=quiet)
+    runner.layout.logs.mkdir(parents=True)
+    return runner
+
+
+def test_stage_ends_when_its_process_exits_even_if_a_child_holds_the_pipe(tmp_path):
+    import sys
+    import time
+
+    from dr import pipeline
+
+    runner = _runner(tmp_path)
+    # The stage exits at once but leaves a process behind that inherited its stdout (as an orphaned
+    # worker does): reading to end-of-file used to wait for that process, i.e. "hang at exit".
+    cmd = [sys.executable, "-c", "import subprocess, sys; subprocess.Popen(['sleep', '120']); print('done')"]
+    started = time.monotonic()
+    runner.run([pipeline.Step("stage", cmd, done=_done_after_run())])
+    assert time.monotonic() - started < 60
+    assert "done" in (runner.layout.logs / "stage.log").read_text()
+
+
+def test_quiet_stage_prints_its_progress(tmp_path, capsys):
+    import sys
+
+    from dr import pipeline
+
+    runner = _runner(tmp_path)
+    runner.progress_interval_s = 0.0
+    script = (
+        "import sys, time\n"
+        "for i in (3, 7):\n"
+        "    sys.stderr.write(f'\\r{i*10}%|###| {i}/10 [00:01<00:02, 42.5psg/s]'); sys.stderr.flush(); time.sleep(0.2)\n"
+    )
+    runner.run([pipeline.Step("encode_corpus[0/1]", [sys.executable, "-c", script], done=_done_after_run())])
+    out = capsys.readouterr().out
+    assert "encode_corpus[0/1]: 7/10 psg, 42.5 psg/s" in out, out
+
+
+def test_progress_of_training_steps():
+    from dr.pipeline.progress import StageProgress
+
+    lines: list[str] = []
+    progress = StageProgress("train", interval_s=0.0, emit=lines.append)
+    progress.feed(b" 40%|####      | 12/31 [00:59<01:33,  4.90s/it]")
+    assert lines and lines[-1].endswith("train: 12/31 steps, 4.9 s/step")
+
+
+def test_demo_config_has_no_stage_timeout():
+    import yaml
+
+    from tests.helpers import REPO
+
+    assert yaml.safe_load((REPO / "dr" / "demo" / "demo.yaml").read_text())["stage_timeout_s"] is None

@@ -57,12 +57,13 @@ import os
 import re
 import shlex
 import shutil
+import selectors
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,7 @@ from dr.console import echo
 from dr.errors import InputError, UsageError
 from dr.index.shards import OutputLayout, manifest_complete
 from dr.pipeline.check import check_stage_flags, check_types, fix_bool_choices
+from dr.pipeline.progress import StageProgress
 from dr.model import DR_CONFIG_NAME
 from dr.io.paths import expand_tilde
 
@@ -411,6 +413,47 @@ def _encode_step(name: str, flags: dict[str, Any], nproc: int, layout: OutputLay
 
 
 # ---- running --------------------------------------------------------------------------------------------
+EXIT_GRACE_S = 5.0  # output still read after the stage's process exited
+
+
+def _read_until_exit(child: subprocess.Popen) -> Iterator[bytes]:
+    """The child's output until its pipe closes, or until `EXIT_GRACE_S` after the child itself exited.
+
+    Reading to end-of-file alone hung when a process the stage started outlived it (an orphaned torchrun
+    worker or data-loader process still holding the inherited stdout): the pipe never closed although the
+    stage was done, and only `stage_timeout_s` ended the wait. The exit of the direct child is what counts.
+    """
+    assert child.stdout is not None
+    fd = child.stdout.fileno()
+    exited_at: float | None = None
+    with selectors.DefaultSelector() as selector:
+        selector.register(fd, selectors.EVENT_READ)
+        while True:
+            if selector.select(timeout=1.0):
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    return
+                yield chunk
+            if child.poll() is not None:
+                exited_at = exited_at or time.monotonic()
+                if time.monotonic() - exited_at > EXIT_GRACE_S:
+                    return
+
+
+def _stop_leftovers(session: int) -> bool:
+    """SIGTERM, then SIGKILL, whatever is left of a finished stage's session; True when something was."""
+    try:
+        os.killpg(session, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return False
+    time.sleep(1.0)
+    try:
+        os.killpg(session, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    return True
+
+
 class Runner:
     """Runs steps as subprocesses, tee-ing their output to RUN_DIR/logs/<step>.log, and logs one line per
     step event to stdout and RUN_DIR/pipeline.log."""
@@ -420,6 +463,7 @@ class Runner:
         self.layout = Layout(cfg["run_dir"])
         self.env = {**DEFAULT_ENV, **os.environ, **cfg["env"]}
         self.child: subprocess.Popen | None = None
+        self.progress_interval_s = 15.0  # quiet mode: a console line of the stage's progress this often
 
     def log(self, message: str) -> None:
         line = f"[dr pipeline {time.strftime('%H:%M:%S')}] {message}"
@@ -447,7 +491,10 @@ class Runner:
             ran_upstream = True
 
     def _log_path(self, step: Step) -> Path:
-        return self.layout.logs / (re.sub(r"[^A-Za-z0-9_.-]+", "_", step.name).strip("_") + ".log")
+        return self._log_path_by_name(step.name)
+
+    def _log_path_by_name(self, name: str) -> Path:
+        return self.layout.logs / (re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") + ".log")
 
     def _execute(self, step: Step) -> None:
         """Run one step, copying its output to its log (and stdout unless quiet); raise if it fails."""
@@ -456,9 +503,11 @@ class Runner:
         with open(log_path, "ab") as log:
             log.write(f"$ {shlex.join(step.cmd)}\n".encode())
             log.flush()
+            # A session of its own: processes the stage leaves behind can be found and stopped (below).
             self.child = subprocess.Popen(
-                step.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env
+                step.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
             )
+            progress = StageProgress(step.name, self.progress_interval_s) if self.quiet else None
             watchdog = (
                 threading.Timer(float(timeout), self._stop_child, args=(step.name,)) if timeout else None
             )
@@ -467,14 +516,17 @@ class Runner:
                 watchdog.start()
             try:
                 assert self.child.stdout is not None
-                fd = self.child.stdout.fileno()
-                while chunk := os.read(fd, 65536):
+                for chunk in _read_until_exit(self.child):
                     log.write(chunk)
                     log.flush()  # the log is what `tail -f` and a killed run leave behind
-                    if not self.quiet:
+                    if progress is not None:
+                        progress.feed(chunk)
+                    else:
                         sys.stdout.buffer.write(chunk)
                         sys.stdout.flush()
                 rc = self.child.wait()
+                if _stop_leftovers(self.child.pid):
+                    self.log(f"{step.name}: stopped processes the stage left running (they held its output)")
             finally:
                 if watchdog:
                     watchdog.cancel()
@@ -490,7 +542,11 @@ class Runner:
         child = self.child
         if child is None or child.poll() is not None:
             return
-        self.log(f"{name}: exceeded stage_timeout_s={self.cfg.get('stage_timeout_s')}; stopping it")
+        self.log(
+            f"{name}: still running after stage_timeout_s={self.cfg.get('stage_timeout_s')} s; stopping it "
+            f"(a slow machine needs a larger stage_timeout_s, or null for no limit; log: "
+            f"{self._log_path_by_name(name)})"
+        )
         child.terminate()
         try:
             child.wait(timeout=30)
