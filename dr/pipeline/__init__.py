@@ -416,12 +416,14 @@ def _encode_step(name: str, flags: dict[str, Any], nproc: int, layout: OutputLay
 EXIT_GRACE_S = 5.0  # output still read after the stage's process exited
 
 
-def _read_until_exit(child: subprocess.Popen) -> Iterator[bytes]:
+def _read_until_exit(child: subprocess.Popen, name: str, log: Callable[[str], None]) -> Iterator[bytes]:
     """The child's output until its pipe closes, or until `EXIT_GRACE_S` after the child itself exited.
 
     Reading to end-of-file alone hung when a process the stage started outlived it (an orphaned torchrun
     worker or data-loader process still holding the inherited stdout): the pipe never closed although the
-    stage was done, and only `stage_timeout_s` ended the wait. The exit of the direct child is what counts.
+    stage was done, and only `stage_timeout_s` ended the wait. The exit of the direct child is what counts;
+    a leftover that writes later gets EPIPE once our end is closed. (The stage stays in our process group,
+    so that killing the pipeline's group still stops every stage process.)
     """
     assert child.stdout is not None
     fd = child.stdout.fileno()
@@ -437,21 +439,8 @@ def _read_until_exit(child: subprocess.Popen) -> Iterator[bytes]:
             if child.poll() is not None:
                 exited_at = exited_at or time.monotonic()
                 if time.monotonic() - exited_at > EXIT_GRACE_S:
+                    log(f"{name}: exited; a process it left behind still holds its output: not waiting for it")
                     return
-
-
-def _stop_leftovers(session: int) -> bool:
-    """SIGTERM, then SIGKILL, whatever is left of a finished stage's session; True when something was."""
-    try:
-        os.killpg(session, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return False
-    time.sleep(1.0)
-    try:
-        os.killpg(session, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    return True
 
 
 class Runner:
@@ -503,9 +492,8 @@ class Runner:
         with open(log_path, "ab") as log:
             log.write(f"$ {shlex.join(step.cmd)}\n".encode())
             log.flush()
-            # A session of its own: processes the stage leaves behind can be found and stopped (below).
             self.child = subprocess.Popen(
-                step.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env, start_new_session=True
+                step.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=self.env
             )
             progress = StageProgress(step.name, self.progress_interval_s) if self.quiet else None
             watchdog = (
@@ -516,7 +504,7 @@ class Runner:
                 watchdog.start()
             try:
                 assert self.child.stdout is not None
-                for chunk in _read_until_exit(self.child):
+                for chunk in _read_until_exit(self.child, step.name, self.log):
                     log.write(chunk)
                     log.flush()  # the log is what `tail -f` and a killed run leave behind
                     if progress is not None:
@@ -525,8 +513,6 @@ class Runner:
                         sys.stdout.buffer.write(chunk)
                         sys.stdout.flush()
                 rc = self.child.wait()
-                if _stop_leftovers(self.child.pid):
-                    self.log(f"{step.name}: stopped processes the stage left running (they held its output)")
             finally:
                 if watchdog:
                     watchdog.cancel()
