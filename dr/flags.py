@@ -234,6 +234,14 @@ def str_to_bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
 
 
+def bool_choice(value: bool, choices: Any) -> str | None:
+    """The choice a YAML 1.1 boolean was written as (`no`, `off`, `false`, `none` / `yes`, `on`, `true`),
+    or None when no choice is such a word."""
+    words = ("no", "false", "off", "none") if value is False else ("yes", "true", "on")
+    names = [str(c) for c in choices]
+    return next((w for w in words if w in names), None)
+
+
 def add_bool(parser: argparse.ArgumentParser | Any, *names: str, default: bool = False, help: str = "") -> None:
     """A boolean flag in the one spelling every command accepts: `--flag`, `--flag true|false`."""
     parser.add_argument(*names, type=str_to_bool, nargs="?", const=True, default=default, help=help)
@@ -268,6 +276,15 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) 
         if unknown:
             raise ConfigError(f"--config {config_path}: unknown keys {unknown}")
         values = {aliases[k]: v for k, v in values.items()}
+        for action in parser._actions:  # YAML reads `save_strategy: no` as false: give back the word
+            if action.dest in values and isinstance(values[action.dest], bool) and action.choices:
+                word = bool_choice(values[action.dest], action.choices)
+                if word is None:
+                    raise ConfigError(
+                        f"--config {config_path}: {action.dest}: YAML read the value as the boolean "
+                        f"{str(values[action.dest]).lower()}; choose one of {list(action.choices)} (quote it)"
+                    )
+                values[action.dest] = word
         parser.set_defaults(**values)
         for action in parser._actions:  # a value from the file satisfies a required flag
             if action.dest in values:

@@ -470,3 +470,14 @@ def test_demo_config_has_no_stage_timeout():
     from tests.helpers import REPO
 
     assert yaml.safe_load((REPO / "dr" / "demo" / "demo.yaml").read_text())["stage_timeout_s"] is None
+
+
+def test_yaml_no_in_a_train_config_file_means_no(tmp_path):
+    from dr.flags import parse_flags
+    from dr.train.cli import build_parser
+
+    config = tmp_path / "train.yaml"
+    config.write_text("save_strategy: no\nmax_steps: 3\n")
+    argv = ["--config", str(config), "--output_dir", str(tmp_path / "o"), "--model_name_or_path", "m"]
+    args = parse_flags(build_parser(), argv)
+    assert args.save_strategy == "no" and args.max_steps == 3

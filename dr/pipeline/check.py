@@ -16,9 +16,8 @@ import importlib
 from typing import Any
 
 from dr.errors import UsageError
+from dr.flags import bool_choice
 
-_FALSE_WORDS = ("no", "false", "off", "none")
-_TRUE_WORDS = ("yes", "true", "on")
 # Which command parses which config section (model flags go to train and encode alike).
 _SECTION_COMMANDS = {"model": ("train", "encode"), "train": ("train",), "search": ("search",)}
 _ENCODE_FLAG_SECTIONS = ("corpus_flags", "query_flags")
@@ -77,11 +76,6 @@ def _choice_action(parser: Any, key: str) -> Any:
     return None
 
 
-def _bool_to_choice(value: bool, choices: Any) -> str | None:
-    words = _FALSE_WORDS if value is False else _TRUE_WORDS
-    return next((w for w in words if w in [str(c) for c in choices]), None)
-
-
 def _fix_section(flags: dict[str, Any] | None, commands: tuple[str, ...], label: str, parsers: dict) -> None:
     for key, value in list((flags or {}).items()):
         if not isinstance(value, bool):
@@ -91,7 +85,7 @@ def _fix_section(flags: dict[str, Any] | None, commands: tuple[str, ...], label:
             action = _choice_action(parser, key)
             if action is None:
                 continue
-            choice = _bool_to_choice(value, action.choices)
+            choice = bool_choice(value, action.choices)
             if choice is None:
                 raise ConfigTypeError(
                     f"{label}.{key}: YAML read the value as the boolean {str(value).lower()}; choose one of "
