@@ -28,7 +28,6 @@ from dr.io.paths import expand_home, expand_tilde
 from dr.model import POOLINGS
 
 
-
 class ConfigError(UsageError):
     """A flag or config-file value is unknown or invalid; the message names it (exit status 2)."""
 

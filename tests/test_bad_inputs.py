@@ -77,8 +77,8 @@ def no_tokenizer_model(tiny_model_dir: Path, tmp_path: Path) -> Path:
 
 
 def test_test_tokenizers_are_not_degenerate(tmp_path, tiny_model_dir):
-    from dr.model.text import load_tokenizer
     from dr.model.check import MIN_VOCAB
+    from dr.model.text import load_tokenizer
 
     write_vocab(tmp_path)
     assert len((tmp_path / "vocab.txt").read_text().split()) >= MIN_VOCAB

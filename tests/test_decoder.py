@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from dr.index.shards import read_shard
+from dr.model.encoder import BiEncoder, EncoderConfig
+from dr.model.text import load_tokenizer, resolve_append_eos, tokenize_unpadded
 from dr.train.collator import TrainCollator
 from dr.train.groups import TrainItem
 from tests.helpers import command
-from dr.model.encoder import BiEncoder, EncoderConfig
-from dr.model.text import load_tokenizer, resolve_append_eos, tokenize_unpadded
-from dr.index.shards import read_shard
+
 encode_main, train_main = command("encode"), command("train")
 from tests.helpers import make_tiny_decoder, make_train_rows, write_jsonl
 

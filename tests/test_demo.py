@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dr.demo import cli as demo
 from dr import pipeline
+from dr.demo import cli as demo
 from tests.helpers import REPO, subprocess_env
 
 

@@ -235,11 +235,11 @@ def test_tevatron_train_distil_command_parses_to_its_objective(tmp_path):
 
 def test_collator_aligns_teacher_scores_with_the_served_group(tiny_model_dir):
     """The served group is (positive, sampled negatives...): the scores follow choose_group's indices."""
+    import datasets
+
+    from dr.model.text import load_tokenizer
     from dr.train.collator import TrainCollator
     from dr.train.groups import TevatronGroups, TrainGroups
-    from dr.model.text import load_tokenizer
-
-    import datasets
 
     rows = scored_rows(4, n_negatives=5)
     for row in rows:  # distinct scores per negative, recognisable from its docid

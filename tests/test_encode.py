@@ -67,7 +67,6 @@ def direct_vectors(
     import torch
 
     from dr.model.encoder import BiEncoder
-
     from dr.model.text import load_tokenizer
 
     model, tokenizer = BiEncoder.from_pretrained(str(model_dir)).eval(), load_tokenizer(str(model_dir))

@@ -21,10 +21,10 @@ import torch
 from transformers import AutoModel, BertConfig, BertModel
 
 import dr.train.gradcache
-from dr.train.args import DRTrainingArguments
-from dr.train.collator import id_key
 from dr.model.encoder import BiEncoder, EncoderConfig
 from dr.model.text import load_tokenizer
+from dr.train.args import DRTrainingArguments
+from dr.train.collator import id_key
 from dr.train.trainer import BiEncoderTrainer
 from tests.helpers import REPO, TOPICS, make_train_rows, run, torchrun, write_jsonl
 from tests.test_train_distributed import (  # noqa: F401  (`reference` is a module-scoped fixture)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from dr.model.encoder import BiEncoder
-
 from dr.model.text import load_tokenizer
 from tests.helpers import command
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dr.train.collator import id_key
-from dr.train.loss import ContrastiveLoss
 from dr.model.encoder import BiEncoder
 from dr.model.text import load_tokenizer
+from dr.train.collator import id_key
+from dr.train.loss import ContrastiveLoss
 from tests.helpers import REPO, TOPICS, run, torchrun
 
 GROUP = 3  # 1 positive + 2 hard negatives per query

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from dr.model.encoder import BiEncoder, pool
-
 from dr.model.text import load_tokenizer
 
 

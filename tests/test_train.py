@@ -15,10 +15,10 @@ from transformers import AutoModel
 
 from dr.flags import ConfigError, DataArguments, ModelArguments
 from dr.flags import parse_dataclasses as parse_args
-from dr.train.args import DRTrainingArguments
-from dr.train.groups import DataError, TrainGroups, load_train_groups
 from dr.model.encoder import BiEncoder
 from dr.model.text import load_tokenizer
+from dr.train.args import DRTrainingArguments
+from dr.train.groups import DataError, TrainGroups, load_train_groups
 from tests.helpers import command
 
 train_main = command("train")

@@ -30,9 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from dr.errors import InputError, UsageError
-from dr.io.keys import stable_hash64
 from dr.io.atomic import atomic_path, write_json_atomic
 from dr.io.corpus import load_corpus
+from dr.io.keys import stable_hash64
 from dr.io.qrels import read_qrels
 from dr.io.runs import read_run
 

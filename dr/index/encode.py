@@ -32,14 +32,10 @@ from torch.utils.data import Dataset as TorchDataset
 from dr import distributed as dist
 from dr.errors import UsageError
 from dr.flags import DataArguments, ModelArguments, to_jsonable
-from dr.model.text import pad_rows, tokenize, tokenize_unpadded
-from dr.io.atomic import remove_stale_temporaries, write_json_atomic
-from dr.io.corpus import TextCorpus, load_corpus
 from dr.index.shards import (
     MANIFEST_FORMAT,
     VECTOR_FIELDS,
     OutputLayout,
-    split_range,
     ShardError,
     ShardMeta,
     ShardWriter,
@@ -47,7 +43,11 @@ from dr.index.shards import (
     file_sha256,
     read_manifest,
     read_meta,
+    split_range,
 )
+from dr.io.atomic import remove_stale_temporaries, write_json_atomic
+from dr.io.corpus import TextCorpus, load_corpus
+from dr.model.text import pad_rows, tokenize, tokenize_unpadded
 
 logger = logging.getLogger("dr.encode")
 

@@ -28,7 +28,6 @@ from dr.errors import UsageError
 from dr.index.shard_set import id_column
 from dr.index.shards import iter_shard
 
-
 _NO_KEY = np.iinfo(np.int64).max  # sort key of an empty result slot: after every real hit
 
 

@@ -33,6 +33,7 @@ from dr.errors import UsageError
 from dr.flags import add_bool
 from dr.index.ann import build_index, load_index, save_index, search_index
 from dr.index.exact import _block_rows, merge_candidates, search_shards
+from dr.index.shard_check import VERIFY_MODES, verify_shards
 from dr.index.shard_set import (
     SearchError,
     check_query_passage,
@@ -44,7 +45,6 @@ from dr.index.shard_set import (
     read_metas,
     split_shards,
 )
-from dr.index.shard_check import VERIFY_MODES, verify_shards
 from dr.index.shards import ShardMeta
 from dr.io.atomic import write_json_atomic
 from dr.io.runs import FORMATS, Run, write_run

@@ -29,12 +29,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dr.errors import InputError
-
-
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from dr.errors import InputError
 from dr.io.input_check import json_lines_problem, quiet_json_loader, utf8_problem
 
 ID_FIELDS = ("docid", "_id", "query_id", "qid", "id")

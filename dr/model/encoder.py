@@ -14,20 +14,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedTokenizerBase
 
-from dr.model import DR_CONFIG_NAME, POOLINGS
 from dr.errors import InputError
 from dr.io.atomic import write_json_atomic
-from dr.train.loss import ContrastiveLoss
+from dr.model import DR_CONFIG_NAME, POOLINGS
 from dr.model.check import check_model_source
+from dr.train.loss import ContrastiveLoss
 
 ADAPTER_CONFIG = "adapter_config.json"
 QUERY_SUBDIR, PASSAGE_SUBDIR = "query_model", "passage_model"

@@ -55,9 +55,9 @@ import importlib
 import json
 import os
 import re
+import selectors
 import shlex
 import shutil
-import selectors
 import signal
 import subprocess
 import sys
@@ -71,10 +71,10 @@ from typing import Any
 from dr.console import echo
 from dr.errors import InputError, UsageError
 from dr.index.shards import OutputLayout, manifest_complete
+from dr.io.paths import expand_tilde
+from dr.model import DR_CONFIG_NAME
 from dr.pipeline.check import check_stage_flags, check_types, fix_bool_choices
 from dr.pipeline.progress import StageProgress
-from dr.model import DR_CONFIG_NAME
-from dr.io.paths import expand_tilde
 
 TOP_LEVEL_KEYS = {
     "run_dir",

@@ -10,8 +10,8 @@ import logging
 import os
 from pathlib import Path
 
-from dr.model import DR_CONFIG_NAME
 from dr.flags import ConfigError, DataArguments, ModelArguments, dataclass_parser, to_dataclasses
+from dr.model import DR_CONFIG_NAME
 from dr.train.args import DRTrainingArguments
 from dr.train.checkpoints import resolve_resume, wants_resume
 
@@ -70,11 +70,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     from transformers import set_seed
 
     from dr.flags import to_jsonable
+    from dr.model.check import check_model_source, check_tokenizer_fits
+    from dr.model.encoder import BiEncoder
+    from dr.model.text import load_tokenizer, resolve_append_eos
     from dr.train.collator import TrainCollator
     from dr.train.groups import TrainGroups, load_train_groups
-    from dr.model.encoder import BiEncoder
-    from dr.model.check import check_model_source, check_tokenizer_fits
-    from dr.model.text import load_tokenizer, resolve_append_eos
     from dr.train.trainer import BiEncoderTrainer
 
     _check_precision(training_args)

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from dr.train.groups import TrainItem
 from dr.io.keys import stable_hash64
 from dr.model.text import tokenize
+from dr.train.groups import TrainItem
 
 NO_ID = -1  # padding in `positive_keys`; never produced by `id_key`
 
