@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
+from typing import Any
 
 from dr.eval.score import ScoreUsageError, publish, score_own_part, setup_rank
 
@@ -47,6 +49,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _agreed(step: Callable[[], Any]) -> Any:
+    """Run `step` on this rank, then agree with every rank (re-raising this rank's error, or `PeerFailed`
+    where another rank failed); returns the step's result."""
+    from dr import distributed as dist
+
+    error: Exception | None = None
+    result = None
+    try:
+        result = step()
+    except Exception as err:  # noqa: BLE001 - every rank must reach the agreement, then it is raised
+        error = err
+    dist.raise_if_any_failed(error)
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     """Every rank sets up and scores its part; all agree after each phase; rank 0 then publishes."""
     from dr import distributed as dist
@@ -57,17 +74,10 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with dist.process_group():
         rank, world = dist.get_rank(), dist.get_world_size()
-        plan = None
         # Two phases, each ended by a collective every rank reaches (so a failing rank never leaves its
         # peers waiting): set up (input, teacher, parts folder), then score.
-        for phase in (lambda: setup_rank(args, rank, world), lambda: score_own_part(args, plan)):
-            error: Exception | None = None
-            try:
-                result = phase()
-                plan = result if plan is None else plan
-            except Exception as err:  # noqa: BLE001 - every rank must reach the agreement, then it is raised
-                error = err
-            dist.raise_if_any_failed(error)
+        plan = _agreed(lambda: setup_rank(args, rank, world))
+        _agreed(lambda: score_own_part(args, plan))
         if rank == 0:
             publish(args, plan)
     return 0

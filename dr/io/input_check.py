@@ -27,7 +27,7 @@ _CHUNK = 1 << 24  # 16 MiB: big enough to decode at full speed, small enough to 
 
 
 def _open_bytes(path: str | Path) -> BinaryIO:
-    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")  # noqa: SIM115
+    return gzip.open(path, "rb") if str(path).endswith(".gz") else open(path, "rb")
 
 
 def utf8_problem(path: str | Path) -> str | None:
