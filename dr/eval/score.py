@@ -178,8 +178,12 @@ class BiTeacher:
         import torch
 
         cfg = self.config
+        # A batch holds a few queries, each with its whole group: encode every distinct query once.
+        distinct = list(dict.fromkeys(queries))
+        which = torch.tensor([distinct.index(t) for t in queries]) if len(distinct) > 1 else None
         with torch.inference_mode():
-            q = self._encode([cfg.query_prefix + t for t in queries], self.q_max_len, self.model.encode_query)
+            q = self._encode([cfg.query_prefix + t for t in distinct], self.q_max_len, self.model.encode_query)
+            q = q[which.to(q.device)] if which is not None else q.expand(len(queries), -1)
             p = self._encode([cfg.passage_prefix + t for t in passages], self.p_max_len, self.model.encode_passage)
             return (q * p).sum(-1).cpu().tolist()
 
@@ -296,7 +300,7 @@ def setup_rank(args: argparse.Namespace, rank: int, world: int) -> SimpleNamespa
     tag = f"dr score [rank {rank}/{world}]" if world > 1 else "dr score"
     return SimpleNamespace(
         source=source, total=total, start=start, stop=stop, parts_dir=parts_dir, teacher=teacher,
-        identity=expected["teacher"], tag=tag,
+        identity=expected["teacher"], tag=tag, progress=rank == 0,  # one bar (rank 0's), as dr encode
     )
 
 
@@ -308,12 +312,17 @@ def score_own_part(args: argparse.Namespace, plan: SimpleNamespace) -> None:
         print(f"{plan.tag}: {path.name} is complete ({stop - start} rows): skipped", file=sys.stderr)
         return
     remove_stale_temporaries(plan.parts_dir, path.name)
+    from tqdm import tqdm
+
     began, pairs = time.perf_counter(), 0
+    bar = tqdm(total=stop - start, unit="row", desc=plan.tag, disable=not plan.progress)
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
         for window in range(start, stop, args.window_rows):
             rows = plan.source.read(window, min(window + args.window_rows, stop))
             pairs += score_rows(rows, plan.teacher, args.batch_size)
             out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            bar.update(len(rows))
+    bar.close()
     print(
         f"{plan.tag}: rows [{start}, {stop}) of {plan.total}: {pairs} pairs in "
         f"{time.perf_counter() - began:.1f}s -> {path}",
