@@ -8,7 +8,7 @@
    as ``(q * scale) . code + q . (offset + 128 * scale)`` with ``faiss.knn`` on the float32 copy of one
    block of codes (``--max_memory`` bounds that copy; binary blocks are bounded by their code bytes).
 2. Rescoring (``--rescore K``): the float vectors of only the candidate rows are read from the float shards
-   (``take`` on memory-mapped files), each candidate is scored ``float query . float passage`` in float64
+   (gathered from zero-copy views of the memory-mapped files), each candidate is scored ``float query . float passage`` in float64
    and rounded to float32, and the top `depth` are kept under the exact tie rule (score desc, docid asc;
    `dr.index.exact.select_topk`). When ``K * depth`` covers the corpus the result is exact search's.
 
@@ -148,49 +148,67 @@ def _first_pass(
 
 
 class _RowReader:
-    """Float vectors of chosen global rows, read with `take` from the memory-mapped float shards."""
+    """Float vectors of chosen global rows, gathered from zero-copy views of the memory-mapped float shards
+    (only the pages of the rows asked for are read from disk)."""
 
     def __init__(self, float_paths: list[str], counts: list[int]) -> None:
         self.paths = float_paths
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._columns: dict[int, pa.ChunkedArray] = {}
+        self._views: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
 
-    def _column(self, i: int) -> pa.ChunkedArray:
-        if i not in self._columns:
-            self._columns[i] = ipc.open_file(pa.memory_map(self.paths[i], "r")).read_all().column("embedding")
-        return self._columns[i]
+    def _batches(self, i: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(first row of each record batch, its (rows, dim) view) of float shard `i`, opened once."""
+        if i not in self._views:
+            reader = ipc.open_file(pa.memory_map(self.paths[i], "r"))
+            views, firsts, row = [], [], 0
+            for b in range(reader.num_record_batches):
+                column = reader.get_batch(b).column(1)
+                views.append(column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1))
+                firsts.append(row)
+                row += len(column)
+            self._views[i] = (np.array(firsts, dtype=np.int64), views)
+        return self._views[i]
 
     def read(self, rows: np.ndarray, dim: int) -> np.ndarray:
-        """float32 (len(rows), dim) for sorted unique global `rows`."""
+        """float32 (len(rows), dim) for global `rows` (sorted: each shard and batch is visited once)."""
         out = np.empty((len(rows), dim), dtype=np.float32)
         shard = np.searchsorted(self.starts, rows, side="right") - 1
         for i in np.unique(shard):
             where = np.flatnonzero(shard == i)
-            taken = self._column(int(i)).take(pa.array(rows[where] - self.starts[i]))
-            out[where] = taken.combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+            local = rows[where] - self.starts[i]
+            firsts, views = self._batches(int(i))
+            batch = np.searchsorted(firsts, local, side="right") - 1
+            for b in np.unique(batch):
+                sel = batch == b
+                out[where[sel]] = views[b][local[sel] - firsts[b]]
         return out
 
 
 def _rescore(
     queries: np.ndarray, top: _Running, reader: _RowReader, ranks: np.ndarray, k: int, max_memory_bytes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact float scores of each query's candidates; the top `k` under (score desc, docid asc)."""
+    """Exact float scores of each query's candidates; the top `k` under (score desc, docid asc).
+
+    Scores are accumulated in float64 by `einsum` (one summation order for every row, so duplicated
+    passages tie exactly) and rounded to float32, as exact search reports them.
+    """
     nq, dim = queries.shape
     c = top.rows.shape[1]
     out_scores = np.empty((nq, k), dtype=np.float32)
     out_rows = np.empty((nq, k), dtype=np.int64)
-    step = max(1, max_memory_bytes // max(1, c * dim * 4))  # queries whose candidate vectors fit at once
+    step = max(1, max_memory_bytes // max(1, c * dim * 4))  # queries whose candidates' vectors fit at once
     for start in range(0, nq, step):
         rows = top.rows[start : start + step]
-        unique, inverse = np.unique(rows[rows >= 0], return_inverse=True)
+        valid = rows >= 0
+        unique, inverse = np.unique(rows[valid], return_inverse=True)
         vectors = reader.read(unique, dim)
-        slots = np.full(rows.shape, -1, dtype=np.int64)
-        slots[rows >= 0] = inverse
-        scores = np.full(rows.shape, -np.inf, dtype=np.float32)
-        for j, query in enumerate(queries[start : start + step].astype(np.float64)):
-            valid = slots[j] >= 0
-            scores[j, valid] = (vectors[slots[j, valid]].astype(np.float64) @ query).astype(np.float32)
-        keys = np.where(rows >= 0, ranks[np.where(rows >= 0, rows, 0)], _NO_KEY)
+        slots = np.zeros(rows.shape, dtype=np.int64)
+        slots[valid] = inverse
+        scores = np.empty(rows.shape, dtype=np.float32)
+        for j, query in enumerate(queries[start : start + step].astype(np.float64)):  # cache-sized gathers
+            scores[j] = np.einsum("cd,d->c", vectors[slots[j]], query, dtype=np.float64)
+        scores[~valid] = -np.inf
+        keys = np.where(valid, ranks[np.where(valid, rows, 0)], _NO_KEY)
         best_scores, _, best_rows = select_topk(scores, keys, rows, k)
         out_scores[start : start + step], out_rows[start : start + step] = best_scores, best_rows
     return out_scores, out_rows
