@@ -55,7 +55,9 @@ def encode_scifact(data: Path, work: Path) -> tuple[str, str]:
     return str(work / "corpus.arrow"), str(work / "queries.arrow")
 
 
-def write_synthetic(folder: Path, n: int, dim: int, nq: int, shards: int = 4, seed: int = 0) -> tuple[str, str]:
+def write_synthetic(
+    folder: Path, n: int, dim: int, nq: int, shards: int = 4, seed: int = 0
+) -> tuple[str, str]:
     """Clustered normalized float16 passages in `shards` files and float32 queries near random passages."""
     corpus = folder / f"synthetic-{n}x{dim}"
     queries = folder / f"synthetic-{n}x{dim}-queries.arrow"
@@ -145,16 +147,19 @@ def bench_corpus(name: str, passages: str, queries: str, args, qrels=None) -> li
     return rows
 
 
-def _table(rows: list[dict], nq: dict[str, int]) -> str:
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _table(rows: list[dict]) -> str:
     head = "| corpus | method | first-pass index | vs float32 | search s | quantize s | R@100 vs exact "
     head += "| nDCG@10 | nDCG@10 / exact |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
     lines = [head]
     for r in rows:
-        fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
         lines.append(
             f"| {r['corpus']} | {r['method']} | {r['bytes'] / 2**20:,.2f} MiB | {r['ratio']:.0f}x "
-            f"| {r['seconds']:.3f} | {fmt(r['prep'], '.2f')} | {r['recall']:.4f} | {fmt(r['ndcg'], '.4f')} "
-            f"| {fmt(r['ndcg_ratio'], '.4f')} |"
+            f"| {r['seconds']:.3f} | {_fmt(r['prep'], '.2f')} | {r['recall']:.4f} | {_fmt(r['ndcg'], '.4f')} "
+            f"| {_fmt(r['ndcg_ratio'], '.4f')} |"
         )
     return "\n".join(lines)
 
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    rows, nq = [], {}
+    rows = []
     if not args.no_scifact:
         from dr.io.qrels import read_qrels
 
@@ -188,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.synthetic:
         passages, queries = write_synthetic(work, args.synthetic, args.dim, args.queries)
         rows += bench_corpus("synthetic", passages, queries, args)
-    print(_table(rows, nq))
+    print(_table(rows))
     load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     print(f"\ndepth {DEPTH}; --max_memory {args.max_memory}; load average {load}; {os.cpu_count()} CPUs")
     return 0
