@@ -174,3 +174,19 @@ def test_missing_or_mismatched_quantized_shards_exit_1(corpus, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "dim=codes 8 vs floats 16" in err
     assert not (folder / "r.txt").exists()
+
+
+def test_the_reading_recipe_in_docs_formats_md_works(corpus, monkeypatch):
+    import re
+
+    from tests.helpers import REPO
+
+    folder, paths, passages, _ = corpus
+    assert quantize(["--passage_reps", paths[0], "--quantize", "int8"]) == 0
+    (folder / "int8" / "corpus.arrow").symlink_to(folder / "int8" / "corpus.00.arrow")
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "formats.md").read_text(), re.DOTALL)
+    monkeypatch.chdir(folder)
+    namespace: dict = {}
+    exec(compile(blocks[-1], "docs/formats.md", "exec"), namespace)  # noqa: S102 - our own docs
+    scale = namespace["scale"]
+    np.testing.assert_allclose(namespace["approx"], passages[:70], atol=float(scale.max()) / 2 + 1e-6)
