@@ -8,8 +8,8 @@ top 100, and on SciFact the absolute nDCG@10 (qrels.test.trec) and its ratio to 
 (a) SciFact: encodes ``<data>/scifact`` with the packaged all-MiniLM-L6-v2 (mean pooling, normalized,
     fp32, p_max_len 256, one process; skipped when `--work` already holds the shards), or reuses
     ``--passage_reps`` / ``--query_reps``.
-(b) Synthetic (``--synthetic N``, 0 to skip): N x ``--dim`` float16 passages drawn around 1,000 random
-    centres (so that neighbours exist), queries = noisy copies of random passages; recall@100 vs exact.
+(b) Synthetic (``--synthetic N``, 0 to skip): N x ``--dim`` float16 passages of low intrinsic dimension
+    (`write_synthetic`), queries near random passages; recall@100 vs exact.
 
     python -m bench.quantize                                          # SciFact + 100k x 768 synthetic
     python -m bench.quantize --passage_reps 'emb/corpus*.arrow' --query_reps emb/queries.arrow
@@ -56,33 +56,35 @@ def encode_scifact(data: Path, work: Path) -> tuple[str, str]:
 
 
 def write_synthetic(
-    folder: Path, n: int, dim: int, nq: int, shards: int = 4, seed: int = 0
+    folder: Path, n: int, dim: int, nq: int, shards: int = 4, rank: int = 64, seed: int = 0
 ) -> tuple[str, str]:
-    """Clustered normalized float16 passages in `shards` files and float32 queries near random passages."""
+    """Normalized float16 passages of low intrinsic dimension (a random `rank`-dim latent mapped to `dim`,
+    plus 10 % isotropic noise, as real embeddings are), in `shards` files; float32 queries whose latent
+    is a random passage's plus noise, so that each has graded neighbours."""
     corpus = folder / f"synthetic-{n}x{dim}"
     queries = folder / f"synthetic-{n}x{dim}-queries.arrow"
     if queries.is_file():
         return str(corpus / "*.arrow"), str(queries)
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((1000, dim)).astype(np.float32)
+    mix = rng.standard_normal((rank, dim)).astype(np.float32) / np.sqrt(rank)
     picks = np.sort(rng.choice(n, size=nq, replace=False))
     bounds = np.linspace(0, n, shards + 1).astype(int)
-    query_vecs = []
+    latents = []
+
+    def embed(z: np.ndarray) -> np.ndarray:
+        x = z @ mix + 0.1 * rng.standard_normal((len(z), dim)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+
     for s in range(shards):
         lo, hi = int(bounds[s]), int(bounds[s + 1])
         meta = ShardMeta("bench-synthetic", "cls", True, dim, "float16", 128, "passage", hi - lo)
         with ShardWriter(corpus / f"corpus.{s:02d}.arrow", meta) as writer:
             for start in range(lo, hi, 100_000):
-                stop = min(hi, start + 100_000)
-                block = centres[rng.integers(0, len(centres), stop - start)]
-                block = block + rng.standard_normal(block.shape).astype(np.float32)
-                block /= np.linalg.norm(block, axis=1, keepdims=True)
-                writer.write([f"d{j}" for j in range(start, stop)], block)
-                mine = picks[(picks >= start) & (picks < stop)] - start
-                query_vecs.append(block[mine].astype(np.float16).astype(np.float32))
-    qv = np.concatenate(query_vecs)
-    qv = qv + 0.5 * rng.standard_normal(qv.shape).astype(np.float32) / np.sqrt(dim)
-    qv /= np.linalg.norm(qv, axis=1, keepdims=True)
+                z = rng.standard_normal((min(hi, start + 100_000) - start, rank)).astype(np.float32)
+                writer.write([f"d{j}" for j in range(start, start + len(z))], embed(z))
+                latents.append(z[picks[(picks >= start) & (picks < start + len(z))] - start])
+    z = np.concatenate(latents)
+    qv = embed(z + 0.5 * rng.standard_normal(z.shape).astype(np.float32))
     meta = ShardMeta("bench-synthetic", "cls", True, dim, "float32", 128, "query", len(qv))
     with ShardWriter(queries, meta) as writer:
         writer.write([f"q{i}" for i in range(len(qv))], qv)
