@@ -122,6 +122,7 @@ def test_rescore_equals_exact_on_float_vectors(tmp_path):
         (["--quantize", "binary", "--rescore", "0"], "--rescore"),
         (["--quantize", "int4"], "--quantize"),
         (["--rescore", "3"], "--rescore needs --quantize"),
+        (["--quantize", "int8", "--use_gpu"], "--use_gpu"),
     ],
 )
 def test_bad_search_flags_exit_2_with_one_line(corpus, capsys, extra, message):

@@ -301,8 +301,8 @@ def run_search(args: argparse.Namespace) -> None:
         raise UsageError(f"--depth must be >= 1, got {args.depth}")
     if args.rescore is not None and not args.quantize:
         raise UsageError("--rescore needs --quantize int8|binary")
-    if args.quantize and (args.index_factory or args.load_index):
-        raise UsageError("--quantize cannot be combined with --index_factory / --load_index")
+    if args.quantize and (args.index_factory or args.load_index or args.use_gpu):
+        raise UsageError("--quantize runs on the CPU without an index: drop --index_factory/--load_index/--use_gpu")
     parse_bytes(args.max_memory)
     backend = choose_backend(args.use_gpu)
     query_paths = expand_paths(args.query_reps, "--query_reps")
