@@ -143,7 +143,7 @@ def bench_corpus(name: str, passages: str, queries: str, args, qrels=None) -> li
                 "prep": prep.get(kind),
                 "recall": recall,
                 "ndcg": ndcg,
-                "ndcg_ratio": ndcg / exact_ndcg if qrels else None,
+                "ndcg_ratio": ndcg / exact_ndcg if exact_ndcg else None,
             }
         )
     return rows
