@@ -51,6 +51,7 @@ HELP_FLAGS = {
     "score": "--teacher_type",
     "pipeline": "--force",
     "demo": "--small",
+    "quantize": "--output_dir",
 }
 
 
@@ -72,6 +73,7 @@ REQUIRED = {
     "pipeline": ["cfg.yaml"],
     "encode": ["--model_name_or_path", "m"],
     "score": ["--model_name_or_path", "m", "--teacher_type", "bi", "--dataset_name", "d", "--output", "o"],
+    "quantize": ["--passage_reps", "p", "--quantize", "int8"],
 }
 
 

@@ -33,6 +33,8 @@ from dr.errors import UsageError
 from dr.flags import add_bool
 from dr.index.ann import build_index, load_index, save_index, search_index
 from dr.index.exact import _block_rows, merge_candidates, search_shards
+from dr.index.quantize import KINDS as QUANTIZE_KINDS
+from dr.index.quantize import check_kind
 from dr.index.shard_check import VERIFY_MODES, verify_shards
 from dr.index.shard_set import (
     SearchError,
@@ -102,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--save_index", default=None, help="write the --index_factory index here (+ .json sidecar)"
     )
     p.add_argument("--load_index", default=None, help="search a saved index instead of the shards")
+    p.add_argument(
+        "--quantize", default=None, choices=QUANTIZE_KINDS, help="first pass over the codes dr quantize wrote"
+    )
+    p.add_argument(
+        "--rescore", type=_positive_int, default=None, help="with --quantize: rescore the top K*depth exactly"
+    )
+    p.add_argument("--quantized_dir", default=None, help="the codes' folder (default: <shards>/<kind>/)")
     add_bool(p, "--allow_model_mismatch", help="query/passage reps from different models")
     p.add_argument(
         "--verify",
@@ -235,6 +244,40 @@ def _approximate(args, query_vecs: np.ndarray, qmeta: ShardMeta) -> Outcome:
     return Outcome(scores, ranked, {**info, "num_passages": index.ntotal, "timings": timings})
 
 
+def _quantized(args, query_vecs: np.ndarray, qmeta: ShardMeta) -> Outcome:
+    """A first pass over quantized shards, then exact rescoring (`dr.index.quantized`); rank 0 only."""
+    from dr.index.quantized import locate, quantized_search
+
+    timings = {}
+    t0 = time.perf_counter()
+    paths = expand_paths(args.passage_reps, "--passage_reps")
+    metas = read_metas(paths, "passage")
+    check_query_passage(qmeta, metas[0], args.allow_model_mismatch)
+    check_kind(args.quantize, metas[0].dim)
+    check_unique_docids(paths)
+    quantized_paths = locate(paths, args.quantize, args.quantized_dir)
+    _verify(paths, args.verify, "passage", timings)
+    _verify(quantized_paths, args.verify, "quantized", timings)
+    total = sum(m.count for m in metas)
+    if args.depth > total:
+        logger.warning("dr search: --depth %d exceeds the %d passages; returning all", args.depth, total)
+    timings["validate_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = quantized_search(
+        query_vecs, paths, metas, quantized_paths, args.quantize, args.depth, args.rescore,
+        parse_bytes(args.max_memory), args.batch_size,
+    )  # fmt: skip
+    timings.update(result.info.pop("timings"), search_s=time.perf_counter() - t0)
+    info = {
+        "passage_shards": [{"path": p, "count": m.count} for p, m in zip(paths, metas)],
+        "num_passages": total,
+        "passage_meta": _meta_fields(metas[0]),
+        **result.info,
+        "timings": timings,
+    }
+    return Outcome(result.scores, result.docids, info)
+
+
 def _to_run(query_ids: list[str], scores: np.ndarray, docids: list[list[str]]) -> Run:
     """A `Run` with each float32 score as its shortest decimal (as Tevatron prints float32 scores)."""
     flat = pc.cast(pc.cast(pa.array(scores.ravel(), pa.float32()), pa.string()), pa.float64()).to_numpy()
@@ -256,20 +299,26 @@ def run_search(args: argparse.Namespace) -> None:
         raise UsageError("--save_index needs --index_factory")
     if args.depth < 1:
         raise UsageError(f"--depth must be >= 1, got {args.depth}")
+    if args.rescore is not None and not args.quantize:
+        raise UsageError("--rescore needs --quantize int8|binary")
+    if args.quantize and (args.index_factory or args.load_index or args.use_gpu):
+        raise UsageError("--quantize runs on the CPU without an index: drop --index_factory/--load_index/--use_gpu")
     parse_bytes(args.max_memory)
     backend = choose_backend(args.use_gpu)
     query_paths = expand_paths(args.query_reps, "--query_reps")
     _verify(query_paths, args.verify, "query", {})
     query_ids, query_vecs, qmeta = load_queries(query_paths)
     approximate = bool(args.index_factory or args.load_index)
-    if approximate and D.get_world_size() > 1:
+    if (approximate or args.quantize) and D.get_world_size() > 1:
         # One index on rank 0. The other ranks have nothing to do: all leave the group now, without a
         # barrier, so none waits in a collective while rank 0 builds (that could outlast the timeout).
         if D.is_main_process():
-            logger.warning("dr search: --index_factory/--load_index run on rank 0 only")
+            logger.warning("dr search: --index_factory/--load_index/--quantize run on rank 0 only")
         D.leave_process_group()
     if approximate:
         outcome = _approximate(args, query_vecs, qmeta) if D.get_rank() == 0 else None
+    elif args.quantize:
+        outcome = _quantized(args, query_vecs, qmeta) if D.get_rank() == 0 else None
     else:
         outcome = _exact(args, query_vecs, qmeta, backend)
     if D.get_rank() != 0:

@@ -1,0 +1,273 @@
+"""`dr search --quantize {int8,binary} [--rescore K]`: a first pass over quantized shards, then exact rescoring.
+
+1. First pass: every quantized shard (`dr.index.quantize`, written by `dr quantize`) is streamed in blocks;
+   each block's top ``C = min(K * depth, passages)`` per query (``C = depth`` without ``--rescore``) is
+   merged into a running top C. Binary: Hamming distance with ``faiss.knn_hamming`` on the packed sign
+   bits of the queries and passages, reported as the score ``dim - 2 * hamming`` (the inner product of
+   the +-1 sign vectors). int8: the inner product of the float query with the dequantized passage, computed
+   as ``(q * scale) . code + q . (offset + 128 * scale)`` with ``faiss.knn`` on the float32 copy of one
+   block of codes (``--max_memory`` bounds that copy; binary blocks are bounded by their code bytes).
+2. Rescoring (``--rescore K``): the float vectors of only the candidate rows are read from the float shards
+   (gathered from zero-copy views of the memory-mapped files), each candidate is scored ``float query . float passage`` in float64
+   and rounded to float32, and the top `depth` are kept under the exact tie rule (score desc, docid asc;
+   `dr.index.exact.select_topk`). When ``K * depth`` covers the corpus the result is exact search's.
+
+Without ``--rescore`` the run holds the first-pass scores, ordered by (score desc, docid asc) among the
+kept candidates; which of several candidates tied at a block's cut-off survive is faiss's choice (Hamming
+distances tie often), so that mode is approximate in its ties too.
+
+Missing quantized shards are an error naming the `dr quantize` command to run (they are not built on the
+fly: the codes are a one-off pass worth keeping, and a search should not write beside the corpus).
+Single process: under torchrun the quantized search runs on rank 0 (as ``--index_factory``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+from pyarrow import ipc
+
+from dr.index.exact import docid_ranks, select_topk
+from dr.index.quantize import (
+    Int8Calibration,
+    QuantizedShard,
+    QuantizeError,
+    binary_codes,
+    check_kind,
+    check_matches,
+    code_bytes,
+    iter_codes,
+    open_quantized,
+    quantized_path,
+)
+from dr.index.shard_set import id_column
+from dr.index.shards import ShardMeta
+
+logger = logging.getLogger("dr.search")
+
+_NO_KEY = np.iinfo(np.int64).max
+
+
+@dataclass
+class QuantizedResult:
+    """A quantized search's ranking and the facts for the run's config sidecar."""
+
+    scores: np.ndarray  # float32 (nq, k)
+    docids: list[list[str]]
+    info: dict = field(default_factory=dict)
+
+
+def locate(float_paths: list[str], kind: str, quantized_dir: str | None = None) -> list[str]:
+    """The quantized shard of each float shard; a missing one is an error saying how to make it."""
+    found = [str(quantized_path(p, kind, quantized_dir)) for p in float_paths]
+    missing = [
+        (f, q) for f, q in zip(float_paths, found) if not quantized_path(f, kind, quantized_dir).is_file()
+    ]
+    if missing:
+        f, q = missing[0]
+        out = f" --output_dir {quantized_dir}" if quantized_dir else ""
+        raise QuantizeError(
+            f"{q}: no {kind} codes for {f} ({len(missing)} of {len(found)} shards lack them); run "
+            f"`dr quantize --passage_reps '<the same glob>' --quantize {kind}{out}` first"
+        )
+    return found
+
+
+def open_checked(
+    float_paths: list[str], float_metas: list[ShardMeta], quantized_paths: list[str], kind: str
+) -> list[tuple[QuantizedShard, ipc.RecordBatchFileReader]]:
+    """Open each quantized shard and check it against its float shard; int8 calibrations must agree."""
+    opened = []
+    for fpath, fmeta, qpath in zip(float_paths, float_metas, quantized_paths):
+        shard, reader = open_quantized(qpath)
+        check_matches(shard, fpath, fmeta, kind)
+        if kind == "int8" and opened and not shard.calibration.same_as(opened[0][0].calibration):
+            raise QuantizeError(
+                f"{qpath}: int8 calibration differs from {opened[0][0].path}; rerun dr quantize on all shards"
+            )
+        opened.append((shard, reader))
+    return opened
+
+
+class _Running:
+    """Running top-`c` per query under (score desc, docid rank asc), merged block by block."""
+
+    def __init__(self, nq: int, c: int) -> None:
+        self.c = c
+        self.scores = np.full((nq, c), -np.inf, dtype=np.float32)
+        self.keys = np.full((nq, c), _NO_KEY, dtype=np.int64)
+        self.rows = np.full((nq, c), -1, dtype=np.int64)
+
+    def add(self, scores: np.ndarray, local: np.ndarray, offset: int, ranks: np.ndarray) -> None:
+        valid = local >= 0
+        rows = np.where(valid, local + offset, -1)
+        keys = np.where(valid, ranks[np.where(valid, rows, 0)], _NO_KEY)
+        scores = np.where(valid, scores, -np.inf).astype(np.float32)
+        self.scores, self.keys, self.rows = select_topk(
+            np.concatenate([self.scores, scores], axis=1),
+            np.concatenate([self.keys, keys], axis=1),
+            np.concatenate([self.rows, rows], axis=1),
+            self.c,
+        )
+
+
+def _first_pass(
+    queries: np.ndarray, opened, kind: str, dim: int, c: int, ranks: np.ndarray, max_memory_bytes: int
+) -> _Running:
+    """Top-`c` first-pass candidates of `queries` over every quantized shard, streamed in blocks."""
+    import faiss
+
+    width = code_bytes(kind, dim)
+    if kind == "binary":
+        qcodes = binary_codes(queries)
+        max_rows = max(1, max_memory_bytes // width)
+    else:
+        calibration: Int8Calibration = opened[0][0].calibration
+        qscaled = np.ascontiguousarray(queries * calibration.scale, dtype=np.float32)
+        shift = (queries @ (calibration.offset + np.float32(128) * calibration.scale)).astype(np.float32)
+        max_rows = max(1, max_memory_bytes // (dim * 4))
+    top = _Running(len(queries), c)
+    offset = 0
+    for _, reader in opened:
+        for block in iter_codes(reader, width, max_rows):
+            kk = min(c, len(block))
+            if kind == "binary":
+                dist, local = faiss.knn_hamming(qcodes, np.ascontiguousarray(block), kk)
+                scores = np.float32(dim) - np.float32(2) * dist.astype(np.float32)
+            else:
+                floats = np.ascontiguousarray(block, dtype=np.float32)
+                scores, local = faiss.knn(qscaled, floats, kk, metric=faiss.METRIC_INNER_PRODUCT)
+                scores = scores + shift[:, None]
+            top.add(scores, local.astype(np.int64), offset, ranks)
+            offset += len(block)
+    return top
+
+
+class _RowReader:
+    """Float vectors of chosen global rows, gathered from zero-copy views of the memory-mapped float shards
+    (only the pages of the rows asked for are read from disk)."""
+
+    def __init__(self, float_paths: list[str], counts: list[int]) -> None:
+        self.paths = float_paths
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._views: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
+
+    def _batches(self, i: int) -> tuple[np.ndarray, list[np.ndarray]]:
+        """(first row of each record batch, its (rows, dim) view) of float shard `i`, opened once."""
+        if i not in self._views:
+            reader = ipc.open_file(pa.memory_map(self.paths[i], "r"))
+            views, firsts, row = [], [], 0
+            for b in range(reader.num_record_batches):
+                column = reader.get_batch(b).column(1)
+                views.append(column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), -1))
+                firsts.append(row)
+                row += len(column)
+            self._views[i] = (np.array(firsts, dtype=np.int64), views)
+        return self._views[i]
+
+    def read(self, rows: np.ndarray, dim: int) -> np.ndarray:
+        """float32 (len(rows), dim) for global `rows` (sorted: each shard and batch is visited once)."""
+        out = np.empty((len(rows), dim), dtype=np.float32)
+        shard = np.searchsorted(self.starts, rows, side="right") - 1
+        for i in np.unique(shard):
+            where = np.flatnonzero(shard == i)
+            local = rows[where] - self.starts[i]
+            firsts, views = self._batches(int(i))
+            batch = np.searchsorted(firsts, local, side="right") - 1
+            for b in np.unique(batch):
+                sel = batch == b
+                out[where[sel]] = views[b][local[sel] - firsts[b]]
+        return out
+
+
+def _rescore(
+    queries: np.ndarray, top: _Running, reader: _RowReader, ranks: np.ndarray, k: int, max_memory_bytes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact float scores of each query's candidates; the top `k` under (score desc, docid asc).
+
+    Scores are accumulated in float64 by `einsum` (one summation order for every row, so duplicated
+    passages tie exactly) and rounded to float32, as exact search reports them.
+    """
+    nq, dim = queries.shape
+    c = top.rows.shape[1]
+    out_scores = np.empty((nq, k), dtype=np.float32)
+    out_rows = np.empty((nq, k), dtype=np.int64)
+    step = max(1, max_memory_bytes // max(1, c * dim * 4))  # queries whose candidates' vectors fit at once
+    for start in range(0, nq, step):
+        rows = top.rows[start : start + step]
+        valid = rows >= 0
+        unique, inverse = np.unique(rows[valid], return_inverse=True)
+        vectors = reader.read(unique, dim)
+        slots = np.zeros(rows.shape, dtype=np.int64)
+        slots[valid] = inverse
+        scores = np.empty(rows.shape, dtype=np.float32)
+        for j, query in enumerate(queries[start : start + step].astype(np.float64)):  # cache-sized gathers
+            scores[j] = np.einsum("cd,d->c", vectors[slots[j]], query, dtype=np.float64)
+        scores[~valid] = -np.inf
+        keys = np.where(valid, ranks[np.where(valid, rows, 0)], _NO_KEY)
+        best_scores, _, best_rows = select_topk(scores, keys, rows, k)
+        out_scores[start : start + step], out_rows[start : start + step] = best_scores, best_rows
+    return out_scores, out_rows
+
+
+def quantized_search(
+    query_vecs: np.ndarray,
+    float_paths: list[str],
+    float_metas: list[ShardMeta],
+    quantized_paths: list[str],
+    kind: str,
+    depth: int,
+    rescore: int | None = None,
+    max_memory_bytes: int = 2**30,
+    batch_size: int = -1,
+) -> QuantizedResult:
+    """Search the quantized shards, then (with `rescore`) rescore the top ``rescore * depth`` exactly.
+
+    Float shards are assumed validated (`read_metas`, `check_unique_docids`); the quantized shards are
+    checked against them here. Returns k = min(depth, passages) hits per query (module docstring).
+    """
+    dim = float_metas[0].dim
+    check_kind(kind, dim)
+    opened = open_checked(float_paths, float_metas, quantized_paths, kind)
+    queries = np.ascontiguousarray(query_vecs, dtype=np.float32)
+    nq = len(queries)
+    counts = [m.count for m in float_metas]
+    total = sum(counts)
+    ids = pa.chunked_array([c for p in float_paths for c in id_column(p).chunks], type=pa.string())
+    ranks = docid_ranks(ids)
+    k = min(depth, total)
+    c = min(depth * rescore if rescore else depth, total)
+    reader = _RowReader(float_paths, counts)
+    step = nq if batch_size is None or batch_size <= 0 else batch_size
+    scores = np.empty((nq, k), dtype=np.float32)
+    rows = np.empty((nq, k), dtype=np.int64)
+    timings = {"first_pass_s": 0.0, "rescore_s": 0.0}
+    for start in range(0, nq, step):
+        batch = queries[start : start + step]
+        t0 = time.perf_counter()
+        top = _first_pass(batch, opened, kind, dim, c, ranks, max_memory_bytes)
+        timings["first_pass_s"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if rescore:
+            scores[start : start + step], rows[start : start + step] = _rescore(
+                batch, top, reader, ranks, k, max_memory_bytes
+            )
+        else:
+            scores[start : start + step], rows[start : start + step] = top.scores[:, :k], top.rows[:, :k]
+        timings["rescore_s"] += time.perf_counter() - t0
+    docids = ids.take(pa.array(np.maximum(rows, 0).ravel())).to_pylist()
+    ranked = [[d for d, r in zip(docids[i * k : (i + 1) * k], rows[i]) if r >= 0] for i in range(nq)]
+    info = {
+        "quantize": kind,
+        "rescore": rescore,
+        "candidates_per_query": c,
+        "first_pass_bytes": total * code_bytes(kind, dim),
+        "float32_bytes": total * dim * 4,
+        "quantized_shards": quantized_paths,
+        "timings": timings,
+    }
+    return QuantizedResult(scores, ranked, info)
