@@ -303,12 +303,13 @@ def id_strings(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
 
 
 def iter_shard(
-    path: str | os.PathLike, max_rows: int | None = None
-) -> Iterator[tuple[list[str], np.ndarray]]:
+    path: str | os.PathLike, max_rows: int | None = None, ids: bool = True
+) -> Iterator[tuple[list[str] | None, np.ndarray]]:
     """Yield (ids, vectors) blocks of a shard, memory-mapped where possible.
 
     Blocks follow the file's record batches, further cut to at most `max_rows` rows, so a caller can bound
     how many vectors are resident at once. `vectors` is a read-only (rows, dim) view into the mapped file.
+    With ``ids=False`` the ids are None (not converted to Python strings: a search needs only vectors).
     """
     reader = _open(path)
     meta = ShardMeta.from_arrow(reader.schema.metadata, str(path))
@@ -320,7 +321,7 @@ def iter_shard(
         for start in range(0, batch.num_rows, step):
             part = batch.slice(start, step)
             vectors = part.column(1).flatten().to_numpy(zero_copy_only=False).reshape(-1, meta.dim)
-            yield part.column(0).to_pylist(), vectors
+            yield (part.column(0).to_pylist() if ids else None), vectors
 
 
 def read_shard(path: str | os.PathLike) -> tuple[list[str], np.ndarray, ShardMeta]:
