@@ -171,9 +171,10 @@ def profile(rows: int, dim: int, nq: int, depth: int) -> None:
         def topk(self, *_):
             return knn
 
-    timed("old: merge (k+1 check + select_topk)", lambda: top.add_block(queries, block32, 0, ranks, Done()))
+    timed("old: merge (k+1 check + select_topk)",
+          lambda: (top.add_block(queries, block32, 0, ranks, Done()), top.result()))  # fmt: skip
     block32 = None  # released before the new path runs
-    # new path: tile conversion alone, conversion + GEMM, then the whole exact_topk
+    # new path: tile conversion alone, conversion + GEMM, then the whole block through TopK
     scorer = BlockScorer("cpu")
     tile = _tile_rows(dim)
     buf = np.empty((tile, dim), np.float32)
@@ -192,8 +193,9 @@ def profile(rows: int, dim: int, nq: int, depth: int) -> None:
 
     timed("new: tile conversion", convert_only)
     timed("new: tile conversion + GEMM", convert_gemm)
+    new_top = TopK(nq, depth)
     timed("new: whole block (conversion + GEMM + selection + merge)",
-          lambda: TopK(nq, depth).add_block(queries, block, 0, ranks, scorer))  # fmt: skip
+          lambda: (new_top.add_block(queries, block, 0, ranks, scorer), new_top.result()))  # fmt: skip
     scorer.close()
     print(f"one block: {rows:,} x {dim} float16, {nq} queries, depth {depth} ({flop / 1e9:.0f} GFLOP); "
           f"load {os.getloadavg()[0]:.2f}\n")  # fmt: skip
@@ -326,7 +328,7 @@ def plain_child(folder: Path, depth: int, out: Path) -> None:
 
     def read(path: Path) -> tuple[list[str], np.ndarray]:
         table = ipc.open_file(pa.memory_map(str(path), "r")).read_all()
-        vectors = table.column("vector").combine_chunks().flatten().to_numpy()
+        vectors = table.column("embedding").combine_chunks().flatten().to_numpy()
         return table.column("id").to_pylist(), vectors.reshape(table.num_rows, -1).astype(np.float32)
 
     ids: list[str] = []

@@ -36,28 +36,36 @@ def reference_topk(queries, block, ranks, k):
     return np.take_along_axis(scores, order, axis=1), order
 
 
+def one_block(queries, block, ranks, k, thr=None):
+    top = TopK(len(queries), k)
+    if thr is not None:
+        top.thr[:] = thr
+    top.add_block(queries, block, 0, ranks, BlockScorer("cpu"))
+    return top.result()
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("k", [1, 5, 40, 100, 300], ids=lambda k: f"k{k}")
 def test_block_topk_equals_brute_force_with_ties(small_tiles, dtype, k):
     queries, passages, _ = tied_data(100, 17)  # 17 queries: not a multiple of the 3-query tile
     ranks = np.random.default_rng(1).permutation(100).astype(np.int64)
-    block = passages.astype(dtype)
-    scores, rows = BlockScorer("cpu").exact_topk(queries, block, ranks, k, np.full(17, -np.inf))
+    scores, rows = one_block(queries, passages.astype(dtype), ranks, k)
     ref_scores, ref_rows = reference_topk(queries, passages, ranks, k)
-    assert scores.shape == (17, min(k, 100))  # k >= rows: every row, in order
-    np.testing.assert_array_equal(rows, ref_rows)
-    np.testing.assert_array_equal(scores, ref_scores)
+    n = min(k, 100)  # k >= rows: every row, in order, then empty slots
+    np.testing.assert_array_equal(rows[:, :n], ref_rows)
+    np.testing.assert_array_equal(scores[:, :n], ref_scores)
+    assert (rows[:, n:] == -1).all() and np.isneginf(scores[:, n:]).all()
 
 
-def test_floor_skips_only_what_cannot_enter(small_tiles):
-    """Hits below the floor are dropped; hits tied with it are kept (their docid may still win)."""
+def test_threshold_skips_only_what_cannot_enter(small_tiles):
+    """Hits below the threshold are dropped; hits tied with it are kept (their docid may still win)."""
     queries, passages, _ = tied_data(60, 5)
     ranks = np.arange(60, dtype=np.int64)
     ref_scores, ref_rows = reference_topk(queries, passages, ranks, 10)
-    floor = ref_scores[:, 4].astype(np.float32)
-    scores, rows = BlockScorer("cpu").exact_topk(queries, passages, ranks, 10, floor)
+    thr = ref_scores[:, 4].astype(np.float32)
+    scores, rows = one_block(queries, passages, ranks, 10, thr)
     for q in range(5):
-        keep = ref_scores[q] >= floor[q]
+        keep = ref_scores[q] >= thr[q]
         np.testing.assert_array_equal(rows[q, : keep.sum()], ref_rows[q, keep])
         assert (rows[q, keep.sum() :] == -1).all() and np.isneginf(scores[q, keep.sum() :]).all()
 
@@ -72,16 +80,17 @@ def test_hits_equals_flatnonzero():
 
 
 def test_topk_over_blocks_equals_one_block(small_tiles):
-    """The running top k over several blocks (floors from earlier blocks) equals one pass."""
+    """The running top k over several blocks (thresholds and candidates carried over) equals one pass."""
     queries, passages, _ = tied_data(150, 11, seed=2)
     ranks = np.random.default_rng(3).permutation(150).astype(np.int64)
     scorer = BlockScorer("cpu")
     top = TopK(11, 20)
     for lo, hi in [(0, 9), (9, 9), (9, 80), (80, 150)]:
         top.add_block(queries, passages[lo:hi].astype(np.float16), lo, ranks[lo:hi], scorer)
+    scores, rows = top.result()
     ref_scores, ref_rows = reference_topk(queries, passages, ranks, 20)
-    np.testing.assert_array_equal(top.rows, ref_rows)
-    np.testing.assert_array_equal(top.scores, ref_scores)
+    np.testing.assert_array_equal(rows, ref_rows)
+    np.testing.assert_array_equal(scores, ref_scores)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

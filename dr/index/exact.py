@@ -10,8 +10,8 @@ Ties are resolved deterministically, everywhere, by score descending and then do
 
 * the merge across blocks, shards and ranks sorts on the pair (-score, docid), so no tied candidate is
   dropped arbitrarily;
-* the default CPU scorer (``cpu``: numpy's BLAS matmul, `_exact_block_topk`) keeps every hit scoring at
-  least the running k-th score, ties included, and selects under (-score, docid) itself;
+* the default CPU scorer (``cpu``: numpy's BLAS matmul, `BlockScorer.hits`) keeps every hit scoring at
+  least the running k-th score, ties included, and `TopK` selects under (-score, docid) itself;
 * the other backends (``faiss-cpu``, ``faiss-gpu``, ``torch-cuda``) may drop any one of several hits
   tied at their k-th score. They are asked for k+1 hits, which shows when that can happen (k-th score ==
   (k+1)-th score); for those queries only, the block is rescored with numpy (float32) and the exact top k
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -46,18 +47,25 @@ BACKENDS = ("cpu", "faiss-cpu", "faiss-gpu", "torch-cuda")
 
 
 def _threads() -> int:
-    """CPUs this process may run on (the tile conversion's parallelism)."""
+    """Threads for the tile conversion: as many as BLAS may use (OPENBLAS/OMP_NUM_THREADS, else CPUs).
+
+    torchrun sets OMP_NUM_THREADS=1 per rank, so ranks sharing a machine do not oversubscribe it.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return min(cpus, int(value))
+    return max(1, cpus)
 
 
 class BlockScorer:
     """Top-k inner products of a query batch against one block of passages, on the chosen device.
 
-    Backends: ``cpu`` (default: numpy matmul over float32 tiles + exact threshold selection,
-    `exact_topk`), ``faiss-cpu`` (faiss.knn, kept for comparison), ``faiss-gpu`` (a GpuIndexFlatIP per
+    Backends: ``cpu`` (default: numpy matmul over float32 tiles + exact threshold selection, `hits`), ``faiss-cpu`` (faiss.knn, kept for comparison), ``faiss-gpu`` (a GpuIndexFlatIP per
     block, fp16 storage optional), ``torch-cuda`` (matmul + topk, for machines with CUDA but a CPU-only
     faiss). Only ``cpu`` takes a block in its stored dtype; the others need a float32 block (`topk`).
     """
@@ -67,8 +75,9 @@ class BlockScorer:
             raise UsageError(f"search backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
         self.fp16 = fp16
-        self.exact = backend == "cpu"  # exact_topk (any float dtype) rather than topk (float32, k+1 check)
+        self.exact = backend == "cpu"  # hits (any float dtype, exact) rather than topk (float32, k+1 check)
         self._pool: ThreadPoolExecutor | None = None
+        self._buffers: dict[str, np.ndarray] = {}
         if backend == "faiss-gpu":
             import faiss
 
@@ -102,17 +111,53 @@ class BlockScorer:
         scores, idx = torch.topk(q @ b.T, k, dim=1)
         return scores.float().cpu().numpy(), idx.cpu().numpy().astype(np.int64)
 
-    def exact_topk(
-        self, queries: np.ndarray, block: np.ndarray, ranks: np.ndarray, k: int, floor: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top min(k, len(block)) of each query under (score desc, rank asc), numpy on the CPU.
+    def hits(
+        self, queries: np.ndarray, block: np.ndarray, k: int, thr: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Every (query, score, block row) with score >= thr[query], tile by tile (``cpu`` backend).
 
-        `block` may be float16 or float32 (a read-only view into the mapped shard is fine); `floor` (nq,)
-        is a lower bound on what can still enter the caller's running top k (its k-th score, -inf while
-        it holds fewer): hits scoring below it are skipped. Returns (scores float32, block rows int64),
-        best first; unused slots hold (-inf, -1).
+        `block` may be float16 or float32 (a read-only view into the mapped shard is fine); it is
+        converted to float32 one tile at a time into a reused buffer, and scored against tiles of queries
+        so that one score matrix stays within `_SCORE_BYTES`. `thr` (nq,) belongs to the caller, who may
+        raise it between tiles (after a merge). While a query has no threshold yet (-inf), a tile of at
+        least `k` rows raises it to that tile's k-th score: the final k-th score can only be higher, so
+        nothing that can still enter the top k (ties included) is skipped.
         """
-        return _exact_block_topk(queries, block, ranks, k, floor, self._convert)
+        nq, dim = queries.shape
+        n = len(block)
+        if n == 0 or nq == 0:
+            return
+        tiles = -(-n // _tile_rows(dim))
+        tile = -(-n // tiles)  # equal tiles: a block of 8192 rows is not cut into 2730 + 2730 + 2730 + 2
+        qstep = min(nq, max(1, _SCORE_BYTES // (4 * tile)))
+        tile_buf = self._buffer("tile", tile * dim) if block.dtype != np.float32 else None
+        score_buf = self._buffer("score", qstep * tile)
+        mask_buf = self._buffer("mask", -(-qstep * tile // 8) * 8, bool)  # whole uint64 words: `_hits`
+        for p0 in range(0, n, tile):
+            part = block[p0 : p0 + tile]
+            t = len(part)
+            if tile_buf is None:
+                tile32 = np.ascontiguousarray(part)
+            else:
+                tile32 = tile_buf[: t * dim].reshape(t, dim)
+                self._convert(part, tile32)
+            for q0 in range(0, nq, qstep):
+                q1 = min(nq, q0 + qstep)
+                scores = score_buf[: (q1 - q0) * t].reshape(q1 - q0, t)
+                np.matmul(queries[q0:q1], tile32.T, out=scores)
+                th = thr[q0:q1]
+                if t >= k and np.isneginf(th).any():
+                    np.maximum(th, np.partition(scores, t - k, axis=1)[:, t - k], out=th)
+                flat = _hits(scores, th, mask_buf)
+                if len(flat):
+                    yield flat // t + q0, scores.ravel()[flat], flat % t + p0
+
+    def _buffer(self, name: str, size: int, dtype=np.float32) -> np.ndarray:
+        """A scratch array of at least `size` elements, kept for the next block (no allocation per tile)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self._buffers[name] = np.zeros(size, dtype=dtype)
+        return buf
 
     def _convert(self, src: np.ndarray, dst: np.ndarray) -> None:
         """dst[:] = src as float32, split over the CPUs (numpy's cast is serial and releases the GIL)."""
@@ -139,59 +184,6 @@ def _tile_rows(dim: int) -> int:
     return max(1, _TILE_BYTES // (4 * dim))
 
 
-def _exact_block_topk(
-    queries: np.ndarray, block: np.ndarray, ranks: np.ndarray, k: int, floor: np.ndarray, convert
-) -> tuple[np.ndarray, np.ndarray]:
-    """`BlockScorer.exact_topk`: tiles of passages (converted once) x tiles of queries (bounded scores).
-
-    Per query a threshold `thr` only rises: the floor, then the k-th score of the candidates merged so
-    far (and, before any, the k-th score of the first tile of >= k rows, which bounds the final k-th
-    from below). Every score >= thr is kept as a candidate, so ties at the cut-off are never lost; the
-    candidates are merged (exactly, under (-score, rank)) whenever they outnumber the current top k.
-    """
-    nq, dim = queries.shape
-    n = len(block)
-    k = min(k, n)
-    best_s = np.full((nq, k), -np.inf, dtype=np.float32)
-    best_i = np.full((nq, k), -1, dtype=np.int64)
-    if n == 0 or nq == 0:
-        return best_s, best_i
-    thr = np.array(floor, dtype=np.float32, copy=True)
-    tile = min(n, _tile_rows(dim))
-    qstep = min(nq, max(1, _SCORE_BYTES // (4 * tile)))
-    tile_buf = None if block.dtype == np.float32 else np.empty(tile * dim, dtype=np.float32)
-    score_buf = np.empty(qstep * tile, dtype=np.float32)
-    mask_buf = np.zeros(-(-qstep * tile // 8) * 8, dtype=bool)  # whole uint64 words: see _hits
-    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (query, score, block row)
-    npending = 0
-    for p0 in range(0, n, tile):
-        part = block[p0 : p0 + tile]
-        t = len(part)
-        if tile_buf is None:
-            tile32 = np.ascontiguousarray(part)
-        else:
-            tile32 = tile_buf[: t * dim].reshape(t, dim)
-            convert(part, tile32)
-        for q0 in range(0, nq, qstep):
-            q1 = min(nq, q0 + qstep)
-            scores = score_buf[: (q1 - q0) * t].reshape(q1 - q0, t)
-            np.matmul(queries[q0:q1], tile32.T, out=scores)
-            th = thr[q0:q1]
-            if t >= k and np.isneginf(th).any():  # nothing merged yet: this tile's k-th score bounds it
-                np.maximum(th, np.partition(scores, t - k, axis=1)[:, t - k], out=th)
-            flat = _hits(scores, th, mask_buf)
-            if len(flat):
-                pending.append((flat // t + q0, scores.ravel()[flat], flat % t + p0))
-                npending += len(flat)
-            if npending > best_s.size:  # amortized: each merge at least halves what it sorts
-                _merge_into(best_s, best_i, pending, ranks)
-                np.maximum(thr, best_s[:, -1], out=thr)
-                pending, npending = [], 0
-    if pending:
-        _merge_into(best_s, best_i, pending, ranks)
-    return best_s, best_i
-
-
 def _hits(scores: np.ndarray, thr: np.ndarray, mask_buf: np.ndarray) -> np.ndarray:
     """Flat indices of `scores` >= the row's threshold, ascending.
 
@@ -205,29 +197,6 @@ def _hits(scores: np.ndarray, thr: np.ndarray, mask_buf: np.ndarray) -> np.ndarr
     nonzero = np.flatnonzero(mask_buf[: words * 8].view(np.uint64))
     inside = (nonzero[:, None] * 8 + np.arange(8)).ravel()
     return inside[mask_buf[inside]]
-
-
-def _merge_into(
-    best_s: np.ndarray,
-    best_i: np.ndarray,
-    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
-    ranks: np.ndarray,
-) -> None:
-    """Replace (best_s, best_i) by the exact top k of themselves + `pending` under (-score, rank)."""
-    nq, k = best_s.shape
-    held = best_i.ravel() >= 0
-    q = np.concatenate([np.repeat(np.arange(nq), k)[held], *(p[0] for p in pending)])
-    s = np.concatenate([best_s.ravel()[held], *(p[1] for p in pending)])
-    i = np.concatenate([best_i.ravel()[held], *(p[2] for p in pending)])
-    order = np.lexsort((ranks[i], -s, q))
-    q, s, i = q[order], s[order], i[order]
-    starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
-    pos = np.arange(len(q)) - np.repeat(starts, np.diff(np.r_[starts, len(q)]))
-    keep = pos < k
-    best_s.fill(-np.inf)
-    best_i.fill(-1)
-    best_s[q[keep], pos[keep]] = s[keep]
-    best_i[q[keep], pos[keep]] = i[keep]
 
 
 def select_topk(scores: np.ndarray, keys: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
@@ -248,22 +217,34 @@ def _exact_block_row(
 
 
 class TopK:
-    """Running exact top-k per query, merged block by block under (score desc, docid asc)."""
+    """Running exact top-k per query, merged block by block under (score desc, docid asc).
+
+    With the ``cpu`` scorer, candidates (every score >= the query's threshold `thr`, ties included) are
+    collected across blocks and merged only when they outnumber the top k itself, so blocks as small as
+    a shard's record batches cost no merge each; `result()` merges what is left.
+    """
 
     def __init__(self, nq: int, k: int) -> None:
         self.k = k
         self.scores = np.full((nq, k), -np.inf, dtype=np.float32)
         self.keys = np.full((nq, k), _NO_KEY, dtype=np.int64)  # docid sort rank: the tie-break
         self.rows = np.full((nq, k), -1, dtype=np.int64)  # global row in the searched shard list
+        self.thr = np.full(nq, -np.inf, dtype=np.float32)  # nothing below can enter (rises only)
+        self._pending: list[tuple[np.ndarray, ...]] = []  # (query, score, key, row) candidates
+        self._npending = 0
 
     def add_block(
         self, queries: np.ndarray, block: np.ndarray, offset: int, ranks: np.ndarray, scorer: BlockScorer
     ):
         """Search `block` (global rows offset..offset+len) and merge; `ranks` are its rows' docid ranks."""
         if scorer.exact:
-            scores, idx = scorer.exact_topk(queries, block, ranks, self.k, self.scores[:, -1])
-        else:
-            scores, idx = self._block_topk(queries, np.ascontiguousarray(block, np.float32), ranks, scorer)
+            for q, s, col in scorer.hits(queries, block, self.k, self.thr):
+                self._pending.append((q, s, ranks[col], col + offset))
+                self._npending += len(q)
+                if self._npending > self.scores.size:  # amortized: a merge sorts at most 2x what it keeps
+                    self._merge()
+            return
+        scores, idx = self._block_topk(queries, np.ascontiguousarray(block, np.float32), ranks, scorer)
         valid = idx >= 0
         keys = np.where(valid, ranks[np.where(valid, idx, 0)], _NO_KEY)
         rows = np.where(valid, idx + offset, -1)
@@ -274,6 +255,33 @@ class TopK:
             np.concatenate([self.rows, rows], axis=1),
             self.k,
         )
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (nq, k), global rows (nq, k)) after the last block, best first; unfilled: (-inf, -1)."""
+        self._merge()
+        return self.scores, self.rows
+
+    def _merge(self) -> None:
+        """Replace the top k by the exact top k of itself + the pending candidates, under (-score, key)."""
+        if not self._pending:
+            return
+        nq, k = self.scores.shape
+        held = self.rows.ravel() >= 0
+        parts = [(np.repeat(np.arange(nq), k)[held], self.scores.ravel()[held],
+                  self.keys.ravel()[held], self.rows.ravel()[held]), *self._pending]  # fmt: skip
+        q, s, key, row = (np.concatenate(column) for column in zip(*parts))
+        order = np.lexsort((key, -s, q))
+        q, s, key, row = q[order], s[order], key[order], row[order]
+        starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+        pos = np.arange(len(q)) - np.repeat(starts, np.diff(np.r_[starts, len(q)]))
+        keep = pos < k
+        q, pos = q[keep], pos[keep]
+        self.scores.fill(-np.inf)
+        self.keys.fill(_NO_KEY)
+        self.rows.fill(-1)
+        self.scores[q, pos], self.keys[q, pos], self.rows[q, pos] = s[keep], key[keep], row[keep]
+        np.maximum(self.thr, self.scores[:, -1], out=self.thr)
+        self._pending, self._npending = [], 0
 
     def _block_topk(
         self, queries: np.ndarray, block: np.ndarray, ranks: np.ndarray, scorer: BlockScorer
@@ -351,7 +359,7 @@ def search_shards(
                 top.add_block(queries, block, offset, ranks[offset : offset + len(block)], scorer)
                 offset += len(block)
                 bar.update(len(queries) * len(block))
-        out_scores[start : start + step], out_rows[start : start + step] = top.scores, top.rows
+        out_scores[start : start + step], out_rows[start : start + step] = top.result()
     bar.close()
     scorer.close()
     docids = ids.take(pa.array(out_rows.ravel())).to_pylist()
