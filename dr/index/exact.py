@@ -355,7 +355,7 @@ def search_shards(
         offset = 0
         for path in shard_paths:
             # `block` is a view into the mapped shard: any float32 copy lives inside add_block only
-            for _, block in iter_shard(path, max_rows=max_rows, ids=False):
+            for _, block in iter_shard(path, max_rows=max_rows, ids=False, drop_pages=True):
                 top.add_block(queries, block, offset, ranks[offset : offset + len(block)], scorer)
                 offset += len(block)
                 bar.update(len(queries) * len(block))
