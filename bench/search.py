@@ -101,7 +101,16 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 def measure_full(cmd: list[str]) -> tuple[float, float, float, str]:
     """Run `cmd`; (wall s, peak RSS MiB, CPU s, stdout) of that child alone (its stderr shown on failure)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    # wait4's ru_maxrss of a child of this (large) process starts at this process's RSS at fork time;
+    # /usr/bin/time's child starts small, so its %M is the command's own peak
+    timer = Path("/usr/bin/time")
+    with (
+        tempfile.TemporaryFile() as out,
+        tempfile.TemporaryFile() as err,
+        tempfile.NamedTemporaryFile() as rss,
+    ):
+        if timer.exists():
+            cmd = [str(timer), "-f", "%M", "-o", rss.name, *cmd]
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -110,9 +119,10 @@ def measure_full(cmd: list[str]) -> tuple[float, float, float, str]:
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+        peak_kib = int(Path(rss.name).read_text().split()[-1]) if timer.exists() else usage.ru_maxrss
     if proc.returncode != 0:
         raise SystemExit(f"benchmark step failed: {' '.join(cmd)}\n{stderr[-2000:]}")
-    return wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime, stdout  # maxrss: KiB on Linux
+    return wall, peak_kib / 1024, usage.ru_utime + usage.ru_stime, stdout  # KiB on Linux
 
 
 def compare(dr_run: Path, mono_run: Path) -> tuple[int, int, int]:
