@@ -1,23 +1,33 @@
 """Exact inner-product top-k over passage shards, in bounded memory, with an exact merge.
 
-Passage shards are memory-mapped and read in blocks of at most ``max_memory_bytes`` of float32 vectors.
-Each block is searched with ``faiss.knn`` (inner product) for its top ``depth + 1`` hits, and the block
-results are merged into a running top ``depth`` per query. The final ranking is therefore the same as a
-brute force over the concatenated corpus, whatever the number of shards, blocks or ranks.
+Passage shards are memory-mapped and read in blocks of at most ``max_memory_bytes`` (counted as float32
+vectors). Each block's exact top ``depth`` hits are merged into a running top ``depth`` per query. The
+final ranking is therefore the same as a brute force over the concatenated corpus, whatever the number
+of shards, blocks or ranks.
 
 Ties are resolved deterministically, everywhere, by score descending and then docid ascending
 (string order), including at the depth cut-off:
 
 * the merge across blocks, shards and ranks sorts on the pair (-score, docid), so no tied candidate is
   dropped arbitrarily;
-* inside a block faiss may drop any one of several hits tied at its k-th score. The extra (k+1)-th hit
-  shows when that can happen (k-th score == (k+1)-th score); for those queries only, the block is
-  rescored with numpy (float32) and the exact top k under (-score, docid) is taken. With real float
-  vectors exact ties are rare and this costs nothing; with duplicated passages it costs a matrix-vector
-  product per affected (query, block).
+* the default CPU scorer (``cpu``: numpy's BLAS matmul, `BlockScorer.hits`) keeps every hit scoring at
+  least the running k-th score, ties included, and `TopK` selects under (-score, docid) itself;
+* the other backends (``faiss-cpu``, ``faiss-gpu``, ``torch-cuda``) may drop any one of several hits
+  tied at their k-th score. They are asked for k+1 hits, which shows when that can happen (k-th score ==
+  (k+1)-th score); for those queries only, the block is rescored with numpy (float32) and the exact top k
+  under (-score, docid) is taken.
+
+Why numpy for the CPU: ``faiss.knn`` ran at ~15 % of the machine's float32 GEMM rate (its wheel bundles
+an older OpenBLAS, and its top-k is serial), numpy's matmul + a threshold selection runs close to it.
+The block is converted to float32 tile by tile (a few MB, reused), so no block-sized copy is made.
 """
 
 from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -31,16 +41,43 @@ from dr.index.shards import iter_shard
 _NO_KEY = np.iinfo(np.int64).max  # sort key of an empty result slot: after every real hit
 
 
+_TILE_BYTES = 8 << 20  # float32 passage tile converted and scored at once (reused buffer)
+_SCORE_BYTES = 32 << 20  # bound on one (queries x tile) float32 score matrix
+BACKENDS = ("cpu", "faiss-cpu", "faiss-gpu", "torch-cuda")
+
+
+def _threads() -> int:
+    """Threads for the tile conversion: as many as BLAS may use (OPENBLAS/OMP_NUM_THREADS, else CPUs).
+
+    torchrun sets OMP_NUM_THREADS=1 per rank, so ranks sharing a machine do not oversubscribe it.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return min(cpus, int(value))
+    return max(1, cpus)
+
+
 class BlockScorer:
     """Top-k inner products of a query batch against one block of passages, on the chosen device.
 
-    Backends: ``cpu`` (faiss.knn), ``faiss-gpu`` (a GpuIndexFlatIP per block, fp16 storage optional),
-    ``torch-cuda`` (matmul + topk, for machines with CUDA but a CPU-only faiss).
+    Backends: ``cpu`` (default: numpy matmul over float32 tiles + exact threshold selection, `hits`), ``faiss-cpu`` (faiss.knn, kept for comparison), ``faiss-gpu`` (a GpuIndexFlatIP per
+    block, fp16 storage optional), ``torch-cuda`` (matmul + topk, for machines with CUDA but a CPU-only
+    faiss). Only ``cpu`` takes a block in its stored dtype; the others need a float32 block (`topk`).
     """
 
     def __init__(self, backend: str = "cpu", fp16: bool = False) -> None:
+        if backend not in BACKENDS:
+            raise UsageError(f"search backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         self.backend = backend
         self.fp16 = fp16
+        self.exact = backend == "cpu"  # hits (any float dtype, exact) rather than topk (float32, k+1 check)
+        self._pool: ThreadPoolExecutor | None = None
+        self._buffers: dict[str, np.ndarray] = {}
         if backend == "faiss-gpu":
             import faiss
 
@@ -49,12 +86,17 @@ class BlockScorer:
             self._device = D.default_device()
 
     def topk(self, queries: np.ndarray, block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores float32 (nq, k), block row indices int64 (nq, k)), best first; requires k <= len(block)."""
-        import faiss
+        """(scores float32 (nq, k), block row indices int64 (nq, k)), best first; requires k <= len(block).
 
-        if self.backend == "cpu":
+        Any one of several hits tied at the k-th score may be returned (see `TopK.add_block`).
+        """
+        if self.backend in ("cpu", "faiss-cpu"):
+            import faiss
+
             return faiss.knn(queries, block, k, metric=faiss.METRIC_INNER_PRODUCT)
         if self.backend == "faiss-gpu":
+            import faiss
+
             config = faiss.GpuIndexFlatConfig()
             config.useFloat16 = self.fp16
             config.device = D.get_local_rank() % faiss.get_num_gpus()
@@ -68,6 +110,93 @@ class BlockScorer:
         b = torch.from_numpy(np.ascontiguousarray(block)).to(self._device, dtype)
         scores, idx = torch.topk(q @ b.T, k, dim=1)
         return scores.float().cpu().numpy(), idx.cpu().numpy().astype(np.int64)
+
+    def hits(
+        self, queries: np.ndarray, block: np.ndarray, k: int, thr: np.ndarray
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Every (query, score, block row) with score >= thr[query], tile by tile (``cpu`` backend).
+
+        `block` may be float16 or float32 (a read-only view into the mapped shard is fine); it is
+        converted to float32 one tile at a time into a reused buffer, and scored against tiles of queries
+        so that one score matrix stays within `_SCORE_BYTES`. `thr` (nq,) belongs to the caller, who may
+        raise it between tiles (after a merge). While a query has no threshold yet (-inf), a tile of at
+        least `k` rows raises it to that tile's k-th score: the final k-th score can only be higher, so
+        nothing that can still enter the top k (ties included) is skipped.
+        """
+        nq, dim = queries.shape
+        n = len(block)
+        if n == 0 or nq == 0:
+            return
+        tiles = -(-n // _tile_rows(dim))
+        tile = -(-n // tiles)  # equal tiles: a block of 8192 rows is not cut into 2730 + 2730 + 2730 + 2
+        qstep = min(nq, max(1, _SCORE_BYTES // (4 * tile)))
+        tile_buf = self._buffer("tile", tile * dim) if block.dtype != np.float32 else None
+        score_buf = self._buffer("score", qstep * tile)
+        mask_buf = self._buffer("mask", -(-qstep * tile // 8) * 8, bool)  # whole uint64 words: `_hits`
+        for p0 in range(0, n, tile):
+            part = block[p0 : p0 + tile]
+            t = len(part)
+            if tile_buf is None:
+                tile32 = np.ascontiguousarray(part)
+            else:
+                tile32 = tile_buf[: t * dim].reshape(t, dim)
+                self._convert(part, tile32)
+            for q0 in range(0, nq, qstep):
+                q1 = min(nq, q0 + qstep)
+                scores = score_buf[: (q1 - q0) * t].reshape(q1 - q0, t)
+                np.matmul(queries[q0:q1], tile32.T, out=scores)
+                th = thr[q0:q1]
+                if t >= k and np.isneginf(th).any():
+                    np.maximum(th, np.partition(scores, t - k, axis=1)[:, t - k], out=th)
+                flat = _hits(scores, th, mask_buf)
+                if len(flat):
+                    yield flat // t + q0, scores.ravel()[flat], flat % t + p0
+
+    def _buffer(self, name: str, size: int, dtype=np.float32) -> np.ndarray:
+        """A scratch array of at least `size` elements, kept for the next block (no allocation per tile)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self._buffers[name] = np.zeros(size, dtype=dtype)
+        return buf
+
+    def _convert(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """dst[:] = src as float32, split over the CPUs (numpy's cast is serial and releases the GIL)."""
+        parts = _threads() if src.size >= 1 << 18 else 1
+        if parts == 1:
+            np.copyto(dst, src)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(parts, thread_name_prefix="dr-search-convert")
+        bounds = np.linspace(0, len(src), parts + 1).astype(int)
+        jobs = [
+            self._pool.submit(np.copyto, dst[a:b], src[a:b]) for a, b in itertools.pairwise(bounds) if b > a
+        ]
+        for job in jobs:
+            job.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+def _tile_rows(dim: int) -> int:
+    return max(1, _TILE_BYTES // (4 * dim))
+
+
+def _hits(scores: np.ndarray, thr: np.ndarray, mask_buf: np.ndarray) -> np.ndarray:
+    """Flat indices of `scores` >= the row's threshold, ascending.
+
+    Hits are sparse after the first tiles; scanning the boolean mask as uint64 words (8 flags each) and
+    looking inside the non-zero words only is ~2x cheaper than `np.flatnonzero` over every flag.
+    """
+    size = scores.size
+    words = -(-size // 8)
+    np.greater_equal(scores, thr[:, None], out=mask_buf[:size].reshape(scores.shape))
+    mask_buf[size : words * 8] = False  # padding of the last word
+    nonzero = np.flatnonzero(mask_buf[: words * 8].view(np.uint64))
+    inside = (nonzero[:, None] * 8 + np.arange(8)).ravel()
+    return inside[mask_buf[inside]]
 
 
 def select_topk(scores: np.ndarray, keys: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
@@ -88,27 +217,34 @@ def _exact_block_row(
 
 
 class TopK:
-    """Running exact top-k per query, merged block by block under (score desc, docid asc)."""
+    """Running exact top-k per query, merged block by block under (score desc, docid asc).
+
+    With the ``cpu`` scorer, candidates (every score >= the query's threshold `thr`, ties included) are
+    collected across blocks and merged only when they outnumber the top k itself, so blocks as small as
+    a shard's record batches cost no merge each; `result()` merges what is left.
+    """
 
     def __init__(self, nq: int, k: int) -> None:
         self.k = k
         self.scores = np.full((nq, k), -np.inf, dtype=np.float32)
         self.keys = np.full((nq, k), _NO_KEY, dtype=np.int64)  # docid sort rank: the tie-break
         self.rows = np.full((nq, k), -1, dtype=np.int64)  # global row in the searched shard list
+        self.thr = np.full(nq, -np.inf, dtype=np.float32)  # nothing below can enter (rises only)
+        self._pending: list[tuple[np.ndarray, ...]] = []  # (query, score, key, row) candidates
+        self._npending = 0
 
     def add_block(
         self, queries: np.ndarray, block: np.ndarray, offset: int, ranks: np.ndarray, scorer: BlockScorer
     ):
         """Search `block` (global rows offset..offset+len) and merge; `ranks` are its rows' docid ranks."""
-        n = len(block)
-        kk = min(self.k + 1, n)
-        scores, idx = scorer.topk(queries, block, kk)
-        scores, idx = np.array(scores, dtype=np.float32), np.array(idx, dtype=np.int64)
-        if kk > self.k:
-            # faiss drops an arbitrary one of several hits tied at its k-th score: rescore those queries.
-            for q in np.flatnonzero(scores[:, self.k - 1] == scores[:, self.k]):
-                scores[q, : self.k], idx[q, : self.k] = _exact_block_row(queries[q], block, ranks, self.k)
-            scores, idx = scores[:, : self.k], idx[:, : self.k]
+        if scorer.exact:
+            for q, s, col in scorer.hits(queries, block, self.k, self.thr):
+                self._pending.append((q, s, ranks[col], col + offset))
+                self._npending += len(q)
+                if self._npending > self.scores.size:  # amortized: a merge sorts at most 2x what it keeps
+                    self._merge()
+            return
+        scores, idx = self._block_topk(queries, np.ascontiguousarray(block, np.float32), ranks, scorer)
         valid = idx >= 0
         keys = np.where(valid, ranks[np.where(valid, idx, 0)], _NO_KEY)
         rows = np.where(valid, idx + offset, -1)
@@ -119,6 +255,47 @@ class TopK:
             np.concatenate([self.rows, rows], axis=1),
             self.k,
         )
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (nq, k), global rows (nq, k)) after the last block, best first; unfilled: (-inf, -1)."""
+        self._merge()
+        return self.scores, self.rows
+
+    def _merge(self) -> None:
+        """Replace the top k by the exact top k of itself + the pending candidates, under (-score, key)."""
+        if not self._pending:
+            return
+        nq, k = self.scores.shape
+        held = self.rows.ravel() >= 0
+        parts = [(np.repeat(np.arange(nq), k)[held], self.scores.ravel()[held],
+                  self.keys.ravel()[held], self.rows.ravel()[held]), *self._pending]  # fmt: skip
+        q, s, key, row = (np.concatenate(column) for column in zip(*parts))
+        order = np.lexsort((key, -s, q))
+        q, s, key, row = q[order], s[order], key[order], row[order]
+        starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+        pos = np.arange(len(q)) - np.repeat(starts, np.diff(np.r_[starts, len(q)]))
+        keep = pos < k
+        q, pos = q[keep], pos[keep]
+        self.scores.fill(-np.inf)
+        self.keys.fill(_NO_KEY)
+        self.rows.fill(-1)
+        self.scores[q, pos], self.keys[q, pos], self.rows[q, pos] = s[keep], key[keep], row[keep]
+        np.maximum(self.thr, self.scores[:, -1], out=self.thr)
+        self._pending, self._npending = [], 0
+
+    def _block_topk(
+        self, queries: np.ndarray, block: np.ndarray, ranks: np.ndarray, scorer: BlockScorer
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top k of a float32 block from a backend that returns an arbitrary one of tied k-th hits."""
+        kk = min(self.k + 1, len(block))
+        scores, idx = scorer.topk(queries, block, kk)
+        scores, idx = np.array(scores, dtype=np.float32), np.array(idx, dtype=np.int64)
+        if kk > self.k:
+            # the backend drops an arbitrary one of several hits tied at its k-th score: rescore those.
+            for q in np.flatnonzero(scores[:, self.k - 1] == scores[:, self.k]):
+                scores[q, : self.k], idx[q, : self.k] = _exact_block_row(queries[q], block, ranks, self.k)
+            scores, idx = scores[:, : self.k], idx[:, : self.k]
+        return scores, idx
 
 
 def docid_ranks(ids: pa.ChunkedArray) -> np.ndarray:
@@ -146,8 +323,9 @@ def search_shards(
 ) -> tuple[np.ndarray, list[list[str]]]:
     """Exact top-`depth` inner-product search of `query_vecs` over passage shards.
 
-    Shard metadata is assumed validated (`read_metas`, `check_unique_docids`). At most `max_memory_bytes`
-    of float32 passage vectors are resident at once; each query batch streams over all shards.
+    Shard metadata is assumed validated (`read_metas`, `check_unique_docids`). Blocks hold at most
+    `max_memory_bytes` / (4 * dim) rows (float32-sized, whatever the stored dtype), one at a time; each
+    query batch streams over all shards. `backend`: see `BlockScorer`.
 
     Returns:
         (scores float32 (nq, k), docids: nq lists of k docids), k = min(depth, rows in the shards), each
@@ -164,6 +342,7 @@ def search_shards(
     if k == 0:
         return np.zeros((nq, 0), dtype=np.float32), [[] for _ in range(nq)]
     ranks = docid_ranks(ids)
+    pa.default_memory_pool().release_unused()  # the sort's scratch: keep peak RSS to one block + fixed
     scorer = BlockScorer(backend, fp16)
     step = nq if batch_size is None or batch_size <= 0 else batch_size
     max_rows = _block_rows(dim, max_memory_bytes)
@@ -175,13 +354,14 @@ def search_shards(
         top = TopK(len(queries), k)
         offset = 0
         for path in shard_paths:
-            for _, vectors in iter_shard(path, max_rows=max_rows):
-                block = np.ascontiguousarray(vectors, dtype=np.float32)
+            # `block` is a view into the mapped shard: any float32 copy lives inside add_block only
+            for _, block in iter_shard(path, max_rows=max_rows, ids=False, drop_pages=True):
                 top.add_block(queries, block, offset, ranks[offset : offset + len(block)], scorer)
                 offset += len(block)
                 bar.update(len(queries) * len(block))
-        out_scores[start : start + step], out_rows[start : start + step] = top.scores, top.rows
+        out_scores[start : start + step], out_rows[start : start + step] = top.result()
     bar.close()
+    scorer.close()
     docids = ids.take(pa.array(out_rows.ravel())).to_pylist()
     return out_scores, [docids[i * k : (i + 1) * k] for i in range(nq)]
 

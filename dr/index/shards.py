@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import re
 from collections.abc import Iterator
@@ -303,14 +304,18 @@ def id_strings(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray:
 
 
 def iter_shard(
-    path: str | os.PathLike, max_rows: int | None = None
-) -> Iterator[tuple[list[str], np.ndarray]]:
+    path: str | os.PathLike, max_rows: int | None = None, ids: bool = True, drop_pages: bool = False
+) -> Iterator[tuple[list[str] | None, np.ndarray]]:
     """Yield (ids, vectors) blocks of a shard, memory-mapped where possible.
 
     Blocks follow the file's record batches, further cut to at most `max_rows` rows, so a caller can bound
     how many vectors are resident at once. `vectors` is a read-only (rows, dim) view into the mapped file.
+    With ``ids=False`` the ids are None (not converted to Python strings: a search needs only vectors).
+    With ``drop_pages`` a block's mapped pages leave the process (``MADV_DONTNEED``; the page cache keeps
+    them) when the next block is asked for, so the resident part of the file stays one block, not the
+    whole shard; a block used after that still reads correctly (its pages fault back in).
     """
-    reader = _open(path)
+    reader, mapped = _open_mapped(path) if drop_pages else (_open(path), None)
     meta = ShardMeta.from_arrow(reader.schema.metadata, str(path))
     _check_schema(reader.schema, meta, str(path))
     for i in range(reader.num_record_batches):
@@ -320,7 +325,32 @@ def iter_shard(
         for start in range(0, batch.num_rows, step):
             part = batch.slice(start, step)
             vectors = part.column(1).flatten().to_numpy(zero_copy_only=False).reshape(-1, meta.dim)
-            yield part.column(0).to_pylist(), vectors
+            yield (part.column(0).to_pylist() if ids else None), vectors
+            if mapped is not None:
+                _drop(mapped, vectors)
+
+
+def _open_mapped(path: str | os.PathLike) -> tuple[ipc.RecordBatchFileReader, tuple[mmap.mmap, int]]:
+    """`_open` through a Python mmap, whose pages can be dropped: (reader, (map, its base address))."""
+    try:
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        buffer = pa.py_buffer(mapped)
+        return ipc.open_file(buffer), (mapped, buffer.address)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, ValueError) as err:  # ValueError: empty file
+        raise ShardError(f"{path}: cannot open as an Arrow IPC file (corrupt or truncated?): {err}") from err
+
+
+def _drop(mapped: tuple[mmap.mmap, int], vectors: np.ndarray) -> None:
+    """Drop the whole pages under `vectors` from this process (residency only: the data stays valid)."""
+    if not hasattr(mmap, "MADV_DONTNEED") or vectors.nbytes == 0:
+        return
+    mm, base = mapped
+    start = vectors.ctypes.data - base
+    if not 0 <= start < len(mm):  # not a view into the map (a copy): nothing to drop
+        return
+    first = start // mmap.PAGESIZE * mmap.PAGESIZE
+    mm.madvise(mmap.MADV_DONTNEED, first, min(len(mm), start + vectors.nbytes) - first)
 
 
 def read_shard(path: str | os.PathLike) -> tuple[list[str], np.ndarray, ShardMeta]:
