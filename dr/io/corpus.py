@@ -356,11 +356,19 @@ class TextCorpus:
 
     def records(self, start: int, stop: int) -> tuple[list[str], list[str]]:
         """(ids, texts) of rows [start, stop), text = prefix + optional title + text."""
-        ids = self.ids(start, stop).to_pylist()
-        texts = self.column(self.text_field, start, stop).to_pylist()
+        return self._records(self.table.slice(start, stop - start))
+
+    def records_at(self, rows: Sequence[int]) -> tuple[list[str], list[str]]:
+        """(ids, texts) of the given rows, in their order: random access (one training group's passages)
+        that reads only those rows of the memory-mapped table."""
+        return self._records(self.table.take(pa.array(rows, pa.int64())))
+
+    def _records(self, table: pa.Table) -> tuple[list[str], list[str]]:
+        ids = _as_strings(table.column(self.id_field)).to_pylist()
+        texts = table.column(self.text_field).to_pylist()
         if self.title_field is None:
             return ids, [self.prefix + t for t in texts]
-        titles = self.column(self.title_field, start, stop).to_pylist()
+        titles = table.column(self.title_field).to_pylist()
         return ids, [format_text(t, title, self.prefix) for t, title in zip(texts, titles)]
 
 
