@@ -521,7 +521,8 @@ def _corpus_rows(corpus: TextCorpus, docids: list[str]) -> dict[str, int]:
     wanted = None
     for start in range(0, len(corpus), MATCH_ROWS):
         ids = corpus.ids(start, min(start + MATCH_ROWS, len(corpus)))
-        wanted = wanted or pa.array(docids, ids.type)  # the id column's string type
+        if wanted is None:
+            wanted = pa.array(docids, ids.type)  # in the id column's string type
         where = pc.index_in(ids, value_set=wanted).fill_null(-1).to_numpy(zero_copy_only=False)
         for offset in np.flatnonzero(where >= 0).tolist():
             rows[docids[where[offset]]] = start + offset
