@@ -360,8 +360,12 @@ class TextCorpus:
 
     def records_at(self, rows: Sequence[int]) -> tuple[list[str], list[str]]:
         """(ids, texts) of the given rows, in their order: random access (one training group's passages)
-        that reads only those rows of the memory-mapped table."""
-        return self._records(self.table.take(pa.array(rows, pa.int64())))
+        that reads only those rows of the memory-mapped table.
+
+        One-row slices, not `Table.take`, which concatenates each column's chunks first (~1 s at 1M rows).
+        """
+        slices = [self.table.slice(row, 1) for row in rows]
+        return self._records(pa.concat_tables(slices) if slices else self.table.slice(0, 0))
 
     def _records(self, table: pa.Table) -> tuple[list[str], list[str]]:
         ids = _as_strings(table.column(self.id_field)).to_pylist()
