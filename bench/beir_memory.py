@@ -84,6 +84,18 @@ def child(folder: str, groups: int) -> None:
 
     from dr.train.groups import TrainGroups, load_train_groups
 
+    if not folder:  # the imports alone: the floor every row stands on
+        done.set()
+        print(
+            json.dumps(
+                {
+                    "dr": "imports only",
+                    "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                    "peak_anon_mib": max(peak_anon[0], _anon_kib()) / 1024,
+                }
+            )
+        )
+        return
     start = time.perf_counter()
     source = load_train_groups(folder, split="train", group_size=GROUP)
     dataset = TrainGroups(source, GROUP, seed=42)
@@ -113,11 +125,18 @@ def child(folder: str, groups: int) -> None:
     )
 
 
-def run_child(tree: Path, folder: Path, groups: int) -> dict:
-    """One measurement in a fresh interpreter importing `dr` from `tree`."""
-    env = dict(os.environ, PYTHONPATH=str(tree), HF_DATASETS_CACHE=str(folder / ".hf_cache"))
+def run_child(tree: Path, folder: Path | None, groups: int, cache: Path) -> dict:
+    """One measurement in a fresh interpreter importing `dr` from `tree` (no folder: the imports only)."""
+    env = dict(os.environ, PYTHONPATH=str(tree), HF_DATASETS_CACHE=str(cache))
     env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(folder), "--groups", str(groups)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        str(folder or ""),
+        "--groups",
+        str(groups),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(tree), check=False)
     if proc.returncode != 0:
         raise SystemExit(f"the run with {tree} failed:\n{proc.stderr[-3000:]}")
@@ -136,7 +155,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
+    if args.child is not None:
         child(args.child, args.groups)
         return
     folder = args.folder or Path(
@@ -151,7 +170,8 @@ def main() -> None:
         f"load {os.getloadavg()[0]:.2f}"
     )
     trees = {"this tree": REPO} | ({"compare": args.compare.resolve()} if args.compare else {})
-    cold = run_child(REPO, folder, args.groups)
+    cache = folder / ".hf_cache"
+    cold = run_child(REPO, folder, args.groups, cache)
     print(
         f"cold (converts the JSONL to the Arrow cache): build {cold['build_s']:.1f} s, "
         f"peak RSS {cold['peak_rss_mib']:.0f} MiB, peak anon {cold['peak_anon_mib']:.0f} MiB"
@@ -159,7 +179,7 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in trees}
     for _ in range(args.rounds):
         for name, tree in trees.items():
-            results[name].append(run_child(tree, folder, args.groups))
+            results[name].append(run_child(tree, folder, args.groups, cache))
     checksums = {r["checksum"] for rs in results.values() for r in rs}
     print(
         f"{'tree':<12} {'build s':>8} {'groups s':>9} {'peak RSS MiB':>13} {'peak anon MiB':>14} "
@@ -171,6 +191,10 @@ def main() -> None:
                 f"{name:<12} {r['build_s']:>8.1f} {r['groups_s']:>9.2f} {r['peak_rss_mib']:>13.0f} "
                 f"{r['peak_anon_mib']:>14.0f} {r['arrow_pool_mib']:>15.1f}  {r['dr']}"
             )
+    floor = run_child(REPO, None, 0, cache)
+    print(
+        f"{'imports only':<12} {'':>8} {'':>9} {floor['peak_rss_mib']:>13.0f} {floor['peak_anon_mib']:>14.0f}"
+    )
     print("same groups in every run" if len(checksums) == 1 else f"GROUPS DIFFER: checksums {checksums}")
 
 

@@ -176,3 +176,15 @@ def test_too_small_a_corpus_says_so(tmp_path):
     (folder / "qrels.train.trec").write_text("q0 0 doc1 1\n")
     with pytest.raises(DataError, match="4 documents are too few to sample 3 negatives"):
         load_train_groups(str(folder), split="train", group_size=4)
+
+
+def test_dr_train_names_a_duplicate_docid(beir, tiny_model_dir, tmp_path, capsys):
+    from tests.helpers import command
+
+    _corpus_with(beir, '{"_id": "doc3", "title": "", "text": "again"}')
+    argv = ["--model_name_or_path", str(tiny_model_dir), "--dataset_name", str(beir), "--dataset_split", "train",
+            "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--report_to", "none"]  # fmt: skip
+    assert command("train")(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "duplicate _id 'doc3' at rows 4 and 6" in err
+    assert not (tmp_path / "out" / "dr_config.json").exists()
