@@ -188,3 +188,36 @@ def test_dr_train_names_a_duplicate_docid(beir, tiny_model_dir, tmp_path, capsys
     err = capsys.readouterr().err
     assert "Traceback" not in err and "duplicate _id 'doc3' at rows 4 and 6" in err
     assert not (tmp_path / "out" / "dr_config.json").exists()
+
+
+def test_records_at_reads_rows_across_record_batches():
+    """Random access finds each row in its record batch (several batches of unequal sizes), any order."""
+    import datasets
+    import pyarrow as pa
+
+    from dr.io.corpus import InputSpec, TextCorpus
+
+    rows = [_doc(i) for i in range(10)]
+    batches = [pa.RecordBatch.from_pylist(rows[a:b]) for a, b in ((0, 3), (3, 4), (4, 10))]
+    corpus = TextCorpus(
+        datasets.Dataset(pa.Table.from_batches(batches)), InputSpec("t", "json"), "_id", "text", "title"
+    )
+    wanted = [9, 0, 3, 3, 4, 2]
+    assert corpus.records_at(wanted) == tuple(
+        [part[0] for part in column] for column in zip(*(corpus.records(r, r + 1) for r in wanted))
+    )
+    assert corpus.records_at(wanted)[1][0] == _doc_text("doc9")
+    assert corpus.records_at([]) == ([], [])
+
+
+def test_blank_texts_are_counted_in_steps(tmp_path, monkeypatch):
+    from dr.io import corpus as corpus_module
+    from dr.io.corpus import load_corpus
+
+    write_jsonl(
+        tmp_path / "c.jsonl", [{"_id": f"d{i}", "text": " " if i % 4 == 0 else "x"} for i in range(10)]
+    )
+    corpus = load_corpus(str(tmp_path / "c.jsonl"))
+    assert corpus.validate(0, 10) == 3 and corpus.validate(1, 9) == 2
+    monkeypatch.setattr(corpus_module, "BLANK_CHECK_ROWS", 3)
+    assert corpus.validate(0, 10) == 3 and corpus.validate(1, 9) == 2
