@@ -173,7 +173,7 @@ def main() -> None:
     cache = folder / ".hf_cache"
     cold = run_child(REPO, folder, args.groups, cache)
     print(
-        f"cold (converts the JSONL to the Arrow cache): build {cold['build_s']:.1f} s, "
+        f"first run (converts the JSONL to the Arrow cache unless cached): build {cold['build_s']:.1f} s, "
         f"peak RSS {cold['peak_rss_mib']:.0f} MiB, peak anon {cold['peak_anon_mib']:.0f} MiB"
     )
     results: dict[str, list[dict]] = {name: [] for name in trees}

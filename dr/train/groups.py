@@ -464,6 +464,7 @@ def load_beir_groups(folder: Path, split: str, group_size: int, cache_dir: str |
         corpus = load_corpus(str(folder), side="passage", cache_dir=cache_dir)
         corpus.validate(0, len(corpus))
         corpus.check_unique(0, len(corpus))  # a docid must name one passage (as `dr encode` requires)
+        pa.default_memory_pool().release_unused()  # the check's hash table, else kept for the whole run
         queries = load_corpus(str(folder), side="query", split=split, cache_dir=cache_dir)  # only `split`'s
         queries.validate(0, len(queries))  # a null query text would otherwise fail mid-training
         query_ids = queries.ids(0, len(queries)).to_pylist()
