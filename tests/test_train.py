@@ -432,7 +432,7 @@ def test_beir_folder_scifact():
     groups = TrainGroups(source, group_size=4, seed=0)
     item = groups[(0, 0)]
     assert len(item.passages) == 4 and len(set(item.passage_ids)) == 4
-    assert set(item.positive_ids) <= qrels[source.queries[0][0]]
+    assert set(item.positive_ids) <= qrels[source.query_id(0)]
     assert not set(item.passage_ids[1:]) & set(item.positive_ids)  # sampled negatives exclude positives
 
 

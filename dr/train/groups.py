@@ -30,6 +30,7 @@ from dr.errors import InputError
 from dr.io.corpus import (
     CorpusError,
     InputSpec,
+    TextCorpus,
     explain_load_error,
     format_text,
     load_corpus,
@@ -178,33 +179,47 @@ class TevatronGroups(GroupSource):
 
 
 class BeirGroups(GroupSource):
-    """Groups built from qrels: positives from relevance > 0, negatives sampled from the whole corpus."""
+    """Groups built from qrels: positives from relevance > 0, negatives sampled from the whole corpus.
+
+    The corpus and queries stay memory-mapped Arrow tables (`TextCorpus`); only row numbers are held:
+    the training queries' rows and their positives' corpus rows (CSR: `offsets[i]:offsets[i + 1]` of
+    `positive_rows`, sorted). A group's texts are read from the table when it is served.
+    """
 
     def __init__(
-        self, queries: list[tuple[str, str, list[int]]], corpus_texts: list[str], corpus_ids: list[str]
+        self,
+        corpus: TextCorpus,
+        queries: TextCorpus,
+        query_rows: np.ndarray,
+        offsets: np.ndarray,
+        positive_rows: np.ndarray,
     ) -> None:
-        self.queries = queries  # (qid, text, positive corpus rows)
-        self.corpus_texts = corpus_texts
-        self.corpus_ids = corpus_ids
+        self.corpus = corpus
+        self.queries = queries
+        self.query_rows = query_rows  # row in `queries` of each training query
+        self.offsets = offsets
+        self.positive_rows = positive_rows
+        self._n_docs = len(corpus)
 
     def __len__(self) -> int:
-        return len(self.queries)
+        return len(self.query_rows)
+
+    def query_id(self, index: int) -> str:
+        """The id of training query `index`."""
+        return self.queries.records_at([int(self.query_rows[index])])[0][0]
 
     def group(self, index: int, rng: np.random.Generator, group_size: int) -> TrainItem:
-        _, text, positives = self.queries[index]
+        positives = self.positive_rows[self.offsets[index] : self.offsets[index + 1]].tolist()
         pos = positives[int(rng.integers(len(positives)))]
         excluded, negatives = set(positives), []
         while len(negatives) < group_size - 1:  # rejection sampling: positives are few, the corpus large
-            candidate = int(rng.integers(len(self.corpus_texts)))
+            candidate = int(rng.integers(self._n_docs))
             if candidate not in excluded:
                 negatives.append(candidate)
         rows = [pos, *negatives]
-        return TrainItem(
-            text,
-            [self.corpus_texts[i] for i in rows],
-            [self.corpus_ids[i] for i in rows],
-            [self.corpus_ids[i] for i in positives],
-        )
+        ids, texts = self.corpus.records_at(rows + positives)
+        query = self.queries.records_at([int(self.query_rows[index])])[1][0]
+        return TrainItem(query, texts[: len(rows)], ids[: len(rows)], ids[len(rows) :])
 
 
 # ---- locating and loading --------------------------------------------------------------------------------
@@ -238,7 +253,7 @@ def load_train_groups(
                 f"{spec.describe()}: a BEIR folder has no teacher scores for a distillation loss; build a "
                 "training file (dr mine) and score it (dr score)"
             )
-        return load_beir_groups(Path(spec.files[0]), split, group_size)
+        return load_beir_groups(Path(spec.files[0]), split, group_size, cache_dir)
     if spec.kind == "hub":
         return TevatronGroups(_load_hub(spec, group_size, cache_dir, need_scores))
     if spec.kind not in TRAIN_FORMATS:
@@ -437,16 +452,22 @@ def _first_existing(folder: Path, names: list[str]) -> Path | None:
     return None
 
 
-def load_beir_groups(folder: Path, split: str, group_size: int) -> BeirGroups:
-    """Training groups from a BEIR-style folder: queries of `split` with at least one relevant document."""
+def load_beir_groups(folder: Path, split: str, group_size: int, cache_dir: str | None = None) -> BeirGroups:
+    """Training groups from a BEIR-style folder: queries of `split` with at least one relevant document.
+
+    Memory: the corpus is read through the memory-mapped Arrow cache, as `dr encode` reads it; held in
+    memory are the qrels, the training queries' ids while matching, and row numbers.
+    """
     from dr.io.qrels import read_qrels
 
     try:
-        corpus = load_corpus(str(folder), side="passage")
+        corpus = load_corpus(str(folder), side="passage", cache_dir=cache_dir)
         corpus.validate(0, len(corpus))
-        ids, texts = corpus.records(0, len(corpus))
-        queries = load_corpus(str(folder), side="query", split=split)  # only `split`'s queries
-        query_ids, query_texts = queries.records(0, len(queries))
+        corpus.check_unique(0, len(corpus))  # a docid must name one passage (as `dr encode` requires)
+        pa.default_memory_pool().release_unused()  # the check's hash table, else kept for the whole run
+        queries = load_corpus(str(folder), side="query", split=split, cache_dir=cache_dir)  # only `split`'s
+        queries.validate(0, len(queries))  # a null query text would otherwise fail mid-training
+        query_ids = queries.ids(0, len(queries)).to_pylist()
         r_path = _first_existing(
             folder, [f"qrels.{split}.trec", f"qrels/{split}.tsv", f"qrels.{split}.tsv", "qrels.trec"]
         )
@@ -455,30 +476,55 @@ def load_beir_groups(folder: Path, split: str, group_size: int) -> BeirGroups:
         qrels = read_qrels(r_path)
     except InputError as err:
         raise DataError(str(err)) from err
-    if not texts:
+    if len(corpus) == 0:
         raise DataError(f"{folder}: the corpus has no documents")
-    doc_rows = {docid: row for row, docid in enumerate(ids)}
-    groups, missing_docs = [], 0
-    for qid, text in zip(query_ids, query_texts):
-        positives = []
-        for docid, rel in qrels.get(qid, {}).items():
-            if rel > 0:
-                if docid in doc_rows:
-                    positives.append(doc_rows[docid])
-                else:
-                    missing_docs += 1
+    judged = {qid: [d for d, rel in qrels.get(qid, {}).items() if rel > 0] for qid in query_ids}
+    doc_rows = _corpus_rows(corpus, sorted({d for docs in judged.values() for d in docs}))
+    query_rows, offsets, positive_rows, missing_docs = [], [0], [], 0
+    for row, qid in enumerate(query_ids):
+        positives = sorted(doc_rows[d] for d in judged[qid] if d in doc_rows)
+        missing_docs += len(judged[qid]) - len(positives)
         if positives:
-            groups.append((qid, text, sorted(positives)))
-    if not groups:
+            query_rows.append(row)
+            positive_rows.extend(positives)
+            offsets.append(len(positive_rows))
+    if not query_rows:
         raise DataError(f"{folder}: no query of split {split!r} has a relevant document in {r_path.name}")
-    if len(texts) < group_size + max(len(p) for _, _, p in groups):
-        raise DataError(f"{folder}: {len(texts)} documents are too few to sample {group_size - 1} negatives")
+    most = int(np.diff(offsets).max())
+    if len(corpus) < group_size + most:
+        raise DataError(f"{folder}: {len(corpus)} documents are too few to sample {group_size - 1} negatives")
     logger.info(
         "BEIR folder %s: %d training queries (split %s), %d documents%s",
         folder,
-        len(groups),
+        len(query_rows),
         split,
-        len(texts),
+        len(corpus),
         f"; {missing_docs} qrels point to unknown documents" if missing_docs else "",
     )
-    return BeirGroups(groups, texts, ids)
+    return BeirGroups(
+        corpus,
+        queries,
+        np.asarray(query_rows, dtype=np.int64),
+        np.asarray(offsets, dtype=np.int64),
+        np.asarray(positive_rows, dtype=np.int64),
+    )
+
+
+MATCH_ROWS = 1 << 20  # corpus rows matched against the qrels per step: bounds the temporary arrays
+
+
+def _corpus_rows(corpus: TextCorpus, docids: list[str]) -> dict[str, int]:
+    """docid -> corpus row for the given docids (those in the corpus): one vectorised pass over the id
+    column (a hash set of `docids` only, not of the corpus), so no Python object per passage is made."""
+    if not docids:
+        return {}
+    rows: dict[str, int] = {}
+    wanted = None
+    for start in range(0, len(corpus), MATCH_ROWS):
+        ids = corpus.ids(start, min(start + MATCH_ROWS, len(corpus)))
+        if wanted is None:
+            wanted = pa.array(docids, ids.type)  # in the id column's string type
+        where = pc.index_in(ids, value_set=wanted).fill_null(-1).to_numpy(zero_copy_only=False)
+        for offset in np.flatnonzero(where >= 0).tolist():
+            rows[docids[where[offset]]] = start + offset
+    return rows
