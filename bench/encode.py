@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_fp32", action="store_true", help="skip the fp32 runs (with --bf16)")
     parser.add_argument("--procs", type=int, default=2, help="processes of the multi-process comparison")
     parser.add_argument("--skip_multi", action="store_true", help="skip the multi-process comparison")
+    parser.add_argument("--skip_single", action="store_true", help="only the multi-process comparison")
     parser.add_argument("--skip_tevatron", action="store_true")
     parser.add_argument("--tevatron_python", default=TEVATRON_PYTHON, help="python of the Tevatron venv")
     parser.add_argument("--dr_variants", default="", help=f"comma-separated dr levers: {','.join(DR_VARIANTS)}")
@@ -260,13 +261,14 @@ def systems(opts: argparse.Namespace, texts: Path, tokens: Path) -> list[tuple[s
         def st(procs: int = 1, p: str = precision) -> None:
             out.append(("st", p, procs, partial(run_worker, opts, worker="st", texts=texts, precision=p, procs=procs)))
 
-        dr("dr")
-        if precision == "bf16":
-            dr("dr autocast", extra=("--precision_mode", "autocast"))
-        st()
-        for v in variants:
-            dr(f"dr {v}", extra=tuple(DR_VARIANTS[v]))
-        if precision == "fp32" and not opts.skip_tevatron:
+        if not opts.skip_single:
+            dr("dr")
+            if precision == "bf16":
+                dr("dr autocast", extra=("--precision_mode", "autocast"))
+            st()
+            for v in variants:
+                dr(f"dr {v}", extra=tuple(DR_VARIANTS[v]))
+        if precision == "fp32" and not opts.skip_tevatron and not opts.skip_single:
             tev = partial(run_worker, opts, worker="tevatron", texts=tokens, precision="fp32", procs=1)
             out.append(("tevatron", "fp32", 1, tev))
         if not opts.skip_multi and opts.procs > 1:
@@ -361,7 +363,7 @@ def print_table(opts, results: dict, note: str, quality: dict | None) -> None:
     print("| system | precision | processes | passages/s (mean, runs) | CPU s / 1k passages | dr / ST passages/s "
           "| max abs diff vs ST fp32 | min cosine vs ST fp32 |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
-    reference = results.get(("st", "fp32", 1), [{}])[0].get("vectors")
+    reference = (results.get(("st", "fp32", 1)) or results.get(("st", "fp32", opts.procs)) or [{}])[0].get("vectors")
 
     def rate(key):
         runs = results.get(key, [])

@@ -108,3 +108,22 @@ def test_choose_precision_rules():
     assert [parse_bf16(v) for v in (True, False, None, "YES", "0", "Auto")] == [
         "true", "false", "false", "true", "false", "auto"
     ]  # fmt: skip
+
+
+def test_threads_per_rank(monkeypatch):
+    import torch
+
+    from dr.index.encode import set_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    try:
+        cpu = torch.device("cpu")
+        assert set_threads(None, cpu, {"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}) == 4  # torchrun's 1
+        assert set_threads(None, cpu, {"LOCAL_WORLD_SIZE": "4"}) == 2
+        assert set_threads(3, cpu, {"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}) == 3  # the flag wins
+        torch.set_num_threads(1)
+        assert set_threads(None, cpu, {"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "3"}) == 1  # the user's: kept
+        assert set_threads(None, cpu, {}) == 1  # one process: torch's own setting
+    finally:
+        torch.set_num_threads(before)
