@@ -207,7 +207,7 @@ def run_dr(opts, workdir: Path, name: str, procs: int, extra: list[str], data: s
         "-m", "dr.encode", "--model_name_or_path", opts.model, "--pooling", "mean", "--normalize", "true",
         "--dataset_name", data or opts.corpus, "--p_max_len", str(opts.p_max_len),
         "--per_device_eval_batch_size", str(opts.batch_size), "--encoded_save_path", str(out / "c"),
-        "--dataset_cache_dir", str(workdir / "cache"), "--overwrite",
+        "--dataset_cache_dir", str(workdir / "cache"), "--overwrite", "--num_threads", str(max(1, opts.threads // procs)),
     ]  # fmt: skip
     if data is None:
         argv += ["--max_rows", str(opts.rows)]
