@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(opts.corpus).is_file():
         print(f"bench/encode.py: corpus {opts.corpus} not found", file=sys.stderr)
         return 2
-    note = "" if opts.skip_tevatron else tevatron_available(opts)
+    note = "" if opts.skip_tevatron or opts.skip_single else tevatron_available(opts)
     if note:
         opts.skip_tevatron = True
     results: dict[tuple[str, str, int], list[dict]] = {}
