@@ -19,8 +19,8 @@ import os
 import resource
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from dr.index.shards import (
 )
 from dr.io.atomic import remove_stale_temporaries, write_json_atomic
 from dr.io.corpus import TextCorpus, load_corpus
+from dr.model.precision import PRECISION_MODES, Precision, cast_for_inference, choose_precision, parse_bf16
 from dr.model.text import pad_rows, tokenize, tokenize_unpadded
 
 logger = logging.getLogger("dr.encode")
@@ -101,8 +102,33 @@ class EncodeArguments:
     per_device_eval_batch_size: int = field(
         default=128, metadata={"help": "Texts per forward pass per rank."}
     )
-    fp16: bool = field(default=False, metadata={"help": "float16 autocast (needs a CUDA GPU)."})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (GPU or CPU)."})
+    fp16: bool = field(default=False, metadata={"help": "float16 (needs a CUDA GPU); see --precision_mode."})
+    bf16: str = field(
+        default="false",
+        metadata={
+            "help": "bfloat16: true (--bf16 alone) | false | auto (bf16 where the GPU/CPU has it natively, "
+            "e.g. AVX-512 BF16 or AMX; else float32, faster on CPUs that emulate bf16). See --precision_mode.",
+            "nargs": "?",
+            "const": "true",
+        },
+    )
+    precision_mode: str = field(
+        default="weights",
+        metadata={
+            "help": "How --bf16/--fp16 apply: weights (cast the model once; pooling and normalisation in "
+            "float32; fastest) | autocast (float32 weights, torch.autocast per batch; slightly closer to "
+            "float32 vectors).",
+            "choices": PRECISION_MODES,
+        },
+    )
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "torch threads per rank on CPU. Default: OMP_NUM_THREADS in a single process; with "
+            "several ranks on a node, this process's CPUs / local ranks (torchrun's OMP_NUM_THREADS=1 "
+            "default is overridden; other values are kept)."
+        },
+    )
     dataloader_num_workers: int = field(
         default=1, metadata={"help": "Tokenizer worker processes per rank (0: tokenize in the main process)."}
     )
@@ -143,8 +169,16 @@ class EncodeArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.fp16 and self.bf16:
+        try:
+            self.bf16 = parse_bf16(self.bf16)  # a config file may give a YAML boolean
+        except ValueError as err:
+            raise EncodeError(str(err)) from None
+        if self.fp16 and self.bf16 != "false":
             raise EncodeError("--fp16 and --bf16 are mutually exclusive")
+        if self.precision_mode not in PRECISION_MODES:
+            raise EncodeError(f"--precision_mode must be one of {PRECISION_MODES}, got {self.precision_mode!r}")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise EncodeError(f"--num_threads must be >= 1, got {self.num_threads}")
         if self.embedding_dtype not in ("float32", "float16"):
             raise EncodeError(f"--embedding_dtype must be float32 or float16, got {self.embedding_dtype!r}")
         if self.duplicate_check not in _DUPLICATE_CHECKS:
@@ -275,15 +309,33 @@ def load_encoder(model_args: ModelArguments, data_args: DataArguments, device: t
     return model.to(device).eval(), tokenizer
 
 
-def autocast_context(args: EncodeArguments, device: torch.device):
-    """fp16/bf16 autocast for `device`; fp16 needs CUDA (CPU float16 matmuls are slow or unsupported)."""
-    if args.fp16:
-        if device.type != "cuda":
-            raise EncodeError("--fp16 needs a CUDA GPU; on CPU use --bf16 or leave both off (float32)")
-        return torch.autocast("cuda", dtype=torch.float16)
-    if args.bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+def resolve_precision(args: EncodeArguments, device: torch.device) -> Precision:
+    """The precision of this run (`dr.model.precision.choose_precision`); fp16 needs CUDA (CPU float16
+    matmuls are slow or unsupported)."""
+    try:
+        return choose_precision(args.bf16, args.fp16, args.precision_mode, device.type)
+    except ValueError as err:
+        raise EncodeError(str(err)) from None
+
+
+def set_threads(requested: int | None, device: torch.device, env: dict[str, str] | None = None) -> int:
+    """Set torch's intra-op threads for this rank on CPU and return the number.
+
+    Several ranks on one node must share its cores: torchrun sets OMP_NUM_THREADS=1 for every rank when
+    the caller did not set it, which leaves cores idle on a machine with more cores than ranks, so that
+    value is replaced by this process's CPUs / local ranks. Any other OMP_NUM_THREADS is the user's.
+    """
+    env = os.environ if env is None else env
+    if device.type != "cpu":
+        return torch.get_num_threads()
+    local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    omp = env.get("OMP_NUM_THREADS")
+    if requested is None and local > 1 and omp in (None, "1"):
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        requested = max(1, cpus // local)
+    if requested is not None:
+        torch.set_num_threads(requested)
+    return torch.get_num_threads()
 
 
 # ---- batches: length-sorted windows, tokenized in DataLoader workers ---------------------------------------
@@ -352,7 +404,8 @@ def make_loader(
 
 
 def encode_fn(model: Any, side: str):
-    return model.encode_query if side == "query" else model.encode_passage
+    """The model's query or passage encoder, pooling and normalising in float32 (bf16/fp16 weights)."""
+    return partial(model.encode_query if side == "query" else model.encode_passage, float32=True)
 
 
 def probe_dim(model: Any, tokenizer: Any, side: str, device: torch.device) -> int:
@@ -562,11 +615,15 @@ def run_encode(model_args: ModelArguments, data_args: DataArguments, args: Encod
     rank, world = dist.get_rank(), dist.get_world_size()
     log = logger.info
     device = dist.default_device()
-    amp = autocast_context(args, device)
+    precision = resolve_precision(args, device)
+    threads = set_threads(args.num_threads, device)
     _, pickle_note = output_base(args)
     if pickle_note and rank == 0:
         log(pickle_note)
     model, tokenizer = load_encoder(model_args, data_args, device)
+    model, amp = cast_for_inference(model, precision, device.type)
+    if rank == 0:
+        log(f"precision: {precision.describe()}; {threads} torch threads per rank")
     # Pooling, normalize, prefixes and max lengths: flag > what `dr train` saved > default (resolved once).
     cfg = model.encoder_config
     query = args.encode_is_qry
@@ -603,6 +660,8 @@ def run_encode(model_args: ModelArguments, data_args: DataArguments, args: Encod
             "max_length": max_length,
             "append_eos": cfg.append_eos,
             "dim": dim,
+            "precision": precision.as_dict(),
+            "torch_threads": threads,
         },
     }
     if rank == 0:

@@ -174,20 +174,22 @@ class BiEncoder(nn.Module):
         return self.passage_encoder if self.passage_encoder is not None else self.query_encoder
 
     # ---- encoding -----------------------------------------------------------------------------------
-    def _encode(self, encoder: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _encode(self, encoder: nn.Module, batch: dict[str, torch.Tensor], float32: bool = False) -> torch.Tensor:
         hidden = encoder(**batch, return_dict=True).last_hidden_state  # (B, L, d)
+        if float32:  # a model cast to bf16/fp16 for encoding: pool and normalise at full precision
+            hidden = hidden.float()
         reps = pool(hidden, batch["attention_mask"], self.encoder_config.pooling)  # (B, d)
         if self.encoder_config.normalize:
             reps = nn.functional.normalize(reps, p=2, dim=-1)
         return reps
 
-    def encode_query(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Tokenised queries -> (B, d) vectors."""
-        return self._encode(self.query_encoder, batch)
+    def encode_query(self, batch: dict[str, torch.Tensor], float32: bool = False) -> torch.Tensor:
+        """Tokenised queries -> (B, d) vectors (`float32`: pooled and normalised in float32)."""
+        return self._encode(self.query_encoder, batch, float32)
 
-    def encode_passage(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Tokenised passages -> (B, d) vectors."""
-        return self._encode(self.passage_model, batch)
+    def encode_passage(self, batch: dict[str, torch.Tensor], float32: bool = False) -> torch.Tensor:
+        """Tokenised passages -> (B, d) vectors (`float32`: pooled and normalised in float32)."""
+        return self._encode(self.passage_model, batch, float32)
 
     def forward(
         self,
