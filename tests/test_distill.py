@@ -139,18 +139,18 @@ def scored_rows(n_queries: int, n_negatives: int = 3, seed: int = 0) -> list[dic
 
 
 def _train_flags(model_dir: Path, data: Path, out: Path, **extra: object) -> list[str]:
-    values = dict(
-        model_name_or_path=model_dir,
-        dataset_name=data,
-        output_dir=out,
-        per_device_train_batch_size=2,
-        train_n_passages=3,
-        max_steps=1,
-        save_strategy="no",
-        q_max_len=16,
-        p_max_len=32,
-        loss="kl",
-    )
+    values = {
+        "model_name_or_path": model_dir,
+        "dataset_name": data,
+        "output_dir": out,
+        "per_device_train_batch_size": 2,
+        "train_n_passages": 3,
+        "max_steps": 1,
+        "save_strategy": "no",
+        "q_max_len": 16,
+        "p_max_len": 32,
+        "loss": "kl",
+    }
     values.update(extra)
     return as_flags(**values)
 
