@@ -30,7 +30,7 @@ weights="${WEIGHTS:-0.5 1.0}"
 encode_set="${ENCODE_SET:-encode.bf16=auto}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 dr() { "$py" -m dr.cli "$@"; }
-step() { echo "+ $*"; "$@"; }
+step() { echo "+ $*" >&2; "$@"; }
 start=$(date +%s)
 
 r1="$root/fine-tuned"
