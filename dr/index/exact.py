@@ -38,7 +38,7 @@ from dr.errors import UsageError
 from dr.index.shard_set import id_column
 from dr.index.shards import iter_shard
 
-_NO_KEY = np.iinfo(np.int64).max  # sort key of an empty result slot: after every real hit
+NO_KEY = np.iinfo(np.int64).max  # sort key of an empty result slot: after every real hit
 
 
 _TILE_BYTES = 8 << 20  # float32 passage tile converted and scored at once (reused buffer)
@@ -227,7 +227,7 @@ class TopK:
     def __init__(self, nq: int, k: int) -> None:
         self.k = k
         self.scores = np.full((nq, k), -np.inf, dtype=np.float32)
-        self.keys = np.full((nq, k), _NO_KEY, dtype=np.int64)  # docid sort rank: the tie-break
+        self.keys = np.full((nq, k), NO_KEY, dtype=np.int64)  # docid sort rank: the tie-break
         self.rows = np.full((nq, k), -1, dtype=np.int64)  # global row in the searched shard list
         self.thr = np.full(nq, -np.inf, dtype=np.float32)  # nothing below can enter (rises only)
         self._pending: list[tuple[np.ndarray, ...]] = []  # (query, score, key, row) candidates
@@ -245,9 +245,17 @@ class TopK:
                     self._merge()
             return
         scores, idx = self._block_topk(queries, np.ascontiguousarray(block, np.float32), ranks, scorer)
-        valid = idx >= 0
-        keys = np.where(valid, ranks[np.where(valid, idx, 0)], _NO_KEY)
-        rows = np.where(valid, idx + offset, -1)
+        self.add_candidates(scores, idx, offset, ranks)
+
+    def add_candidates(self, scores: np.ndarray, local: np.ndarray, offset: int, ranks: np.ndarray) -> None:
+        """Merge one block's fixed-width candidates: (nq, c) `scores` at block rows `local` (-1: none).
+
+        `ranks` are the docid ranks of the block's rows (a slice of the global ranks is fine), so a
+        candidate's key is ``ranks[local]`` and its global row ``local + offset``.
+        """
+        valid = local >= 0
+        keys = np.where(valid, ranks[np.where(valid, local, 0)], NO_KEY)
+        rows = np.where(valid, local + offset, -1)
         scores = np.where(valid, scores, -np.inf).astype(np.float32)
         self.scores, self.keys, self.rows = select_topk(
             np.concatenate([self.scores, scores], axis=1),
@@ -277,7 +285,7 @@ class TopK:
         keep = pos < k
         q, pos = q[keep], pos[keep]
         self.scores.fill(-np.inf)
-        self.keys.fill(_NO_KEY)
+        self.keys.fill(NO_KEY)
         self.rows.fill(-1)
         self.scores[q, pos], self.keys[q, pos], self.rows[q, pos] = s[keep], key[keep], row[keep]
         np.maximum(self.thr, self.scores[:, -1], out=self.thr)

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from pyarrow import ipc
 
-from dr.index.exact import docid_ranks, select_topk
+from dr.index.exact import NO_KEY, TopK, docid_ranks, select_topk
 from dr.index.quantize import (
     Int8Calibration,
     QuantizedShard,
@@ -48,8 +48,6 @@ from dr.index.shard_set import id_column
 from dr.index.shards import ShardMeta
 
 logger = logging.getLogger("dr.search")
-
-_NO_KEY = np.iinfo(np.int64).max
 
 
 @dataclass
@@ -93,31 +91,9 @@ def open_checked(
     return opened
 
 
-class _Running:
-    """Running top-`c` per query under (score desc, docid rank asc), merged block by block."""
-
-    def __init__(self, nq: int, c: int) -> None:
-        self.c = c
-        self.scores = np.full((nq, c), -np.inf, dtype=np.float32)
-        self.keys = np.full((nq, c), _NO_KEY, dtype=np.int64)
-        self.rows = np.full((nq, c), -1, dtype=np.int64)
-
-    def add(self, scores: np.ndarray, local: np.ndarray, offset: int, ranks: np.ndarray) -> None:
-        valid = local >= 0
-        rows = np.where(valid, local + offset, -1)
-        keys = np.where(valid, ranks[np.where(valid, rows, 0)], _NO_KEY)
-        scores = np.where(valid, scores, -np.inf).astype(np.float32)
-        self.scores, self.keys, self.rows = select_topk(
-            np.concatenate([self.scores, scores], axis=1),
-            np.concatenate([self.keys, keys], axis=1),
-            np.concatenate([self.rows, rows], axis=1),
-            self.c,
-        )
-
-
 def _first_pass(
     queries: np.ndarray, opened, kind: str, dim: int, c: int, ranks: np.ndarray, max_memory_bytes: int
-) -> _Running:
+) -> TopK:
     """Top-`c` first-pass candidates of `queries` over every quantized shard, streamed in blocks."""
     import faiss
 
@@ -130,7 +106,7 @@ def _first_pass(
         qscaled = np.ascontiguousarray(queries * calibration.scale, dtype=np.float32)
         shift = (queries @ (calibration.offset + np.float32(128) * calibration.scale)).astype(np.float32)
         max_rows = max(1, max_memory_bytes // (dim * 4))
-    top = _Running(len(queries), c)
+    top = TopK(len(queries), c)  # its fixed-width merge; keys: docid ranks of the global rows
     offset = 0
     for _, reader in opened:
         for block in iter_codes(reader, width, max_rows):
@@ -142,7 +118,7 @@ def _first_pass(
                 floats = np.ascontiguousarray(block, dtype=np.float32)
                 scores, local = faiss.knn(qscaled, floats, kk, metric=faiss.METRIC_INNER_PRODUCT)
                 scores = scores + shift[:, None]
-            top.add(scores, local.astype(np.int64), offset, ranks)
+            top.add_candidates(scores, local.astype(np.int64), offset, ranks[offset : offset + len(block)])
             offset += len(block)
     return top
 
@@ -185,7 +161,7 @@ class _RowReader:
 
 
 def _rescore(
-    queries: np.ndarray, top: _Running, reader: _RowReader, ranks: np.ndarray, k: int, max_memory_bytes: int
+    queries: np.ndarray, top: TopK, reader: _RowReader, ranks: np.ndarray, k: int, max_memory_bytes: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact float scores of each query's candidates; the top `k` under (score desc, docid asc).
 
@@ -208,7 +184,7 @@ def _rescore(
         for j, query in enumerate(queries[start : start + step].astype(np.float64)):  # cache-sized gathers
             scores[j] = np.einsum("cd,d->c", vectors[slots[j]], query, dtype=np.float64)
         scores[~valid] = -np.inf
-        keys = np.where(valid, ranks[np.where(valid, rows, 0)], _NO_KEY)
+        keys = np.where(valid, ranks[np.where(valid, rows, 0)], NO_KEY)
         best_scores, _, best_rows = select_topk(scores, keys, rows, k)
         out_scores[start : start + step], out_rows[start : start + step] = best_scores, best_rows
     return out_scores, out_rows
