@@ -13,26 +13,16 @@ import pytest
 from dr.index.quantize import Int8Calibration
 from dr.io.runs import read_run
 from tests.helpers import command
-from tests.test_search import make_corpus, meta, write_queries
+from tests.test_search import make_corpus, meta, tied_data, write_queries
 
 quantize = command("quantize")
 search = command("search")
 DIM = 16
 
 
-def tied_data(n: int = 240, nq: int = 9, seed: int = 0):
-    """Small-integer vectors with duplicated rows: exactly representable scores, many exact ties."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(-2, 3, size=(40, DIM)).astype(np.float32)
-    passages = base[rng.integers(0, len(base), size=n)]
-    queries = rng.integers(-2, 3, size=(nq, DIM)).astype(np.float32)
-    ids = [f"p{j:04d}" for j in rng.permutation(n)]
-    return queries, passages, ids
-
-
 @pytest.fixture
 def corpus(tmp_path):
-    queries, passages, ids = tied_data()
+    queries, passages, ids = tied_data(240, 9, dim=DIM, distinct=40)
     paths = make_corpus(tmp_path, passages, ids, [70, 0, 90, 80])
     write_queries(tmp_path / "q.arrow", queries)
     return tmp_path, paths, passages, ids

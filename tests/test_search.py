@@ -75,6 +75,17 @@ def random_data(n: int, nq: int, seed: int = 0, dim: int = DIM):
     return queries, passages, ids
 
 
+def tied_data(n: int, nq: int, dim: int = 8, distinct: int = 9, seed: int = 0):
+    """Small-integer vectors (exact in float16, any summation order) drawn from `distinct` rows: many
+    passages share each score, so ties straddle every cut-off; docids unrelated to row order."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(-2, 3, size=(distinct, dim)).astype(np.float32)
+    passages = base[rng.integers(0, len(base), size=n)]
+    queries = rng.integers(-2, 3, size=(nq, dim)).astype(np.float32)
+    ids = [f"p{j:05d}" for j in rng.permutation(n)]
+    return queries, passages, ids
+
+
 @pytest.mark.parametrize(
     "sizes",
     [[300], [120, 180], [5, 0, 150, 44, 101]],

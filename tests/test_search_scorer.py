@@ -8,18 +8,7 @@ import pytest
 
 from dr.index import exact
 from dr.index.exact import BlockScorer, TopK, search_shards
-from tests.test_search import brute_force, make_corpus, random_data
-
-
-def tied_data(n: int, nq: int, dim: int = 8, seed: int = 0):
-    """Small-integer vectors (exact in float16, any summation order) drawn from few distinct rows: many
-    passages share each score, so ties straddle every cut-off; docids unrelated to row order."""
-    rng = np.random.default_rng(seed)
-    base = rng.integers(-2, 3, size=(9, dim)).astype(np.float32)
-    passages = base[rng.integers(0, len(base), size=n)]
-    queries = rng.integers(-2, 3, size=(nq, dim)).astype(np.float32)
-    ids = [f"p{j:05d}" for j in rng.permutation(n)]
-    return queries, passages, ids
+from tests.test_search import brute_force, make_corpus, random_data, tied_data
 
 
 @pytest.fixture
