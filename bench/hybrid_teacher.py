@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 
 import numpy as np
 
 from dr.demo.cli import bm25_index, read_texts
+from dr.io.atomic import atomic_path
 
 
 def fuse(dense: np.ndarray, lexical: np.ndarray, weight: float) -> np.ndarray:
@@ -59,14 +59,12 @@ def read_vectors(pattern: str) -> dict[str, np.ndarray]:
     """id -> float32 vector of every row of the Arrow shards matching `pattern` (small corpora only)."""
     import glob
 
-    import pyarrow as pa
+    from dr.index.shards import read_shard
 
     vectors: dict[str, np.ndarray] = {}
     for path in sorted(glob.glob(pattern)):
-        table = pa.ipc.open_file(path).read_all()
-        matrix = np.asarray(table["embedding"].combine_chunks().flatten(), dtype=np.float32)
-        matrix = matrix.reshape(table.num_rows, -1)
-        vectors.update(zip(table["id"].to_pylist(), matrix))
+        ids, matrix, _ = read_shard(path)
+        vectors.update(zip(ids, matrix.astype(np.float32)))
     return vectors
 
 
@@ -77,22 +75,19 @@ def score_from_vectors(source: str, query_reps: str, passage_reps: str, output: 
     without encoding every pair again (12.9k SciFact pairs: ~45 min on 2 CPU cores without AVX-512).
     """
     queries, passages = read_vectors(query_reps), read_vectors(passage_reps)
-    tmp = f"{output}.tmp"
-    with open(source, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+    with open(source, encoding="utf-8") as src, atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as dst:
         for line in src:
             row = json.loads(line)
             q = queries[str(row["query_id"])]
             for passage in row["positive_passages"] + row["negative_passages"]:
                 passage["score"] = float(q @ passages[str(passage["docid"])])
             dst.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, output)
 
 
 def fuse_training_file(scored: str, corpus: str, output: str, weight: float) -> None:
     """Rewrite every passage's `score` in a `dr score` output as the hybrid score; atomic output."""
     lexical = LexicalScorer(corpus)
-    tmp = f"{output}.tmp"
-    with open(scored, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+    with open(scored, encoding="utf-8") as src, atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as dst:
         for line in src:
             row = json.loads(line)
             passages = row["positive_passages"] + row["negative_passages"]
@@ -101,7 +96,6 @@ def fuse_training_file(scored: str, corpus: str, output: str, weight: float) -> 
             for passage, value in zip(passages, fused):
                 passage["score"] = float(value)
             dst.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, output)
 
 
 def fuse_run(run_path: str, queries: str, corpus: str, qrels: str, output: str, weight: float) -> dict:
