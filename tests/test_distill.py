@@ -398,6 +398,34 @@ def test_score_two_ranks_equal_one_process_and_resume(tiny_model_dir, score_inpu
         assert proc.returncode == 2 and "another input or teacher" in proc.stderr
 
 
+def test_bi_teacher_scores_each_pair_as_its_own_forward(tiny_model_dir):
+    """Distinct texts are encoded once, length-sorted and padded together: each score still equals q.p of
+    the query and the passage encoded alone, recurring queries and passages included, in input order."""
+    from dr.eval.score import load_teacher, score_rows
+    from dr.eval.score_cli import build_parser
+    from dr.train.groups import passage_text
+    from tests.helpers import TOPICS
+
+    rows = make_train_rows(5, n_negatives=3, seed=4)
+    rows[3]["query"] = rows[0]["query"]  # a recurring query
+    passages = [p for row in rows for p in row["positive_passages"] + row["negative_passages"]]
+    for k, p in enumerate(passages):  # lengths 8..11 tokens in no order: the sort reorders the batches
+        p["text"] += " " + " ".join(TOPICS[: k * 7 % 4])
+    rows[4]["negative_passages"][1] = dict(rows[1]["positive_passages"][0])  # a recurring passage
+    args = build_parser().parse_args(as_flags(model_name_or_path=tiny_model_dir, teacher_type="bi",
+                                              dataset_name="x", output="y", p_max_len=12))  # fmt: skip
+    teacher = load_teacher(args, torch.device("cpu"))
+    assert score_rows(rows, teacher, batch_size=3) == 20
+    model, tok = teacher.model, teacher.tokenizer
+    with torch.inference_mode():
+        for row in rows:
+            q = model.encode_query(dict(tok([row["query"]], truncation=True, max_length=teacher.q_max_len,
+                                            return_tensors="pt")))[0]  # fmt: skip
+            for p in row["positive_passages"] + row["negative_passages"]:
+                batch = tok([passage_text(p)], truncation=True, max_length=12, return_tensors="pt")
+                assert p["score"] == pytest.approx(float(q @ model.encode_passage(dict(batch))[0]), abs=1e-5)
+
+
 def test_score_bad_rows_exit_1_and_publish_nothing(tiny_model_dir, tmp_path):
     from dr.eval.score_cli import main
 

@@ -138,6 +138,16 @@ class CrossTeacher:
             logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits  # (N, labels)
         return logits[:, self.column].float().cpu().tolist()
 
+    def score_pairs(self, queries: list[str], passages: list[str], batch_size: int) -> list[float]:
+        """Every pair's logit, in input order, batched longest first (similar lengths pad little)."""
+        order = sorted(range(len(queries)), key=lambda i: -(len(queries[i]) + len(passages[i])))
+        scores = [0.0] * len(queries)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, value in zip(chunk, self.score([queries[i] for i in chunk], [passages[i] for i in chunk])):
+                scores[i] = value
+        return scores
+
 
 class BiTeacher:
     """score(query, passage) = q.p of a bi-encoder, encoded exactly as `dr encode` would."""
@@ -167,25 +177,43 @@ class BiTeacher:
             "passage_prefix": cfg.passage_prefix,
         }
 
-    def _encode(self, texts: list[str], max_length: int, encode: Any) -> Any:
+    def _encode_all(self, texts: list[str], max_length: int, encode: Any, batch_size: int) -> Any:
+        """float32 (len(texts), d) on the CPU, encoded in batches of similar token lengths, longest first."""
+        import torch
+
         from dr.model.text import tokenize_unpadded
 
         rows = tokenize_unpadded(self.tokenizer, texts, max_length, bool(self.config.append_eos))
-        batch = self.tokenizer.pad(rows, padding=True, return_tensors="pt")
-        return encode({k: v.to(self.device) for k, v in batch.items()}).float()  # (N, d)
+        order = sorted(range(len(texts)), key=lambda i: -len(rows["input_ids"][i]))
+        out = None
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = self.tokenizer.pad({k: [v[i] for i in chunk] for k, v in rows.items()}, return_tensors="pt")
+            vectors = encode({k: v.to(self.device) for k, v in batch.items()}).float().cpu()
+            if out is None:
+                out = torch.empty(len(texts), vectors.shape[1], dtype=torch.float32)
+            out[chunk] = vectors
+        return out
 
-    def score(self, queries: list[str], passages: list[str]) -> list[float]:
+    def score_pairs(self, queries: list[str], passages: list[str], batch_size: int) -> list[float]:
+        """q.p of every pair, in input order. Each distinct query and passage text is encoded once: a
+        window's rows share queries (one per group) and often passages (mined negatives recur)."""
         import torch
 
+        if not queries:
+            return []
         cfg = self.config
-        # A batch holds a few queries, each with its whole group: encode every distinct query once.
-        distinct = list(dict.fromkeys(queries))
-        which = torch.tensor([distinct.index(t) for t in queries]) if len(distinct) > 1 else None
+        q_texts, p_texts = list(dict.fromkeys(queries)), list(dict.fromkeys(passages))
         with torch.inference_mode():
-            q = self._encode([cfg.query_prefix + t for t in distinct], self.q_max_len, self.model.encode_query)
-            q = q[which.to(q.device)] if which is not None else q.expand(len(queries), -1)
-            p = self._encode([cfg.passage_prefix + t for t in passages], self.p_max_len, self.model.encode_passage)
-            return (q * p).sum(-1).cpu().tolist()
+            q = self._encode_all([cfg.query_prefix + t for t in q_texts], self.q_max_len, self.model.encode_query,
+                                 batch_size)  # fmt: skip
+            p = self._encode_all([cfg.passage_prefix + t for t in p_texts], self.p_max_len,
+                                 self.model.encode_passage, batch_size)  # fmt: skip
+        q_row = {t: i for i, t in enumerate(q_texts)}
+        p_row = {t: i for i, t in enumerate(p_texts)}
+        q = q[torch.tensor([q_row[t] for t in queries])]
+        p = p[torch.tensor([p_row[t] for t in passages])]
+        return (q * p).sum(-1).tolist()
 
 
 def load_teacher(args: argparse.Namespace, device: Any) -> CrossTeacher | BiTeacher:
@@ -210,11 +238,9 @@ def score_rows(rows: list[dict[str, Any]], teacher: CrossTeacher | BiTeacher, ba
         for name in PASSAGE_FIELDS
         for passage in row.get(name) or []
     ]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        scores = teacher.score([q for q, _ in chunk], [passage_text(p) for _, p in chunk])
-        for (_, passage), value in zip(chunk, scores):
-            passage["score"] = float(value)
+    scores = teacher.score_pairs([q for q, _ in pairs], [passage_text(p) for _, p in pairs], batch_size)
+    for (_, passage), value in zip(pairs, scores):
+        passage["score"] = float(value)
     return len(pairs)
 
 

@@ -25,7 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, help="the scored training file to write (JSONL)")
     parser.add_argument("--tokenizer_name", default=None, help="tokenizer, if not the teacher's own")
     parser.add_argument(
-        "--batch_size", "--per_device_eval_batch_size", type=int, default=64, help="pairs per forward pass"
+        "--batch_size",
+        "--per_device_eval_batch_size",
+        type=int,
+        default=64,
+        help="pairs per forward pass (cross-encoder); texts per forward pass (bi-encoder)",
     )
     parser.add_argument("--max_length", type=int, default=512, help="cross: max tokens of query + passage")
     parser.add_argument(
