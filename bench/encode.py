@@ -295,6 +295,55 @@ def compare(vectors, reference) -> tuple[float, float]:
     return diff, float(cos.min())
 
 
+def forward_gflop(tokens: Path, model: str, max_len: int) -> float:
+    """Useful forward GFLOP of the encoder per passage, averaged over the benchmark's (padding excluded).
+
+    Per layer and sequence of L tokens: 2·L·(4h² + 2hi) for the Q/K/V/output projections and the
+    feed-forward, 4·L²·h for attention scores and mixing (embeddings, norms and pooling are negligible).
+    """
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(model)
+    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    total = count = 0
+    for line in tokens.open(encoding="utf-8"):
+        L = min(len(json.loads(line)["text"]) + 2, max_len)  # + [CLS] [SEP], truncated as dr encodes
+        total += n * (2 * L * (4 * h * h + 2 * h * i) + 4 * L * L * h)
+        count += 1
+    return total / max(1, count) / 1e9
+
+
+_GEMM_PROBE = """
+import json, sys, time, torch
+threads, m, k, n = map(int, sys.argv[1:5])
+torch.set_num_threads(threads)
+a, b = torch.randn(m, k), torch.randn(k, n)
+a @ b
+
+
+def once():
+    start = time.perf_counter()
+    a @ b
+    return time.perf_counter() - start
+
+
+best = min(once() for _ in range(5))
+print(json.dumps(2 * m * k * n / best / 1e9))
+"""
+
+
+def gemm_rate(opts: argparse.Namespace) -> float:
+    """torch float32 GEMM GFLOP/s at the encoder's feed-forward shape (8,192 tokens x h -> i) with
+    ``--threads`` threads, in a fresh process: the compute bound the encoders are measured against."""
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(opts.model)
+    shape = [str(opts.threads), "8192", str(cfg.hidden_size), str(cfg.intermediate_size)]
+    out = subprocess.run([sys.executable, "-c", _GEMM_PROBE, *shape], env=_env(opts.threads), check=True,
+                         capture_output=True, text=True).stdout  # fmt: skip
+    return float(out.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
     opts.model = opts.model or default_model()
@@ -321,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run {r} {label} {precision} x{procs}: {res['rows'] / res['seconds']:.1f} passages/s, "
                       f"cpu {res['cpu']:.1f}s", file=sys.stderr, flush=True)  # fmt: skip
         quality = run_quality(opts, workdir) if opts.quality else None
+        opts.gflop = forward_gflop(tokens, opts.model, opts.p_max_len)
+    opts.gemm = gemm_rate(opts)
     print_table(opts, results, note, quality)
     return 0
 
@@ -359,10 +410,12 @@ def print_table(opts, results: dict, note: str, quality: dict | None) -> None:
     load = os.getloadavg()
     print(f"\n{opts.rows} SciFact passages, p_max_len {opts.p_max_len}, batch {opts.batch_size}, {opts.threads} "
           f"torch threads in total (per process: threads / processes), model {Path(opts.model).name}, "
-          f"{opts.repeats} alternating rounds; load average at the end {load[0]:.2f} {load[1]:.2f}\n")  # fmt: skip
+          f"{opts.repeats} alternating rounds; load average at the end {load[0]:.2f} {load[1]:.2f}")  # fmt: skip
+    print(f"Useful forward work: {opts.gflop:.2f} GFLOP per passage (padding excluded); "
+          f"torch float32 GEMM at the feed-forward shape, {opts.threads} threads: {opts.gemm:.1f} GFLOP/s\n")  # fmt: skip
     print("| system | precision | processes | passages/s (mean, runs) | CPU s / 1k passages | dr / ST passages/s "
-          "| max abs diff vs ST fp32 | min cosine vs ST fp32 |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|")
+          "| model GFLOP/s (of GEMM) | max abs diff vs ST fp32 | min cosine vs ST fp32 |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     reference = (results.get(("st", "fp32", 1)) or results.get(("st", "fp32", opts.procs)) or [{}])[0].get("vectors")
 
     def rate(key):
@@ -379,8 +432,10 @@ def print_table(opts, results: dict, note: str, quality: dict | None) -> None:
             d, c = compare(runs[0]["vectors"], reference)
             diff, cos = f"{d:.1e}", f"{c:.6f}"
         shown = ", ".join(f"{x:.1f}" for x in rates)
-        print(f"| {label} | {precision} | {procs} | {sum(rates) / len(rates):.1f} ({shown}) | {cpu:.1f} | {ratio} "
-              f"| {diff} | {cos} |")  # fmt: skip
+        mean = sum(rates) / len(rates)
+        flops = opts.gflop * mean  # GFLOP/s of useful model work
+        print(f"| {label} | {precision} | {procs} | {mean:.1f} ({shown}) | {cpu:.1f} | {ratio} "
+              f"| {flops:.1f} ({flops / opts.gemm:.2f}) | {diff} | {cos} |")  # fmt: skip
     if note:
         print(f"\nTevatron skipped: {note}")
     elif not opts.skip_tevatron:
