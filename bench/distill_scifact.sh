@@ -57,7 +57,14 @@ mkdir -p "$d"
 step dr mine --run "$r1/train.run.txt" --queries "$data/queries.train.tsv" --qrels "$data/qrels.train.trec" \
   --corpus "$data/corpus.jsonl" --output "$d/train.mined.jsonl" --ranks 3 50 --n_negatives 15 --seed 42
 
-# 3. Teacher scores on every (query, passage) of the mined file (resumable; ranks write parts).
+# 3. Teacher scores on every (query, passage) of the mined file (resumable; ranks write parts). Scores of
+#    another teacher must not be reused: the run root records which teacher its scores came from.
+if [[ -f "$d/teacher.id" && "$(cat "$d/teacher.id")" != "$teacher_type:$teacher" ]]; then
+  echo "bench/distill_scifact.sh: $d holds scores of teacher $(cat "$d/teacher.id"), not" \
+    "$teacher_type:$teacher; pass another RUN_ROOT" >&2
+  exit 2
+fi
+echo "$teacher_type:$teacher" > "$d/teacher.id"
 score_type="$teacher_type"; [[ "$teacher_type" == hybrid ]] && score_type=bi
 score=(-m dr.eval.score_cli --teacher_type "$score_type" --model_name_or_path "$teacher"
   --dataset_name "$d/train.mined.jsonl" --output "$d/train.teacher.jsonl" --batch_size 64)
@@ -100,8 +107,8 @@ for seed in $seeds; do
   fi
   for w in $weights; do
     DR_DISTILL_WEIGHT="$w" step dr pipeline configs/scifact/minilm-distill.yaml --quiet \
-      --set "run_dir=$d/kl-w$w-s$seed" --set "train.seed=$seed" --set "$encode_set"
-    runs+=("kl-w$w-s$seed")
+      --set "run_dir=$d/kl-w$w-t$distil_t-s$seed" --set "train.seed=$seed" --set "$encode_set"
+    runs+=("kl-w$w-t$distil_t-s$seed")  # named by weight, temperature and seed: no run reused for another
   done
 done
 
