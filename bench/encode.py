@@ -406,10 +406,16 @@ def run_quality(opts: argparse.Namespace, workdir: Path) -> dict[tuple[str, str]
     return scores
 
 
+def _model_name(path: str) -> str:
+    """A model folder's name for the table (a packaged model's folder is called `model`: use its package)."""
+    folder = Path(path)
+    return folder.parent.name if folder.name == "model" else folder.name
+
+
 def print_table(opts, results: dict, note: str, quality: dict | None) -> None:
     load = os.getloadavg()
     print(f"\n{opts.rows} SciFact passages, p_max_len {opts.p_max_len}, batch {opts.batch_size}, {opts.threads} "
-          f"torch threads in total (per process: threads / processes), model {Path(opts.model).name}, "
+          f"torch threads in total (per process: threads / processes), model {_model_name(opts.model)}, "
           f"{opts.repeats} alternating rounds; load average at the end {load[0]:.2f} {load[1]:.2f}")  # fmt: skip
     print(f"Useful forward work: {opts.gflop:.2f} GFLOP per passage (padding excluded); "
           f"torch float32 GEMM at the feed-forward shape, {opts.threads} threads: {opts.gemm:.1f} GFLOP/s\n")  # fmt: skip
