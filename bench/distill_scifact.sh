@@ -66,7 +66,7 @@ if [[ -f "$d/teacher.id" && "$(cat "$d/teacher.id")" != "$teacher_type:$teacher"
 fi
 echo "$teacher_type:$teacher" > "$d/teacher.id"
 score_type="$teacher_type"; [[ "$teacher_type" == hybrid ]] && score_type=bi
-score=(-m dr.eval.score_cli --teacher_type "$score_type" --model_name_or_path "$teacher"
+score=(-m dr.score.cli --teacher_type "$score_type" --model_name_or_path "$teacher"
   --dataset_name "$d/train.mined.jsonl" --output "$d/train.teacher.jsonl" --batch_size 64)
 [[ "$score_type" == bi ]] && score+=(--q_max_len 64 --p_max_len 256)
 if [[ ! -f "$d/train.teacher.jsonl" && "$score_type" == bi && "$teacher" == "$r1/model" ]]; then

@@ -200,7 +200,7 @@ def run_dr(opts, workdir: Path, name: str, procs: int, extra: list[str], data: s
     """One `dr encode` run; returns rows, wall (max over ranks), CPU (sum) and the vectors."""
     import numpy as np
 
-    from dr.index.shards import read_shard
+    from dr.io.shards import read_shard
 
     out = workdir / name
     argv = [

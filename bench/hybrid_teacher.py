@@ -59,7 +59,7 @@ def read_vectors(pattern: str) -> dict[str, np.ndarray]:
     """id -> float32 vector of every row of the Arrow shards matching `pattern` (small corpora only)."""
     import glob
 
-    from dr.index.shards import read_shard
+    from dr.io.shards import read_shard
 
     vectors: dict[str, np.ndarray] = {}
     for path in sorted(glob.glob(pattern)):

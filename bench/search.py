@@ -48,7 +48,7 @@ def write_data(
     folder: Path, passages: int, dim: int, shards: int, queries: int, seed: int = 0, dtype: str = "float32"
 ) -> None:
     """Normalized random vectors, generated and written chunk by chunk (the parent stays small)."""
-    from dr.index.shards import ShardMeta, ShardWriter  # lazily: the --plain_child must not import dr
+    from dr.io.shards import ShardMeta, ShardWriter  # lazily: the --plain_child must not import dr
 
     rng = np.random.default_rng(seed)
     bounds = np.linspace(0, passages, shards + 1).astype(int)
@@ -73,7 +73,7 @@ def monolithic(folder: Path, depth: int, out: Path) -> None:
     """The usual approach: every vector in RAM, one IndexFlatIP (runs in a child process)."""
     import faiss
 
-    from dr.index.shards import read_shard
+    from dr.io.shards import read_shard
     from dr.io.runs import Run, write_run
 
     ids: list[str] = []
@@ -155,7 +155,7 @@ def profile(rows: int, dim: int, nq: int, depth: int) -> None:
     """Time the phases of one float16 block search, old path (faiss.knn) and new (numpy tiles)."""
     import faiss
 
-    from dr.index.exact import BlockScorer, TopK, _tile_rows
+    from dr.search.exact import BlockScorer, TopK, _tile_rows
 
     block, queries = _unit16(rows, dim), _unit(np.random.default_rng(1), nq, dim)
     ranks = np.random.default_rng(2).permutation(rows).astype(np.int64)
@@ -262,8 +262,8 @@ def gemm_child(rows: int, nq: int, dim: int) -> float:
 
 def search_child(folder: Path, backend: str, depth: int, max_memory: str) -> float:
     """Seconds `search_shards` takes with `backend` over the folder's shards (ids are checked by the caller)."""
-    from dr.index.exact import search_shards
-    from dr.index.shard_set import load_queries, parse_bytes
+    from dr.search.exact import search_shards
+    from dr.search.shard_set import load_queries, parse_bytes
 
     _, queries, _ = load_queries([str(folder / "queries.arrow")])
     paths = sorted(str(p) for p in folder.glob("corpus.*.arrow"))
@@ -365,7 +365,7 @@ def startup(args: argparse.Namespace) -> None:
                   "--passage_reps", str(folder / "corpus.*.arrow"), "--depth", str(args.depth),
                   "--save_ranking_to", str(folder / "dr.txt"), "--quiet"]  # fmt: skip
         plain_cmd = [py, "-m", "bench.search", "--plain_child", str(folder), "--depth", str(args.depth)]
-        imports = [py, "-c", "import dr.index.search_cli, faiss"]
+        imports = [py, "-c", "import dr.search.cli, faiss"]
         times: dict[str, list[float]] = {"dr search": [], "plain pyarrow + IndexFlatIP script": [],
                                          "(python + dr search imports only)": []}  # fmt: skip
         for _ in range(args.repeats):
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
                   "--max_memory", args.max_memory, "--save_ranking_to", str(folder / "dr.txt"), "--quiet"]  # fmt: skip
         mono_cmd = [sys.executable, str(Path(__file__).resolve()), "--monolithic_child", str(folder),
                     "--depth", str(args.depth)]  # fmt: skip
-        base_cmd = [sys.executable, "-c", "import dr.index.search_cli, faiss"]
+        base_cmd = [sys.executable, "-c", "import dr.search.cli, faiss"]
         results = {
             f"dr search (--max_memory {args.max_memory})": measure(dr_cmd),
             "monolithic IndexFlatIP": measure(mono_cmd),

@@ -16,13 +16,13 @@ import sys
 
 COMMANDS = {
     "train": ("dr.train.cli", "fine-tune a bi-encoder (in-batch + hard negatives, gathered across devices)"),
-    "encode": ("dr.index.encode_cli", "encode a corpus or queries into Arrow embedding shards"),
-    "search": ("dr.index.search_cli", "exact sharded FAISS search -> run file"),
+    "encode": ("dr.encode.cli", "encode a corpus or queries into Arrow embedding shards"),
+    "search": ("dr.search.cli", "exact sharded FAISS search -> run file"),
     "quantize": ("dr.index.quantize_cli", "int8 / binary codes of passage shards for dr search --quantize"),
     "convert": ("dr.eval.convert_cli", "convert run files between tevatron, MS MARCO and TREC formats"),
     "eval": ("dr.eval.eval_cli", "MRR@10, nDCG@10, recall, MAP of a run against qrels"),
-    "mine": ("dr.eval.mine_cli", "hard negatives from a run of the training queries -> a new training file"),
-    "score": ("dr.eval.score_cli", "teacher scores (cross- or bi-encoder) on every passage of a training file"),
+    "mine": ("dr.mine.cli", "hard negatives from a run of the training queries -> a new training file"),
+    "score": ("dr.score.cli", "teacher scores (cross- or bi-encoder) on every passage of a training file"),
     "pipeline": ("dr.pipeline.cli", "train -> encode -> search -> convert -> eval from one config, resumable"),
     "demo": ("dr.demo.cli", "the offline end-to-end demo on an embedded dataset (CPU, a few minutes)"),
 }

@@ -335,7 +335,7 @@ def test_search_refuses_a_shard_whose_sha256_changed(encoded, tmp_path, capsys, 
 def test_search_refuses_a_shard_with_other_rows_or_size(encoded, tmp_path, capsys):
     import dataclasses
 
-    from dr.index.shards import read_shard, write_shard
+    from dr.io.shards import read_shard, write_shard
 
     shard = encoded["passages"]
     ids, vectors, meta = read_shard(shard)  # a valid shard that lost its last row after encoding

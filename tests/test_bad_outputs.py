@@ -334,7 +334,7 @@ from pathlib import Path
 os.umask(int(sys.argv[2], 8))
 from dr.io.atomic import atomic_path, write_json_atomic, write_text_atomic
 from dr.io.runs import Run, write_run
-from dr.index.shards import ShardMeta, write_shard
+from dr.io.shards import ShardMeta, write_shard
 out = Path(sys.argv[1])
 meta = ShardMeta("m", "mean", True, 4, "float32", 16, "passage", 2)
 write_shard(out / "shards" / "corpus.0.arrow", meta, ["a", "b"], np.ones((2, 4)))
@@ -446,7 +446,7 @@ def test_large_string_ids_are_searched(tmp_path, capsys, id_type):
     + [("false", False), ("False", False), ("FALSE", False), ("0", False), ("No", False)],
 )
 def test_normalize_accepts_every_boolean_spelling(tmp_path, spelling, value):
-    from dr.index.shards import read_meta
+    from dr.io.shards import read_meta
 
     path = _write_as_documented(tmp_path, **{'"dr.normalize": "false"': f'"dr.normalize": "{spelling}"'})
     assert read_meta(path).normalize is value
@@ -475,7 +475,7 @@ def test_normalize_accepts_every_boolean_spelling(tmp_path, spelling, value):
     ],
 )
 def test_bad_shard_fields_are_one_line_errors_naming_the_field(tmp_path, capsys, old, new, message):
-    from dr.index.shards import ShardError, read_meta
+    from dr.io.shards import ShardError, read_meta
 
     path = _write_as_documented(tmp_path, **{old: new})
     with pytest.raises(ShardError) as err:
@@ -492,7 +492,7 @@ def dr_shards(tmp_path) -> tuple:
     """Two shards written by dr (ShardWriter), as corpus.0.arrow / corpus.1.arrow, plus corpus.arrow (both)."""
     import numpy as np
 
-    from dr.index.shards import ShardMeta, write_shard
+    from dr.io.shards import ShardMeta, write_shard
 
     vectors = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
     ids = [f"p{i}" for i in range(5)]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from dr.index.shards import read_shard
+from dr.io.shards import read_shard
 from dr.model.encoder import BiEncoder, EncoderConfig
 from dr.model.text import load_tokenizer, resolve_append_eos, tokenize_unpadded
 from dr.train.collator import TrainCollator

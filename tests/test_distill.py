@@ -341,7 +341,7 @@ def make_cross_encoder(folder: Path, tiny_model_dir: Path, num_labels: int = 1) 
 
 def _score_cmd(teacher: Path, kind: str, data: Path, out: Path, *extra: str) -> list[str]:
     flags = as_flags(model_name_or_path=teacher, teacher_type=kind, dataset_name=data, output=out, batch_size=5)
-    return ["-m", "dr.eval.score_cli", *flags, "--window_rows", "2", *extra]
+    return ["-m", "dr.score.cli", *flags, "--window_rows", "2", *extra]
 
 
 def _scores(path: Path) -> list[tuple[str, list[float]]]:
@@ -401,8 +401,8 @@ def test_score_two_ranks_equal_one_process_and_resume(tiny_model_dir, score_inpu
 def test_bi_teacher_scores_each_pair_as_its_own_forward(tiny_model_dir):
     """Distinct texts are encoded once, length-sorted and padded together: each score still equals q.p of
     the query and the passage encoded alone, recurring queries and passages included, in input order."""
-    from dr.eval.score import load_teacher, score_rows
-    from dr.eval.score_cli import build_parser
+    from dr.score.run import load_teacher, score_rows
+    from dr.score.cli import build_parser
     from dr.train.groups import passage_text
     from tests.helpers import TOPICS
 
@@ -427,7 +427,7 @@ def test_bi_teacher_scores_each_pair_as_its_own_forward(tiny_model_dir):
 
 
 def test_score_bad_rows_exit_1_and_publish_nothing(tiny_model_dir, tmp_path):
-    from dr.eval.score_cli import main
+    from dr.score.cli import main
 
     rows = make_train_rows(3)
     del rows[1]["positive_passages"][0]["text"]

@@ -16,7 +16,7 @@ from dr.io.corpus import load_corpus
 from tests.helpers import command
 
 main = command("encode")
-from dr.index.shards import read_manifest, read_meta, read_shard
+from dr.io.shards import read_manifest, read_meta, read_shard
 from tests.helpers import FILLER, SHARED_DATA, TOPICS, make_tiny_model, run, torchrun, write_jsonl
 
 N_ROWS = 90

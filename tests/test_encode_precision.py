@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dr.index.shards import read_shard
+from dr.io.shards import read_shard
 from dr.model import precision
 from dr.model.precision import choose_precision, cpu_has_native_bf16, parse_bf16
 from tests.helpers import command
@@ -113,7 +113,7 @@ def test_choose_precision_rules():
 def test_threads_per_rank(monkeypatch):
     import torch
 
-    from dr.index.encode import set_threads
+    from dr.encode.run import set_threads
 
     before = torch.get_num_threads()
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)

@@ -33,8 +33,8 @@ PYTHON = sys.executable
 
 # ---- torch only where it is needed ------------------------------------------------------------------
 def test_shards_search_eval_and_the_cli_import_no_torch():
-    """`python -c "import dr.index.shards"` (and the CPU search, eval, pipeline, the CLI) never import torch."""
-    modules = "dr.index.shards, dr.index.search_cli, dr.index.shard_set, dr.eval.eval_cli, dr.pipeline.cli, dr.cli"
+    """`python -c "import dr.io.shards"` (and the CPU search, eval, pipeline, the CLI) never import torch."""
+    modules = "dr.io.shards, dr.search.cli, dr.search.shard_set, dr.eval.eval_cli, dr.pipeline.cli, dr.cli"
     code = f"import sys, {modules}; print('torch' in sys.modules)"
     proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=subprocess_env(), check=True)
     assert proc.stdout.strip() == "False", proc.stderr
@@ -102,7 +102,7 @@ def test_bad_files_exit_1_and_bad_flags_exit_2_in_every_stage(tmp_path, tiny_mod
 def test_booleans_and_config_files_work_the_same_for_argparse_commands(tmp_path):
     """`--flag false` and `--config FILE` are accepted by every command, not only train/encode."""
     from dr.flags import parse_flags
-    from dr.index.search_cli import build_parser
+    from dr.search.cli import build_parser
 
     config = tmp_path / "search.yaml"
     config.write_text("query_reps: q.arrow\npassage_reps: p.arrow\ndepth: 7\nformat: trec\n")
@@ -237,7 +237,7 @@ def test_pipeline_force_retrains_instead_of_resuming(tmp_path):
 SLOW_INDEX_BUILD = """
 import os, sys, time
 import dr.index.ann as ann
-import dr.index.search_cli as search_cli
+import dr.search.cli as search_cli
 from dr.cli import module_main
 
 build = ann.build_index
@@ -253,7 +253,7 @@ raise SystemExit(module_main("search"))
 def test_multi_rank_index_build_does_not_hold_other_ranks_in_a_collective(tmp_path):
     """Bug 7: with --index_factory, rank 1 waited in the teardown barrier while rank 0 built the index; a
     build longer than the process-group timeout failed the job."""
-    from dr.index.shards import ShardMeta, write_shard
+    from dr.io.shards import ShardMeta, write_shard
 
     rng = np.random.default_rng(0)
     write_shard(tmp_path / "corpus.arrow", ShardMeta("m", "cls", False, 8, "float32", 8, "passage", 64),

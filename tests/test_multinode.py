@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dr.index.shards import read_manifest, read_shard
+from dr.io.shards import read_manifest, read_shard
 from dr.io.runs import read_run
 from tests.helpers import as_flags, launch_two_nodes
 from tests.test_encode import N_ROWS, corpus_file, encode, read_all  # noqa: F401 - corpus_file: a fixture

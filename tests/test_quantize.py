@@ -148,7 +148,7 @@ def test_missing_or_mismatched_quantized_shards_exit_1(corpus, capsys):
     assert quantize(["--passage_reps", str(folder / "corpus.*.arrow"), "--quantize", "int8"]) == 0
     capsys.readouterr()
     # The float shard re-encoded with other ids after quantizing: the codes no longer belong to it.
-    from dr.index.shards import write_shard
+    from dr.io.shards import write_shard
 
     swapped = ids[70:160][::-1]
     write_shard(paths[2], meta(90, dim=DIM), swapped, passages[70:160])

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dr.index.exact import merge_candidates, search_shards
-from dr.index.shard_set import parse_bytes
-from dr.index.shards import ShardMeta, write_shard
+from dr.search.exact import merge_candidates, search_shards
+from dr.search.shard_set import parse_bytes
+from dr.io.shards import ShardMeta, write_shard
 from dr.io.runs import read_run
 from tests.helpers import command
 

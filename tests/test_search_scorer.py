@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dr.index import exact
-from dr.index.exact import BlockScorer, TopK, search_shards
+from dr.search.exact import BlockScorer, TopK, search_shards
 from tests.test_search import brute_force, make_corpus, random_data, tied_data
 
 

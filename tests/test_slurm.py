@@ -202,7 +202,7 @@ def _shards(emb: Path) -> list[Path]:
 
 def _assert_same_outputs(run_dir: Path, ref: Path, ids: list[str]) -> None:
     """Shards cover the corpus exactly once and equal the direct run's; so do the run and the metrics."""
-    from dr.index.shards import read_shard
+    from dr.io.shards import read_shard
     from dr.io.runs import read_run
 
     files = _shards(run_dir / "embeddings")

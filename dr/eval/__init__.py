@@ -1,2 +1,2 @@
-"""After search: metrics (`metrics`, `dr eval` in `evaluate`), run conversion (`convert`) and
-hard-negative mining from a run (`mine`)."""
+"""After search: metrics and the one metrics table (`metrics`, `dr eval` in `eval_cli`) and run conversion
+(`dr convert` in `convert_cli`)."""

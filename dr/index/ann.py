@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dr.index.shard_set import SearchError
-from dr.index.shards import iter_shard, read_meta
+from dr.search.shard_set import SearchError
+from dr.io.shards import iter_shard, read_meta
 from dr.io.atomic import atomic_path, write_json_atomic
 
 

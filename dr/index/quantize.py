@@ -36,8 +36,8 @@ import pyarrow.compute as pc
 from pyarrow import ipc
 
 from dr.errors import InputError, UsageError
-from dr.index.shard_set import id_column, read_metas
-from dr.index.shards import (
+from dr.search.shard_set import id_column, read_metas
+from dr.io.shards import (
     ENCODER_FIELDS,
     MANIFEST_FORMAT,
     ShardMeta,

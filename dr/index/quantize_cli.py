@@ -15,7 +15,7 @@ import argparse
 import logging
 
 from dr.index.quantize import KINDS, quantize_shards
-from dr.index.shard_set import expand_paths, parse_bytes
+from dr.search.shard_set import expand_paths, parse_bytes
 
 logger = logging.getLogger("dr.quantize")
 

@@ -70,7 +70,7 @@ from typing import Any
 
 from dr.console import echo
 from dr.errors import InputError, UsageError
-from dr.index.shards import OutputLayout, manifest_complete
+from dr.io.shards import OutputLayout, manifest_complete
 from dr.io.paths import expand_tilde
 from dr.model import DR_CONFIG_NAME
 from dr.pipeline.check import check_stage_flags, check_types, fix_bool_choices

@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 
 from dr import distributed as D
 from dr.errors import UsageError
-from dr.index.shard_set import id_column
-from dr.index.shards import iter_shard
+from dr.search.shard_set import id_column
+from dr.io.shards import iter_shard
 
 NO_KEY = np.iinfo(np.int64).max  # sort key of an empty result slot: after every real hit
 

@@ -10,7 +10,7 @@
 2. Rescoring (``--rescore K``): the float vectors of only the candidate rows are read from the float shards
    (gathered from zero-copy views of the memory-mapped files), each candidate is scored ``float query . float passage`` in float64
    and rounded to float32, and the top `depth` are kept under the exact tie rule (score desc, docid asc;
-   `dr.index.exact.select_topk`). When ``K * depth`` covers the corpus the result is exact search's.
+   `dr.search.exact.select_topk`). When ``K * depth`` covers the corpus the result is exact search's.
 
 Without ``--rescore`` the run holds the first-pass scores, ordered by (score desc, docid asc) among the
 kept candidates; which of several candidates tied at a block's cut-off survive is faiss's choice (Hamming
@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from pyarrow import ipc
 
-from dr.index.exact import NO_KEY, TopK, docid_ranks, select_topk
+from dr.search.exact import NO_KEY, TopK, docid_ranks, select_topk
 from dr.index.quantize import (
     Int8Calibration,
     QuantizedShard,
@@ -44,8 +44,8 @@ from dr.index.quantize import (
     open_quantized,
     quantized_path,
 )
-from dr.index.shard_set import id_column
-from dr.index.shards import ShardMeta
+from dr.search.shard_set import id_column
+from dr.io.shards import ShardMeta
 
 logger = logging.getLogger("dr.search")
 

@@ -1,6 +1,6 @@
-"""`dr score` / `python -m dr.eval.score_cli`: flags, the process group, publishing the scored file.
+"""`dr score` / `python -m dr.score.cli`: flags, the process group, publishing the scored file.
 
-Every rank sets up (input, teacher, parts folder) and scores its own rows (`dr.eval.score`); all ranks
+Every rank sets up (input, teacher, parts folder) and scores its own rows (`dr.score.run`); all ranks
 agree after each phase (a collective, so a failing rank cannot leave the others waiting), and only then
 does rank 0 write the output and its manifest.
 """
@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from dr.eval.score import ScoreUsageError, publish, score_own_part, setup_rank
+from dr.score.run import ScoreUsageError, publish, score_own_part, setup_rank
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,8 +6,8 @@ Usage::
         --save_ranking_to rank.txt --max_memory 2G
     torchrun --nproc_per_node 4 -m dr.search ...        # shards split over ranks, merged on rank 0
 
-Exact search (default; `dr.index.exact`) never holds the corpus in memory; each rank searches its share
-of the shards (`dr.index.shard_set.split_shards`) and rank 0 merges the per-rank top-k exactly.
+Exact search (default; `dr.search.exact`) never holds the corpus in memory; each rank searches its share
+of the shards (`dr.search.shard_set.split_shards`) and rank 0 merges the per-rank top-k exactly.
 ``--index_factory`` / ``--load_index`` search one approximate faiss index instead (`dr.index.ann`), on
 rank 0 only.
 
@@ -32,11 +32,11 @@ from dr import distributed as D
 from dr.errors import UsageError
 from dr.flags import add_bool
 from dr.index.ann import build_index, load_index, save_index, search_index
-from dr.index.exact import _block_rows, merge_candidates, search_shards
+from dr.search.exact import _block_rows, merge_candidates, search_shards
 from dr.index.quantize import KINDS as QUANTIZE_KINDS
 from dr.index.quantize import check_kind
-from dr.index.shard_check import VERIFY_MODES, verify_shards
-from dr.index.shard_set import (
+from dr.search.shard_check import VERIFY_MODES, verify_shards
+from dr.search.shard_set import (
     SearchError,
     check_query_passage,
     check_unique_docids,
@@ -47,7 +47,7 @@ from dr.index.shard_set import (
     read_metas,
     split_shards,
 )
-from dr.index.shards import ShardMeta
+from dr.io.shards import ShardMeta
 from dr.io.atomic import write_json_atomic
 from dr.io.runs import FORMATS, Run, write_run
 
@@ -189,7 +189,7 @@ def _exact(args, query_vecs: np.ndarray, qmeta: ShardMeta, backend: str) -> Outc
 
 
 def _verify(paths: list[str], mode: str, side: str, timings: dict) -> None:
-    """Refuse shards that differ from their manifest (dr/index/shard_check.py); log what it cost."""
+    """Refuse shards that differ from their manifest (dr/search/shard_check.py); log what it cost."""
     report = verify_shards(paths, mode)
     if report.checked:  # shards without any manifest (plain pyarrow files) pass silently in auto mode
         logger.info("dr search: %s shards: %s", side, report.summary())
@@ -245,8 +245,8 @@ def _approximate(args, query_vecs: np.ndarray, qmeta: ShardMeta) -> Outcome:
 
 
 def _quantized(args, query_vecs: np.ndarray, qmeta: ShardMeta) -> Outcome:
-    """A first pass over quantized shards, then exact rescoring (`dr.index.quantized`); rank 0 only."""
-    from dr.index.quantized import locate, quantized_search
+    """A first pass over quantized shards, then exact rescoring (`dr.search.quantized`); rank 0 only."""
+    from dr.search.quantized import locate, quantized_search
 
     timings = {}
     t0 = time.perf_counter()

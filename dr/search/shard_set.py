@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 from pyarrow import ipc
 
 from dr.errors import InputError, UsageError
-from dr.index.shards import ENCODER_FIELDS, ShardError, ShardMeta, id_strings, read_meta, read_shard
+from dr.io.shards import ENCODER_FIELDS, ShardError, ShardMeta, id_strings, read_meta, read_shard
 
 logger = logging.getLogger("dr.search")
 

@@ -154,7 +154,7 @@ class BiTeacher:
 
     def __init__(self, args: argparse.Namespace, device: Any) -> None:
         from dr.flags import DataArguments, ModelArguments
-        from dr.index.encode import load_encoder
+        from dr.encode.run import load_encoder
 
         model_args = ModelArguments(
             model_name_or_path=args.model_name_or_path,
@@ -222,7 +222,7 @@ def load_teacher(args: argparse.Namespace, device: Any) -> CrossTeacher | BiTeac
 
 def teacher_identity(args: argparse.Namespace, teacher: CrossTeacher | BiTeacher) -> dict[str, Any]:
     """What a part was scored with; a rerun with anything else must not reuse the parts."""
-    from dr.index.encode import model_identity
+    from dr.encode.run import model_identity
 
     return {"type": args.teacher_type, "model": model_identity(args.model_name_or_path), **teacher.settings}
 
@@ -302,7 +302,7 @@ def prepare_parts_dir(parts_dir: Path, expected: dict[str, Any], overwrite: bool
 def setup_rank(args: argparse.Namespace, rank: int, world: int) -> SimpleNamespace:
     """Plan this rank's rows, index the input and load the teacher; rank 0 prepares the parts folder."""
     from dr import distributed as dist
-    from dr.index.encode import EncodeError, resolve_sharding
+    from dr.encode.run import EncodeError, resolve_sharding
 
     try:
         num_shards, shard_index = resolve_sharding(

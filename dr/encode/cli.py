@@ -1,6 +1,6 @@
 """`dr encode` / `python -m dr.encode`: flags, the process group, and publishing the manifest.
 
-Every rank checks the input and the existing outputs and encodes its own part (`dr.index.encode`); all
+Every rank checks the input and the existing outputs and encodes its own part (`dr.encode.run`); all
 ranks then agree on success (a collective, so a failing rank cannot leave the others waiting), and only
 then does rank 0 write the manifest that makes the shard complete.
 """
@@ -12,7 +12,7 @@ import logging
 
 from dr import distributed as dist
 from dr.flags import DataArguments, ModelArguments, dataclass_parser, to_dataclasses
-from dr.index.encode import EncodeArguments, run_encode, write_manifest
+from dr.encode.run import EncodeArguments, run_encode, write_manifest
 
 logger = logging.getLogger("dr.encode")
 

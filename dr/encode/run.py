@@ -1,10 +1,10 @@
 """`dr encode`, the library half: embed a corpus or a query set into Arrow shards (see docs/encode.md).
 
-The library half of `dr encode` (the command is `dr.index.encode_cli`): what to encode (`EncodeArguments`,
+The library half of `dr encode` (the command is `dr.encode.cli`): what to encode (`EncodeArguments`,
 `Plan`), the model, length-sorted batches tokenised in DataLoader workers (`dr.model.text`), the encode
 loop, and the resume checks. The input (after ``--max_rows``) is cut into ``num_shards`` contiguous
 ranges (flags or a SLURM job array); the chosen shard is cut into one contiguous sub-range per rank, and
-each rank writes its own Arrow file, named by `dr.index.shards.OutputLayout`.
+each rank writes its own Arrow file, named by `dr.io.shards.OutputLayout`.
 
 ``--encoded_save_path X.pkl`` (Tevatron) writes Arrow with base ``X``: nothing is ever pickled.
 Rows inside each file keep input order (batches are length-sorted only inside a window and put back).
@@ -32,7 +32,7 @@ from torch.utils.data import Dataset as TorchDataset
 from dr import distributed as dist
 from dr.errors import UsageError
 from dr.flags import DataArguments, ModelArguments, to_jsonable
-from dr.index.shards import (
+from dr.io.shards import (
     MANIFEST_FORMAT,
     VECTOR_FIELDS,
     OutputLayout,

@@ -1,0 +1,2 @@
+"""`dr search`: which shards a search reads (`shard_set`, `shard_check`), exact scoring and the exact top-k
+merge (`exact`), the quantized first pass with exact rescoring (`quantized`), and the command (`cli`)."""
