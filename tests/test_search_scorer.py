@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dr.index import exact
+from dr.search import exact
 from dr.search.exact import BlockScorer, TopK, search_shards
 from tests.test_search import brute_force, make_corpus, random_data, tied_data
 
