@@ -301,5 +301,5 @@ def test_gathered_sum_needs_no_group():
 
 
 def test_repository_entry_points_exist():
-    for module in ("dr/train/__main__.py", "dr/encode.py", "dr/search.py", "dr/convert.py", "dr/evaluate.py"):
+    for module in ("dr/train/__main__.py", "dr/encode/__main__.py", "dr/search/__main__.py", "dr/convert.py", "dr/evaluate.py"):
         assert (REPO / module).is_file()
