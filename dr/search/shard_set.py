@@ -24,6 +24,36 @@ class SearchError(InputError):
     """Inputs that cannot be searched together: no shards, mismatched metadata, duplicate docids, ..."""
 
 
+class NonFiniteVector(SearchError):
+    """A vector holding NaN or +-inf: it would score NaN (dropped at random) or +-inf (ranked first/last)."""
+
+
+def non_finite_error(path: str, row: int, docid: str | None, vector: np.ndarray) -> NonFiniteVector:
+    """The one message for a non-finite vector: file, row (0-based, in the file), id and the bad position.
+
+    `vector` is the row as read; only its first non-finite value is named.
+    """
+    col = int(np.flatnonzero(~np.isfinite(np.asarray(vector, dtype=np.float32)))[0])
+    return NonFiniteVector(
+        f"{path}: row {row} (id {docid!r}) holds {float(vector[col])} at position {col} of {len(vector)}; "
+        f"vectors with NaN or inf cannot be searched (re-encode this shard)"
+    )
+
+
+def check_finite(vectors: np.ndarray, path: str, first_row: int = 0, ids=None) -> None:
+    """Refuse NaN/+-inf in `vectors`, rows ``first_row...`` of `path` (`NonFiniteVector`).
+
+    `ids`: the block's ids (any indexable of str), or None where the caller has not read them. The check
+    is one `np.isfinite` pass; callers run it on blocks they convert or read anyway, not as an extra pass.
+    """
+    finite = np.isfinite(vectors)
+    if finite.all():
+        return
+    row = int(np.flatnonzero(~finite.all(axis=1))[0])
+    docid = None if ids is None else str(ids[row])
+    raise non_finite_error(path, first_row + row, docid, vectors[row])
+
+
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
 
 
@@ -96,8 +126,10 @@ def load_queries(paths: list[str]) -> tuple[list[str], np.ndarray, ShardMeta]:
     blocks = []
     for path in paths:
         shard_ids, vectors, _ = read_shard(path)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        check_finite(vectors, path, 0, shard_ids)  # a NaN query would score NaN against every passage
         ids.extend(shard_ids)
-        blocks.append(np.asarray(vectors, dtype=np.float32))
+        blocks.append(vectors)
     if not ids:
         raise SearchError(f"no query reps in {', '.join(paths)} (empty query file)")
     if len(set(ids)) != len(ids):
