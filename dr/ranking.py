@@ -17,7 +17,7 @@ Users of the rule (each calls this module, none re-implements it): exact, quanti
 cut-off at ``depth`` and the merges across blocks, shards and ranks), run files (`dr.io.runs`: reading,
 writing, `dr convert`) and `dr eval` (`dr.eval.metrics`). New commands that rank (fuse, rerank) should use
 `sort_hits` / `top_hits` for (docid, score) lists, and `docid_keys` + `select_topk` / `grouped_order` for
-arrays.
+arrays; `search_past_ties` wraps a faiss-style top-k search so that no hit tied at its cut-off is lost.
 
 **Two forms.** Pure Python: `hit_key` orders (docid, score) pairs, larger is better. numpy: docids become
 int64 *tie keys* (`docid_keys`: 0 for the docid that wins every tie), and arrays are ordered by
@@ -28,7 +28,7 @@ come from one `docid_keys` call over every docid that can meet in it.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 
@@ -95,3 +95,38 @@ def select_topk(
 def grouped_order(groups: np.ndarray, scores: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Indices that sort flat hits by group (e.g. query) ascending, then in rule order within a group."""
     return np.lexsort((keys, -scores, groups))
+
+
+def search_past_ties(
+    search: Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]], queries: np.ndarray, k: int, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top `k` of a searcher that keeps an arbitrary one of several hits tied at its last place, widened
+    until every hit tied with the k-th is in, so `select_topk` can then cut under the rule.
+
+    `search(queries, width)` returns (scores (m, width), rows (m, width)) best first, rows -1 for empty
+    slots (faiss's ``index.search``, ``faiss.knn``); `n` is how many rows it searches. Asking for k+1 shows
+    when a tie can hide a hit (last score == k-th score); those queries are searched again with twice the
+    width until the last hit scores below the k-th or all `n` rows are returned. Returns (scores, rows) of
+    at least min(k, n) columns (empty slots: -inf, -1).
+    """
+    width = min(k + 1, n)
+    scores, rows = search(queries, width)
+    scores, rows = np.asarray(scores), np.asarray(rows).astype(np.int64)
+    tied = _tied_past(scores, rows, k, n)
+    while tied.any():
+        width = min(2 * width, n)
+        more_scores, more_rows = search(np.ascontiguousarray(queries[tied]), width)
+        pad = width - scores.shape[1]
+        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
+        scores[tied], rows[tied] = more_scores, more_rows
+        tied[tied] = _tied_past(np.asarray(more_scores), np.asarray(more_rows), k, n)
+    return scores, rows
+
+
+def _tied_past(scores: np.ndarray, rows: np.ndarray, k: int, n: int) -> np.ndarray:
+    """Per query: fewer than `n` hits came back and the last one ties the k-th (a tied hit may be missing)."""
+    width = scores.shape[1]
+    if width <= k or width >= n:
+        return np.zeros(len(scores), dtype=bool)
+    return (rows[:, -1] >= 0) & (scores[:, -1] == scores[:, k - 1])

@@ -15,7 +15,7 @@ import numpy as np
 
 from dr.io.atomic import atomic_path, write_json_atomic
 from dr.io.shards import iter_shard, read_meta
-from dr.ranking import NO_KEY, docid_keys, select_topk
+from dr.ranking import NO_KEY, docid_keys, search_past_ties, select_topk
 from dr.search.shard_set import SearchError, check_finite
 
 
@@ -87,36 +87,6 @@ def load_index(path: str):
     return index, docids, info
 
 
-def _search_past_ties(index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, rows) of at least `k` hits per query, holding every hit the index finds tied with the k-th.
-
-    faiss returns an arbitrary one of several hits tied at its last place. Asking for k+1 shows when that
-    can happen (last score == k-th score); those queries are searched again with twice the width until
-    the last hit scores below the k-th or the index has no more rows. Rows -1 are empty slots.
-    """
-    n = index.ntotal
-    width = min(k + 1, n)
-    scores, rows = index.search(queries, width)
-    tied = _tied_past(scores, rows, k, n)
-    while tied.any():
-        width = min(2 * width, n)
-        more_scores, more_rows = index.search(queries[tied], width)
-        pad = width - scores.shape[1]
-        scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
-        rows = np.pad(rows, ((0, 0), (0, pad)), constant_values=-1)
-        scores[tied], rows[tied] = more_scores, more_rows
-        tied[tied] = _tied_past(more_scores, more_rows, k, n)
-    return scores, rows
-
-
-def _tied_past(scores: np.ndarray, rows: np.ndarray, k: int, n: int) -> np.ndarray:
-    """Per query: the last of fewer than `n` returned hits ties the k-th (a tied hit may be missing)."""
-    width = scores.shape[1]
-    if width <= k or width >= n:
-        return np.zeros(len(scores), dtype=bool)
-    return (rows[:, -1] >= 0) & (scores[:, -1] == scores[:, k - 1])
-
-
 def search_index(index, docids: list[str], query_vecs: np.ndarray, depth: int, batch_size: int = -1):
     """Search a faiss index; returns the same (scores, docids) shape as `search_shards`, in rule order."""
     query_vecs = np.ascontiguousarray(query_vecs, dtype=np.float32)
@@ -125,7 +95,7 @@ def search_index(index, docids: list[str], query_vecs: np.ndarray, depth: int, b
     step = len(query_vecs) if batch_size <= 0 else batch_size
     all_scores, all_ids = [], []
     for start in range(0, len(query_vecs), step):
-        scores, rows = _search_past_ties(index, query_vecs[start : start + step], k)
+        scores, rows = search_past_ties(index.search, query_vecs[start : start + step], k, index.ntotal)
         valid = rows >= 0
         scores = np.where(valid, scores, -np.inf).astype(np.float32)
         row_keys = np.where(valid, keys[np.where(valid, rows, 0)], NO_KEY)

@@ -13,9 +13,10 @@
    ``K * depth`` covers the corpus the result is exact search's. A candidate's float vector holding NaN
    or inf stops the search, naming the float shard and row (`dr quantize` refuses such shards up front).
 
-Without ``--rescore`` the run holds the first-pass scores, in the tie rule's order among the kept
-candidates; which of several candidates tied at a block's cut-off survive is faiss's choice (Hamming
-distances tie often), so that mode is approximate in its ties too.
+The first pass keeps its candidates under the same rule: faiss returns an arbitrary one of several hits
+tied at its cut-off (Hamming distances tie often), so a block whose cut-off is tied is searched again,
+wider, until the tie is past (`dr.ranking.search_past_ties`), and the candidates are cut by (first-pass
+score, docid). Without ``--rescore`` the run holds the first-pass scores in that order.
 
 Missing quantized shards are an error naming the `dr quantize` command to run (they are not built on the
 fly: the codes are a one-off pass worth keeping, and a search should not write beside the corpus).
@@ -45,7 +46,7 @@ from dr.index.quantize import (
     quantized_path,
 )
 from dr.io.shards import ShardMeta
-from dr.ranking import NO_KEY, docid_keys, select_topk
+from dr.ranking import NO_KEY, docid_keys, search_past_ties, select_topk
 from dr.search.exact import TopK
 from dr.search.shard_set import id_column, non_finite_error
 
@@ -109,18 +110,29 @@ def _first_pass(
         shift = (queries @ (calibration.offset + np.float32(128) * calibration.scale)).astype(np.float32)
         max_rows = max(1, max_memory_bytes // (dim * 4))
     top = TopK(len(queries), c)  # its fixed-width merge; keys: tie keys of the global rows
+    everyone = np.arange(len(queries))
     offset = 0
     for _, reader in opened:
         for block in iter_codes(reader, width, max_rows):
-            kk = min(c, len(block))
+            if len(block) == 0:
+                continue
             if kind == "binary":
-                dist, local = faiss.knn_hamming(qcodes, np.ascontiguousarray(block), kk)
-                scores = np.float32(dim) - np.float32(2) * dist.astype(np.float32)
+                codes = np.ascontiguousarray(block)
+
+                def search(which: np.ndarray, k: int, codes=codes):
+                    dist, local = faiss.knn_hamming(qcodes[which], codes, k)
+                    return np.float32(dim) - np.float32(2) * dist.astype(np.float32), local
+
             else:
                 floats = np.ascontiguousarray(block, dtype=np.float32)
-                scores, local = faiss.knn(qscaled, floats, kk, metric=faiss.METRIC_INNER_PRODUCT)
-                scores = scores + shift[:, None]
-            top.add_candidates(scores, local.astype(np.int64), offset, keys[offset : offset + len(block)])
+
+                def search(which: np.ndarray, k: int, floats=floats):
+                    scores, local = faiss.knn(qscaled[which], floats, k, metric=faiss.METRIC_INNER_PRODUCT)
+                    return scores + shift[which, None], local
+
+            # faiss keeps any one of the hits tied at its k-th: widen until the tie is past, cut by the rule
+            scores, local = search_past_ties(search, everyone, c, len(block))
+            top.add_candidates(scores, local, offset, keys[offset : offset + len(block)])
             offset += len(block)
     return top
 
