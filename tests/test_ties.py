@@ -84,7 +84,8 @@ TREC_EVAL = {"RR": "recip_rank", "AP": "map", "nDCG@10": "ndcg_cut_10", "P@5": "
 
 
 def _eval(qrels: Path, run: Path, out: Path) -> dict:
-    assert evaluate(["--qrels", str(qrels), "--run", str(run), "--metrics", *METRICS, "--output", str(out)]) == 0
+    argv = ["--qrels", str(qrels), "--run", str(run), "--metrics", *METRICS, "--output", str(out)]
+    assert evaluate(argv) == 0
     return json.loads(out.read_text())
 
 

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from pyarrow import ipc
 
 from dr.errors import InputError, UsageError
-from dr.search.shard_set import check_finite, id_column, read_metas
+from dr.io.atomic import atomic_path, write_json_atomic
 from dr.io.shards import (
     ENCODER_FIELDS,
     MANIFEST_FORMAT,
@@ -45,7 +45,7 @@ from dr.io.shards import (
     iter_shard,
     read_manifest,
 )
-from dr.io.atomic import atomic_path, write_json_atomic
+from dr.search.shard_set import check_finite, id_column, read_metas
 
 logger = logging.getLogger("dr.quantize")
 

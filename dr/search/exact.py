@@ -175,13 +175,15 @@ class BlockScorer:
             buf = self._buffers[name] = np.zeros(size, dtype=dtype)
         return buf
 
-    def _convert(self, src: np.ndarray, dst: np.ndarray | None, finite: np.ndarray) -> bool:
+    def _convert(self, src: np.ndarray, dst: np.ndarray | None, finite: np.ndarray | None = None) -> bool:
         """dst[:] = src as float32 (`dst` None: `src` is only checked); whether every value is finite.
 
         Split over the CPUs (numpy's cast and `isfinite` are serial and release the GIL); each part is
         checked right after its conversion, while it is still in cache. `finite` is a bool scratch buffer
-        shaped like `dst`.
+        shaped like `src` (None: a kept one; bench.search times this method alone).
         """
+        if finite is None:
+            finite = self._buffer("finite", src.size, bool)[: src.size].reshape(src.shape)
         parts = _threads() if src.size >= 1 << 18 else 1
         if parts == 1:
             return _convert_part(src, dst, finite)
