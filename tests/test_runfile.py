@@ -13,13 +13,13 @@ from dr.io.runs import Run, RunFormatError, format_for_suffix, read_run, synthet
 
 TEVATRON = (
     "q1\td3\t12.5\n"
-    "q1\td1\t12.5\n"  # tie with d3: d1 sorts first (docid ascending)
+    "q1\td1\t12.5\n"  # tie with d3: d3 sorts first (dr.ranking: docid descending, as trec_eval)
     "q1\td7\t0.30000000000000004\n"
     "q1\td2\t0.3\n"  # differs from the line above only in the last bit: must stay distinct
     "q2\td9\t-1.25e-3\n"
     "q2\td1\t-2.0\n"
 )
-EXPECTED = {"q1": ["d1", "d3", "d7", "d2"], "q2": ["d9", "d1"]}
+EXPECTED = {"q1": ["d3", "d1", "d7", "d2"], "q2": ["d9", "d1"]}
 
 
 def ranking(run: Run) -> dict[str, list[str]]:
@@ -51,10 +51,10 @@ def test_round_trip_tevatron_marco_trec_marco_via_cli(tmp_path):
     assert convert(["--input", str(trec), "--output", str(marco2)]) == 0
     assert convert(["--input", str(marco2), "--output", str(back), "--to", "tevatron"]) == 0
 
-    assert marco.read_text().splitlines()[:4] == ["q1\td1\t1", "q1\td3\t2", "q1\td7\t3", "q1\td2\t4"]
+    assert marco.read_text().splitlines()[:4] == ["q1\td3\t1", "q1\td1\t2", "q1\td7\t3", "q1\td2\t4"]
     assert marco2.read_text() == marco.read_text()  # ids and ranks survive the TREC detour exactly
     trec_lines = trec.read_text().splitlines()
-    assert trec_lines[0] == "q1 Q0 d1 1 1.0 mine"
+    assert trec_lines[0] == "q1 Q0 d3 1 1.0 mine"
     assert trec_lines[3] == f"q1 Q0 d2 4 {synthetic_score(4)!r} mine"
     for path, fmt in ((marco, "marco"), (trec, "trec"), (marco2, "marco"), (back, "tevatron")):
         run, detected = read_run(path)

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from dr.io.runs import read_run
+from dr.io.shards import ShardMeta, write_shard
 from dr.search.exact import merge_candidates, search_shards
 from dr.search.shard_set import parse_bytes
-from dr.io.shards import ShardMeta, write_shard
-from dr.io.runs import read_run
 from tests.helpers import command
 
 main = command("search")
@@ -57,11 +57,11 @@ def write_queries(path: Path, vectors: np.ndarray, dtype: str = "float32", **kw)
 
 
 def brute_force(queries: np.ndarray, passages: np.ndarray, ids: list[str], depth: int):
-    """Reference ranking: float64 scores, ordered by (score desc, docid asc)."""
+    """Reference ranking: float64 scores, ordered by score desc, then docid desc (the rule of dr.ranking)."""
     scores = queries.astype(np.float64) @ passages.astype(np.float64).T
     out_ids, out_scores = [], []
     for row in scores:
-        order = sorted(range(len(ids)), key=lambda j: (-row[j], ids[j]))[:depth]
+        order = sorted(range(len(ids)), key=lambda j: (row[j], ids[j]), reverse=True)[:depth]
         out_ids.append([ids[j] for j in order])
         out_scores.append(row[order])
     return np.array(out_scores), out_ids
@@ -132,7 +132,7 @@ def test_merge_candidates_is_exact_with_ties():
     a = (np.array([[3.0, 2.0, 1.0]], np.float32), [["b", "y", "z"]])
     b = (np.array([[3.0, 2.0]], np.float32), [["a", "c"]])
     scores, docids = merge_candidates([a, b], depth=4)
-    assert docids == [["a", "b", "c", "y"]]
+    assert docids == [["b", "a", "y", "c"]]  # ties: docid descending
     assert scores.tolist() == [[3.0, 3.0, 2.0, 2.0]]
 
 

@@ -7,8 +7,10 @@ Usage::
 Semantics (chosen to match the official MS MARCO evaluator and ``trec_eval -c``):
 
 * Evaluated queries are the qrels queries with at least one judgment ``rel >= 1``. Every metric is
-  averaged over all of them: a query missing from the run scores 0 (``trec_eval`` without ``-c`` and
-  ``ir_measures`` would skip it and inflate the mean). Run queries absent from the qrels are ignored.
+  averaged over all of them: a query missing from the run scores 0 (``trec_eval`` without ``-c`` would
+  skip it and inflate the mean). Run queries absent from the qrels are ignored. ``ir_measures`` 0.4.3
+  also scores missing queries 0, but averages over every qrels query, those judged only ``rel = 0``
+  included (each scores 0), so its mean is lower than dr's when the qrels hold such queries.
 * Accepted metrics (`ACCEPTED_METRICS`): ``MRR@k`` and ``RR@k`` (the same value) are computed here,
   exactly as the official MS MARCO script: the reciprocal rank of the first hit with ``rel >= 1`` among
   the top k, 0 if none, summed and divided by the number of evaluated queries. The others (RR, AP/MAP,
@@ -17,10 +19,12 @@ Semantics (chosen to match the official MS MARCO evaluator and ``trec_eval -c``)
   count ``rel >= 1`` as relevant. Two names of one measure (``AP MAP``) are computed once and both
   reported. Other ir_measures names are refused rather than passed to a backend that might compute a
   different measure under their name (pytrec_eval has no RR cutoff, for one).
-* Ties (`evaluation_ranking`): scored runs (TREC, Tevatron) are ranked as trec_eval ranks a TREC run:
-  score descending, then docid *descending*, so the numbers are the published trec_eval ones. MS MARCO
-  runs are ranked by their rank column, as the official MRR@10 script does. Every metric sees the same
-  ranking (the run handed to trec_eval carries strictly decreasing synthetic scores that encode it).
+* Ties (`evaluation_ranking`): scored runs (TREC, Tevatron) are ranked by dr's tie rule (`dr.ranking`:
+  score descending, then docid *descending*), which is how trec_eval ranks a TREC run, so the numbers are
+  the published trec_eval ones. MS MARCO runs are ranked by their rank column, as the official MRR@10
+  script does; dr writes them in the same rule's order, so every format of one run gives one number.
+  Every metric sees the same ranking (the run handed to trec_eval carries strictly decreasing synthetic
+  scores that encode it).
 
 Qrels are read by `dr.io.qrels`; the run may be in any format `dr.io.runs` reads.
 """
@@ -34,6 +38,7 @@ from typing import Any
 from dr.errors import InputError, UsageError
 from dr.io.qrels import Qrels, judged_queries
 from dr.io.runs import Run
+from dr.ranking import sort_hits
 
 DEFAULT_METRICS = ("MRR@10", "nDCG@10", "R@100", "R@1000", "MAP")
 
@@ -109,17 +114,14 @@ def _ir_measure(family: str, cutoff: int | None):
 def evaluation_ranking(run: Run) -> dict[str, list[str]]:
     """The ranking every metric sees: trec_eval's for scored runs, the rank column for MS MARCO runs.
 
-    Scored runs (TREC, Tevatron) are ordered by score descending, then docid *descending* among equal
-    scores, which is what trec_eval (and so pytrec_eval, ir_measures, pyserini) does with a TREC run: the
-    published numbers. MS MARCO runs carry ranks, not scores; they are evaluated in rank order, as the
-    official MRR@10 script does.
+    Scored runs (TREC, Tevatron) are ordered by `dr.ranking.sort_hits` (score descending, then docid
+    *descending*), which is what trec_eval (and so pytrec_eval, ir_measures, pyserini) does with a TREC
+    run: the published numbers. MS MARCO runs carry ranks, not scores; they are evaluated in rank order,
+    as the official MRR@10 script does.
     """
     if not run.scored:
         return {qid: [docid for docid, _ in hits] for qid, hits in run.rankings.items()}
-    return {
-        qid: [docid for docid, _ in sorted(hits, key=lambda hit: (hit[1], hit[0]), reverse=True)]
-        for qid, hits in run.rankings.items()
-    }
+    return {qid: [docid for docid, _ in sort_hits(hits)] for qid, hits in run.rankings.items()}
 
 
 def _rank_scored_run(ranking: dict[str, list[str]], queries: list[str]) -> dict[str, dict[str, float]]:

@@ -1,7 +1,9 @@
 """Approximate search: one faiss index (``--index_factory``, e.g. ``IVF4096,Flat`` or ``HNSW32``) over all
 shards, trained on a sample and filled block by block; saved as a faiss file plus a JSON sidecar holding
 the docids (nothing is pickled) and reused with ``--load_index``. Its ranking is only as exact as the
-index; the final lists are still sorted by (-score, docid).
+index; the final lists follow dr's tie rule (`dr.ranking`), also at the depth cut-off: where hits tie with
+the `depth`-th, the index is asked for more until the tie is past (a flat index so keeps exactly the
+documents exact search keeps). Vectors with NaN or inf are refused while the index is built.
 """
 
 from __future__ import annotations
@@ -11,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from dr.search.shard_set import SearchError
-from dr.io.shards import iter_shard, read_meta
 from dr.io.atomic import atomic_path, write_json_atomic
+from dr.io.shards import iter_shard, read_meta
+from dr.ranking import NO_KEY, docid_keys, search_past_ties, select_topk
+from dr.search.shard_set import SearchError, check_finite
 
 
 def build_index(
@@ -22,6 +25,9 @@ def build_index(
     """A faiss index (inner product) over all shards: trained on a random sample, filled block by block.
 
     Rows are added in shard order, so faiss's sequential ids are the rows of the concatenated shards.
+
+    Raises:
+        NonFiniteVector: a vector holds NaN or inf (checked on each block as it is converted to float32).
     """
     import faiss
 
@@ -45,8 +51,12 @@ def build_index(
                 f"--index_factory {factory!r}: training on {len(picks)} rows failed: {err}"
             ) from None
     for path in shard_paths:
-        for _, vectors in iter_shard(path, max_rows=max_rows):
-            index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+        row = 0
+        for ids, vectors in iter_shard(path, max_rows=max_rows):
+            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+            check_finite(vectors, path, row, ids)
+            index.add(vectors)
+            row += len(vectors)
     return index
 
 
@@ -78,15 +88,19 @@ def load_index(path: str):
 
 
 def search_index(index, docids: list[str], query_vecs: np.ndarray, depth: int, batch_size: int = -1):
-    """Search a faiss index; returns the same (scores, docids) shape as `search_shards`."""
+    """Search a faiss index; returns the same (scores, docids) shape as `search_shards`, in rule order."""
     query_vecs = np.ascontiguousarray(query_vecs, dtype=np.float32)
     k = min(depth, index.ntotal)
+    keys = docid_keys(docids)
     step = len(query_vecs) if batch_size <= 0 else batch_size
     all_scores, all_ids = [], []
     for start in range(0, len(query_vecs), step):
-        scores, rows = index.search(query_vecs[start : start + step], k)
-        for srow, rrow in zip(scores, rows):
-            hits = sorted(((-float(s), docids[r]) for s, r in zip(srow, rrow) if r >= 0))
-            all_scores.append([-s for s, _ in hits] + [-np.inf] * (k - len(hits)))
-            all_ids.append([d for _, d in hits])
-    return np.array(all_scores, dtype=np.float32).reshape(len(query_vecs), k), all_ids
+        scores, rows = search_past_ties(index.search, query_vecs[start : start + step], k, index.ntotal)
+        valid = rows >= 0
+        scores = np.where(valid, scores, -np.inf).astype(np.float32)
+        row_keys = np.where(valid, keys[np.where(valid, rows, 0)], NO_KEY)
+        scores, _, rows = select_topk(scores, row_keys, rows, k)
+        all_scores.append(scores)
+        all_ids.extend([docids[r] for r in row if r >= 0] for row in rows)
+    scores = np.concatenate(all_scores) if all_scores else np.zeros((0, k), dtype=np.float32)
+    return scores, all_ids

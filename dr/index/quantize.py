@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 from pyarrow import ipc
 
 from dr.errors import InputError, UsageError
-from dr.search.shard_set import id_column, read_metas
+from dr.io.atomic import atomic_path, write_json_atomic
 from dr.io.shards import (
     ENCODER_FIELDS,
     MANIFEST_FORMAT,
@@ -45,7 +45,7 @@ from dr.io.shards import (
     iter_shard,
     read_manifest,
 )
-from dr.io.atomic import atomic_path, write_json_atomic
+from dr.search.shard_set import check_finite, id_column, read_metas
 
 logger = logging.getLogger("dr.quantize")
 
@@ -88,7 +88,10 @@ class Int8Calibration:
         low = np.full(dim, np.inf, dtype=np.float32)
         high = np.full(dim, -np.inf, dtype=np.float32)
         for path in paths:
-            for _, vectors in iter_shard(path, max_rows=max_rows):
+            row = 0
+            for ids, vectors in iter_shard(path, max_rows=max_rows):
+                check_finite(vectors, path, row, ids)  # NaN/inf: named by file and row, not a bad calibration
+                row += len(vectors)
                 if len(vectors):
                     np.minimum(low, vectors.min(axis=0), out=low)
                     np.maximum(high, vectors.max(axis=0), out=high)
@@ -288,7 +291,10 @@ def _write(out: Path, float_path: str, meta: ShardMeta, kind: str, calibration, 
     schema = _schema(meta, kind, _source_signature(float_path, meta), calibration)
     width = code_bytes(kind, meta.dim)
     with atomic_path(out) as tmp, pa.OSFile(str(tmp), "wb") as sink, ipc.new_file(sink, schema) as writer:
+        row = 0
         for ids, vectors in iter_shard(float_path, max_rows=max_rows):
+            check_finite(vectors, float_path, row, ids)  # a NaN's sign bit or int8 code would be garbage
+            row += len(vectors)
             codes = calibration.encode(vectors) if calibration else binary_codes(vectors)
             column = pa.FixedSizeListArray.from_arrays(
                 pa.array(codes.reshape(-1), schema.field("code").type.value_type), width

@@ -13,11 +13,14 @@ all positive integers, unique per query, reads both as MS MARCO ranks and as Tev
 the opposite order): it is refused (`AmbiguousRunFormat`) unless its suffix names the format
 (``.marco``, ``.tevatron``) or the caller passes the format (``dr convert --from``, ``--run_format``).
 
-Ordering rules (the same everywhere in dr, so conversions are lossless):
+Ordering rules (the same everywhere in dr, so conversions are lossless and every format of one run
+evaluates alike):
 
-* Scored formats (tevatron, trec) are ordered by score descending, then docid ascending (string order)
-  among exactly equal scores. The TREC rank column is validated but, as in trec_eval, not used for
-  ordering. `dr search` writes hits in exactly this order, so reading its output changes nothing.
+* Scored formats (tevatron, trec) are ordered by dr's one tie rule (`dr.ranking`): score descending, then
+  docid descending (string order) among exactly equal scores, as trec_eval ranks them. The TREC rank
+  column is validated but, as in trec_eval, not used for ordering. `dr search` writes hits in exactly
+  this order, so reading its output changes nothing, and an MS MARCO file converted from it ranks the
+  hits as trec_eval does.
 * MS MARCO runs are ordered by their rank column. They carry no scores; when a score is needed (writing
   tevatron or trec) it is synthesized as ``1 / rank``, which is strictly decreasing in the rank, so the
   order and the ranks survive a round trip (the same convention as pyserini's MS MARCO -> TREC converter).
@@ -37,12 +40,11 @@ from pathlib import Path
 
 from dr.errors import InputError, UsageError
 from dr.io.atomic import atomic_path
+from dr.ranking import Hit, sort_hits  # the tie rule; re-exported here for older callers
 
 FORMATS = ("tevatron", "marco", "trec")
 DEFAULT_TAG = "dr"
 _INT = re.compile(r"^[0-9]+$")
-
-Hit = tuple[str, float]
 
 
 class RunFormatError(InputError):
@@ -85,11 +87,6 @@ class Run:
 def synthetic_score(rank: int) -> float:
     """Score given to the hit at 1-based `rank` when the source format has none (MS MARCO)."""
     return 1.0 / rank
-
-
-def sort_hits(hits: Iterable[Hit]) -> list[Hit]:
-    """Order hits by score descending, then docid ascending: dr's deterministic tie-break."""
-    return sorted(hits, key=lambda hit: (-hit[1], hit[0]))
 
 
 def format_score(score: float) -> str:

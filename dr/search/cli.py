@@ -32,9 +32,12 @@ from dr import distributed as D
 from dr.errors import UsageError
 from dr.flags import add_bool
 from dr.index.ann import build_index, load_index, save_index, search_index
-from dr.search.exact import _block_rows, merge_candidates, search_shards
 from dr.index.quantize import KINDS as QUANTIZE_KINDS
 from dr.index.quantize import check_kind
+from dr.io.atomic import write_json_atomic
+from dr.io.runs import FORMATS, Run, write_run
+from dr.io.shards import ShardMeta
+from dr.search.exact import _block_rows, merge_candidates, search_shards
 from dr.search.shard_check import VERIFY_MODES, verify_shards
 from dr.search.shard_set import (
     SearchError,
@@ -47,9 +50,6 @@ from dr.search.shard_set import (
     read_metas,
     split_shards,
 )
-from dr.io.shards import ShardMeta
-from dr.io.atomic import write_json_atomic
-from dr.io.runs import FORMATS, Run, write_run
 
 logger = logging.getLogger("dr.search")
 

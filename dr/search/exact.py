@@ -5,17 +5,22 @@ vectors). Each block's exact top ``depth`` hits are merged into a running top ``
 final ranking is therefore the same as a brute force over the concatenated corpus, whatever the number
 of shards, blocks or ranks.
 
-Ties are resolved deterministically, everywhere, by score descending and then docid ascending
-(string order), including at the depth cut-off:
+Ties follow dr's one rule (`dr.ranking`: score descending, then docid descending as strings), including
+at the depth cut-off. Docids enter as int64 tie keys (`dr.ranking.docid_keys`, one sort of the corpus's
+id column); only hits tied at a cut-off ever need them:
 
-* the merge across blocks, shards and ranks sorts on the pair (-score, docid), so no tied candidate is
-  dropped arbitrarily;
+* the merge across blocks, shards and ranks orders on (score, tie key) (`dr.ranking.select_topk`,
+  `dr.ranking.grouped_order`), so no tied candidate is dropped arbitrarily;
 * the default CPU scorer (``cpu``: numpy's BLAS matmul, `BlockScorer.hits`) keeps every hit scoring at
-  least the running k-th score, ties included, and `TopK` selects under (-score, docid) itself;
+  least the running k-th score, ties included, and `TopK` selects under the rule itself;
 * the other backends (``faiss-cpu``, ``faiss-gpu``, ``torch-cuda``) may drop any one of several hits
   tied at their k-th score. They are asked for k+1 hits, which shows when that can happen (k-th score ==
   (k+1)-th score); for those queries only, the block is rescored with numpy (float32) and the exact top k
-  under (-score, docid) is taken.
+  under the rule is taken.
+
+Vectors must be finite: each passage tile is checked with `np.isfinite` as it is converted (float16) or
+before it is scored (float32), so the check rides on a pass the scorer makes anyway; a NaN or inf stops
+the search with the file, row and id (`NonFiniteVector`).
 
 Why numpy for the CPU: ``faiss.knn`` ran at ~15 % of the machine's float32 GEMM rate (its wheel bundles
 an older OpenBLAS, and its top-k is serial), numpy's matmul + a threshold selection runs close to it.
@@ -31,19 +36,25 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from dr import distributed as D
 from dr.errors import UsageError
-from dr.search.shard_set import id_column
 from dr.io.shards import iter_shard
-
-NO_KEY = np.iinfo(np.int64).max  # sort key of an empty result slot: after every real hit
-
+from dr.ranking import NO_KEY, docid_keys, grouped_order, order, select_topk
+from dr.search.shard_set import id_column, non_finite_error
 
 _TILE_BYTES = 8 << 20  # float32 passage tile converted and scored at once (reused buffer)
 _SCORE_BYTES = 32 << 20  # bound on one (queries x tile) float32 score matrix
 BACKENDS = ("cpu", "faiss-cpu", "faiss-gpu", "torch-cuda")
+
+
+class NonFiniteRow(Exception):
+    """Raised by the scorers: row `row` of the block being scored holds NaN or inf (`search_shards` names
+    the file, row and id)."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(row)
+        self.row = row
 
 
 def _threads() -> int:
@@ -122,6 +133,9 @@ class BlockScorer:
         raise it between tiles (after a merge). While a query has no threshold yet (-inf), a tile of at
         least `k` rows raises it to that tile's k-th score: the final k-th score can only be higher, so
         nothing that can still enter the top k (ties included) is skipped.
+
+        Raises:
+            NonFiniteRow: a passage row holds NaN or inf (each tile is checked as it is converted).
         """
         nq, dim = queries.shape
         n = len(block)
@@ -131,16 +145,18 @@ class BlockScorer:
         tile = -(-n // tiles)  # equal tiles: a block of 8192 rows is not cut into 2730 + 2730 + 2730 + 2
         qstep = min(nq, max(1, _SCORE_BYTES // (4 * tile)))
         tile_buf = self._buffer("tile", tile * dim) if block.dtype != np.float32 else None
+        finite_buf = self._buffer("finite", tile * dim, bool)
         score_buf = self._buffer("score", qstep * tile)
         mask_buf = self._buffer("mask", -(-qstep * tile // 8) * 8, bool)  # whole uint64 words: `_hits`
         for p0 in range(0, n, tile):
             part = block[p0 : p0 + tile]
             t = len(part)
-            if tile_buf is None:
-                tile32 = np.ascontiguousarray(part)
+            if tile_buf is None:  # float32: scored in place, only checked
+                tile32, dst = np.ascontiguousarray(part), None
             else:
-                tile32 = tile_buf[: t * dim].reshape(t, dim)
-                self._convert(part, tile32)
+                tile32 = dst = tile_buf[: t * dim].reshape(t, dim)
+            if not self._convert(part, dst, finite_buf[: t * dim].reshape(t, dim)):
+                raise NonFiniteRow(p0 + _first_non_finite(tile32))
             for q0 in range(0, nq, qstep):
                 q1 = min(nq, q0 + qstep)
                 scores = score_buf[: (q1 - q0) * t].reshape(q1 - q0, t)
@@ -159,25 +175,47 @@ class BlockScorer:
             buf = self._buffers[name] = np.zeros(size, dtype=dtype)
         return buf
 
-    def _convert(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """dst[:] = src as float32, split over the CPUs (numpy's cast is serial and releases the GIL)."""
+    def _convert(self, src: np.ndarray, dst: np.ndarray | None, finite: np.ndarray | None = None) -> bool:
+        """dst[:] = src as float32 (`dst` None: `src` is only checked); whether every value is finite.
+
+        Split over the CPUs (numpy's cast and `isfinite` are serial and release the GIL); each part is
+        checked right after its conversion, while it is still in cache. `finite` is a bool scratch buffer
+        shaped like `src` (None: a kept one; bench.search times this method alone).
+        """
+        if finite is None:
+            finite = self._buffer("finite", src.size, bool)[: src.size].reshape(src.shape)
         parts = _threads() if src.size >= 1 << 18 else 1
         if parts == 1:
-            np.copyto(dst, src)
-            return
+            return _convert_part(src, dst, finite)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(parts, thread_name_prefix="dr-search-convert")
         bounds = np.linspace(0, len(src), parts + 1).astype(int)
         jobs = [
-            self._pool.submit(np.copyto, dst[a:b], src[a:b]) for a, b in itertools.pairwise(bounds) if b > a
+            self._pool.submit(_convert_part, src[a:b], None if dst is None else dst[a:b], finite[a:b])
+            for a, b in itertools.pairwise(bounds)
+            if b > a
         ]
-        for job in jobs:
-            job.result()
+        results = [job.result() for job in jobs]  # wait for every job before the buffers are reused
+        return all(results)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
             self._pool = None
+
+
+def _convert_part(src: np.ndarray, dst: np.ndarray | None, finite: np.ndarray) -> bool:
+    """dst[:] = src (unless `dst` is None) and whether all of it is finite (checked on the float32 copy)."""
+    if dst is not None:
+        np.copyto(dst, src)
+        src = dst
+    np.isfinite(src, out=finite)
+    return bool(finite.all())
+
+
+def _first_non_finite(rows: np.ndarray) -> int:
+    """Index of the first row of `rows` holding NaN or inf (the error path only)."""
+    return int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
 
 
 def _tile_rows(dim: int) -> int:
@@ -199,25 +237,19 @@ def _hits(scores: np.ndarray, thr: np.ndarray, mask_buf: np.ndarray) -> np.ndarr
     return inside[mask_buf[inside]]
 
 
-def select_topk(scores: np.ndarray, keys: np.ndarray, values: np.ndarray, k: int) -> tuple[np.ndarray, ...]:
-    """Per row, the first `k` columns under the order (score desc, key asc); returns (scores, keys, values)."""
-    order = np.lexsort((keys, -scores), axis=1)[:, :k]
-    return tuple(np.take_along_axis(a, order, axis=1) for a in (scores, keys, values))
-
-
 def _exact_block_row(
-    query: np.ndarray, block: np.ndarray, ranks: np.ndarray, k: int
+    query: np.ndarray, block: np.ndarray, keys: np.ndarray, k: int
 ) -> tuple[np.ndarray, ...]:
-    """Exact top k of one query over one block under (score desc, docid rank asc), scored by numpy."""
+    """Exact top k of one query over one block under the tie rule (`keys`: tie keys), scored by numpy."""
     scores = block @ query
     threshold = np.partition(scores, len(scores) - k)[len(scores) - k]
     cand = np.flatnonzero(scores >= threshold)
-    order = np.lexsort((ranks[cand], -scores[cand]))[:k]
-    return scores[cand[order]], cand[order]
+    best = cand[order(scores[cand], keys[cand])[:k]]
+    return scores[best], best
 
 
 class TopK:
-    """Running exact top-k per query, merged block by block under (score desc, docid asc).
+    """Running exact top-k per query, merged block by block under the tie rule (`dr.ranking`).
 
     With the ``cpu`` scorer, candidates (every score >= the query's threshold `thr`, ties included) are
     collected across blocks and merged only when they outnumber the top k itself, so blocks as small as
@@ -227,34 +259,41 @@ class TopK:
     def __init__(self, nq: int, k: int) -> None:
         self.k = k
         self.scores = np.full((nq, k), -np.inf, dtype=np.float32)
-        self.keys = np.full((nq, k), NO_KEY, dtype=np.int64)  # docid sort rank: the tie-break
+        self.keys = np.full((nq, k), NO_KEY, dtype=np.int64)  # docid tie keys (`docid_keys`)
         self.rows = np.full((nq, k), -1, dtype=np.int64)  # global row in the searched shard list
         self.thr = np.full(nq, -np.inf, dtype=np.float32)  # nothing below can enter (rises only)
         self._pending: list[tuple[np.ndarray, ...]] = []  # (query, score, key, row) candidates
         self._npending = 0
 
     def add_block(
-        self, queries: np.ndarray, block: np.ndarray, offset: int, ranks: np.ndarray, scorer: BlockScorer
+        self, queries: np.ndarray, block: np.ndarray, offset: int, keys: np.ndarray, scorer: BlockScorer
     ):
-        """Search `block` (global rows offset..offset+len) and merge; `ranks` are its rows' docid ranks."""
+        """Search `block` (global rows offset..offset+len) and merge; `keys` are its rows' tie keys.
+
+        Raises:
+            NonFiniteRow: a row of `block` holds NaN or inf (its index in the block).
+        """
         if scorer.exact:
             for q, s, col in scorer.hits(queries, block, self.k, self.thr):
-                self._pending.append((q, s, ranks[col], col + offset))
+                self._pending.append((q, s, keys[col], col + offset))
                 self._npending += len(q)
                 if self._npending > self.scores.size:  # amortized: a merge sorts at most 2x what it keeps
                     self._merge()
             return
-        scores, idx = self._block_topk(queries, np.ascontiguousarray(block, np.float32), ranks, scorer)
-        self.add_candidates(scores, idx, offset, ranks)
+        block = np.ascontiguousarray(block, np.float32)
+        if not np.isfinite(block).all():
+            raise NonFiniteRow(_first_non_finite(block))
+        scores, idx = self._block_topk(queries, block, keys, scorer)
+        self.add_candidates(scores, idx, offset, keys)
 
-    def add_candidates(self, scores: np.ndarray, local: np.ndarray, offset: int, ranks: np.ndarray) -> None:
+    def add_candidates(self, scores: np.ndarray, local: np.ndarray, offset: int, keys: np.ndarray) -> None:
         """Merge one block's fixed-width candidates: (nq, c) `scores` at block rows `local` (-1: none).
 
-        `ranks` are the docid ranks of the block's rows (a slice of the global ranks is fine), so a
-        candidate's key is ``ranks[local]`` and its global row ``local + offset``.
+        `keys` are the tie keys of the block's rows (a slice of the global keys is fine), so a
+        candidate's key is ``keys[local]`` and its global row ``local + offset``.
         """
         valid = local >= 0
-        keys = np.where(valid, ranks[np.where(valid, local, 0)], NO_KEY)
+        keys = np.where(valid, keys[np.where(valid, local, 0)], NO_KEY)
         rows = np.where(valid, local + offset, -1)
         scores = np.where(valid, scores, -np.inf).astype(np.float32)
         self.scores, self.keys, self.rows = select_topk(
@@ -270,7 +309,7 @@ class TopK:
         return self.scores, self.rows
 
     def _merge(self) -> None:
-        """Replace the top k by the exact top k of itself + the pending candidates, under (-score, key)."""
+        """Replace the top k by the exact top k of itself + the pending candidates, under the tie rule."""
         if not self._pending:
             return
         nq, k = self.scores.shape
@@ -278,8 +317,8 @@ class TopK:
         parts = [(np.repeat(np.arange(nq), k)[held], self.scores.ravel()[held],
                   self.keys.ravel()[held], self.rows.ravel()[held]), *self._pending]  # fmt: skip
         q, s, key, row = (np.concatenate(column) for column in zip(*parts))
-        order = np.lexsort((key, -s, q))
-        q, s, key, row = q[order], s[order], key[order], row[order]
+        ranked = grouped_order(q, s, key)
+        q, s, key, row = q[ranked], s[ranked], key[ranked], row[ranked]
         starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
         pos = np.arange(len(q)) - np.repeat(starts, np.diff(np.r_[starts, len(q)]))
         keep = pos < k
@@ -292,7 +331,7 @@ class TopK:
         self._pending, self._npending = [], 0
 
     def _block_topk(
-        self, queries: np.ndarray, block: np.ndarray, ranks: np.ndarray, scorer: BlockScorer
+        self, queries: np.ndarray, block: np.ndarray, keys: np.ndarray, scorer: BlockScorer
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top k of a float32 block from a backend that returns an arbitrary one of tied k-th hits."""
         kk = min(self.k + 1, len(block))
@@ -301,18 +340,9 @@ class TopK:
         if kk > self.k:
             # the backend drops an arbitrary one of several hits tied at its k-th score: rescore those.
             for q in np.flatnonzero(scores[:, self.k - 1] == scores[:, self.k]):
-                scores[q, : self.k], idx[q, : self.k] = _exact_block_row(queries[q], block, ranks, self.k)
+                scores[q, : self.k], idx[q, : self.k] = _exact_block_row(queries[q], block, keys, self.k)
             scores, idx = scores[:, : self.k], idx[:, : self.k]
         return scores, idx
-
-
-def docid_ranks(ids: pa.ChunkedArray) -> np.ndarray:
-    """Position of every docid in ascending string order: an int64 tie-break key per row."""
-    ranks = np.empty(len(ids), dtype=np.int64)
-    if len(ids):
-        order = pc.sort_indices(ids).to_numpy()
-        ranks[order] = np.arange(len(ids), dtype=np.int64)
-    return ranks
 
 
 def _block_rows(dim: int, max_memory_bytes: int) -> int:
@@ -337,7 +367,10 @@ def search_shards(
 
     Returns:
         (scores float32 (nq, k), docids: nq lists of k docids), k = min(depth, rows in the shards), each
-        row sorted by score descending then docid ascending.
+        row in the order of `dr.ranking`.
+
+    Raises:
+        NonFiniteVector: a passage vector holds NaN or inf (file, row and id named).
     """
     from tqdm import tqdm
 
@@ -349,7 +382,7 @@ def search_shards(
     k = min(depth, len(ids))
     if k == 0:
         return np.zeros((nq, 0), dtype=np.float32), [[] for _ in range(nq)]
-    ranks = docid_ranks(ids)
+    keys = docid_keys(ids)
     pa.default_memory_pool().release_unused()  # the sort's scratch: keep peak RSS to one block + fixed
     scorer = BlockScorer(backend, fp16)
     step = nq if batch_size is None or batch_size <= 0 else batch_size
@@ -362,9 +395,15 @@ def search_shards(
         top = TopK(len(queries), k)
         offset = 0
         for path in shard_paths:
+            first = offset  # the shard's first global row
             # `block` is a view into the mapped shard: any float32 copy lives inside add_block only
             for _, block in iter_shard(path, max_rows=max_rows, ids=False, drop_pages=True):
-                top.add_block(queries, block, offset, ranks[offset : offset + len(block)], scorer)
+                try:
+                    top.add_block(queries, block, offset, keys[offset : offset + len(block)], scorer)
+                except NonFiniteRow as bad:
+                    scorer.close()
+                    row = offset + bad.row
+                    raise non_finite_error(path, row - first, ids[row].as_py(), block[bad.row]) from None
                 offset += len(block)
                 bar.update(len(queries) * len(block))
         out_scores[start : start + step], out_rows[start : start + step] = top.result()
@@ -377,7 +416,7 @@ def search_shards(
 def merge_candidates(
     parts: list[tuple[np.ndarray, list[list[str]]]], depth: int
 ) -> tuple[np.ndarray, list[list[str]]]:
-    """Merge per-rank top-k lists exactly into one top-`depth` per query, under (score desc, docid asc)."""
+    """Merge per-rank top-k lists exactly into one top-`depth` per query, under the tie rule."""
     nq = len(parts[0][1])
     width = sum(scores.shape[1] for scores, _ in parts)
     scores = np.full((nq, width), -np.inf, dtype=np.float32)
@@ -389,8 +428,8 @@ def merge_candidates(
         docids[:, col : col + w] = np.array(part_ids, dtype=object).reshape(nq, w)
         col += w
     k = min(depth, width)
-    _, inverse = np.unique(docids.ravel().astype(str), return_inverse=True)
+    keys = docid_keys(docids.ravel().tolist()).reshape(nq, width)  # docids meet only within a row
     slots = np.broadcast_to(np.arange(width), (nq, width))
-    top_scores, _, top_cols = select_topk(scores, inverse.reshape(nq, width).astype(np.int64), slots, k)
+    top_scores, _, top_cols = select_topk(scores, keys, slots, k)
     merged = np.take_along_axis(docids, top_cols, axis=1)
     return top_scores, [list(row) for row in merged]

@@ -9,12 +9,14 @@
    block of codes (``--max_memory`` bounds that copy; binary blocks are bounded by their code bytes).
 2. Rescoring (``--rescore K``): the float vectors of only the candidate rows are read from the float shards
    (gathered from zero-copy views of the memory-mapped files), each candidate is scored ``float query . float passage`` in float64
-   and rounded to float32, and the top `depth` are kept under the exact tie rule (score desc, docid asc;
-   `dr.search.exact.select_topk`). When ``K * depth`` covers the corpus the result is exact search's.
+   and rounded to float32, and the top `depth` are kept under dr's tie rule (`dr.ranking`). When
+   ``K * depth`` covers the corpus the result is exact search's. A candidate's float vector holding NaN
+   or inf stops the search, naming the float shard and row (`dr quantize` refuses such shards up front).
 
-Without ``--rescore`` the run holds the first-pass scores, ordered by (score desc, docid asc) among the
-kept candidates; which of several candidates tied at a block's cut-off survive is faiss's choice (Hamming
-distances tie often), so that mode is approximate in its ties too.
+The first pass keeps its candidates under the same rule: faiss returns an arbitrary one of several hits
+tied at its cut-off (Hamming distances tie often), so a block whose cut-off is tied is searched again,
+wider, until the tie is past (`dr.ranking.search_past_ties`), and the candidates are cut by (first-pass
+score, docid). Without ``--rescore`` the run holds the first-pass scores in that order.
 
 Missing quantized shards are an error naming the `dr quantize` command to run (they are not built on the
 fly: the codes are a one-off pass worth keeping, and a search should not write beside the corpus).
@@ -31,7 +33,6 @@ import numpy as np
 import pyarrow as pa
 from pyarrow import ipc
 
-from dr.search.exact import NO_KEY, TopK, docid_ranks, select_topk
 from dr.index.quantize import (
     Int8Calibration,
     QuantizedShard,
@@ -44,8 +45,10 @@ from dr.index.quantize import (
     open_quantized,
     quantized_path,
 )
-from dr.search.shard_set import id_column
 from dr.io.shards import ShardMeta
+from dr.ranking import NO_KEY, docid_keys, search_past_ties, select_topk
+from dr.search.exact import TopK
+from dr.search.shard_set import id_column, non_finite_error
 
 logger = logging.getLogger("dr.search")
 
@@ -92,7 +95,7 @@ def open_checked(
 
 
 def _first_pass(
-    queries: np.ndarray, opened, kind: str, dim: int, c: int, ranks: np.ndarray, max_memory_bytes: int
+    queries: np.ndarray, opened, kind: str, dim: int, c: int, keys: np.ndarray, max_memory_bytes: int
 ) -> TopK:
     """Top-`c` first-pass candidates of `queries` over every quantized shard, streamed in blocks."""
     import faiss
@@ -106,19 +109,30 @@ def _first_pass(
         qscaled = np.ascontiguousarray(queries * calibration.scale, dtype=np.float32)
         shift = (queries @ (calibration.offset + np.float32(128) * calibration.scale)).astype(np.float32)
         max_rows = max(1, max_memory_bytes // (dim * 4))
-    top = TopK(len(queries), c)  # its fixed-width merge; keys: docid ranks of the global rows
+    top = TopK(len(queries), c)  # its fixed-width merge; keys: tie keys of the global rows
+    everyone = np.arange(len(queries))
     offset = 0
     for _, reader in opened:
         for block in iter_codes(reader, width, max_rows):
-            kk = min(c, len(block))
+            if len(block) == 0:
+                continue
             if kind == "binary":
-                dist, local = faiss.knn_hamming(qcodes, np.ascontiguousarray(block), kk)
-                scores = np.float32(dim) - np.float32(2) * dist.astype(np.float32)
+                codes = np.ascontiguousarray(block)
+
+                def search(which: np.ndarray, k: int, codes=codes):
+                    dist, local = faiss.knn_hamming(qcodes[which], codes, k)
+                    return np.float32(dim) - np.float32(2) * dist.astype(np.float32), local
+
             else:
                 floats = np.ascontiguousarray(block, dtype=np.float32)
-                scores, local = faiss.knn(qscaled, floats, kk, metric=faiss.METRIC_INNER_PRODUCT)
-                scores = scores + shift[:, None]
-            top.add_candidates(scores, local.astype(np.int64), offset, ranks[offset : offset + len(block)])
+
+                def search(which: np.ndarray, k: int, floats=floats):
+                    scores, local = faiss.knn(qscaled[which], floats, k, metric=faiss.METRIC_INNER_PRODUCT)
+                    return scores + shift[which, None], local
+
+            # faiss keeps any one of the hits tied at its k-th: widen until the tie is past, cut by the rule
+            scores, local = search_past_ties(search, everyone, c, len(block))
+            top.add_candidates(scores, local, offset, keys[offset : offset + len(block)])
             offset += len(block)
     return top
 
@@ -127,8 +141,9 @@ class _RowReader:
     """Float vectors of chosen global rows, gathered from zero-copy views of the memory-mapped float shards
     (only the pages of the rows asked for are read from disk)."""
 
-    def __init__(self, float_paths: list[str], counts: list[int]) -> None:
+    def __init__(self, float_paths: list[str], counts: list[int], ids: pa.ChunkedArray) -> None:
         self.paths = float_paths
+        self.ids = ids  # of the concatenated shards: named when a vector is not finite
         self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._views: dict[int, tuple[np.ndarray, list[np.ndarray]]] = {}
 
@@ -146,7 +161,11 @@ class _RowReader:
         return self._views[i]
 
     def read(self, rows: np.ndarray, dim: int) -> np.ndarray:
-        """float32 (len(rows), dim) for global `rows` (sorted: each shard and batch is visited once)."""
+        """float32 (len(rows), dim) for global `rows` (sorted: each shard and batch is visited once).
+
+        Raises:
+            NonFiniteVector: a row holds NaN or inf (checked on the gathered rows only).
+        """
         out = np.empty((len(rows), dim), dtype=np.float32)
         shard = np.searchsorted(self.starts, rows, side="right") - 1
         for i in np.unique(shard):
@@ -157,13 +176,19 @@ class _RowReader:
             for b in np.unique(batch):
                 sel = batch == b
                 out[where[sel]] = views[b][local[sel] - firsts[b]]
+            bad = np.flatnonzero(~np.isfinite(out[where]).all(axis=1))
+            if len(bad):
+                row = int(rows[where[bad[0]]])
+                raise non_finite_error(
+                    self.paths[i], int(row - self.starts[i]), self.ids[row].as_py(), out[where[bad[0]]]
+                )
         return out
 
 
 def _rescore(
-    queries: np.ndarray, top: TopK, reader: _RowReader, ranks: np.ndarray, k: int, max_memory_bytes: int
+    queries: np.ndarray, top: TopK, reader: _RowReader, keys: np.ndarray, k: int, max_memory_bytes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact float scores of each query's candidates; the top `k` under (score desc, docid asc).
+    """Exact float scores of each query's candidates; the top `k` under the tie rule (`keys`: tie keys).
 
     Scores are accumulated in float64 by `einsum` (one summation order for every row, so duplicated
     passages tie exactly) and rounded to float32, as exact search reports them.
@@ -184,8 +209,8 @@ def _rescore(
         for j, query in enumerate(queries[start : start + step].astype(np.float64)):  # cache-sized gathers
             scores[j] = np.einsum("cd,d->c", vectors[slots[j]], query, dtype=np.float64)
         scores[~valid] = -np.inf
-        keys = np.where(valid, ranks[np.where(valid, rows, 0)], NO_KEY)
-        best_scores, _, best_rows = select_topk(scores, keys, rows, k)
+        row_keys = np.where(valid, keys[np.where(valid, rows, 0)], NO_KEY)
+        best_scores, _, best_rows = select_topk(scores, row_keys, rows, k)
         out_scores[start : start + step], out_rows[start : start + step] = best_scores, best_rows
     return out_scores, out_rows
 
@@ -214,10 +239,10 @@ def quantized_search(
     counts = [m.count for m in float_metas]
     total = sum(counts)
     ids = pa.chunked_array([c for p in float_paths for c in id_column(p).chunks], type=pa.string())
-    ranks = docid_ranks(ids)
+    keys = docid_keys(ids)
     k = min(depth, total)
     c = min(depth * rescore if rescore else depth, total)
-    reader = _RowReader(float_paths, counts)
+    reader = _RowReader(float_paths, counts, ids)
     step = nq if batch_size is None or batch_size <= 0 else batch_size
     scores = np.empty((nq, k), dtype=np.float32)
     rows = np.empty((nq, k), dtype=np.int64)
@@ -225,12 +250,12 @@ def quantized_search(
     for start in range(0, nq, step):
         batch = queries[start : start + step]
         t0 = time.perf_counter()
-        top = _first_pass(batch, opened, kind, dim, c, ranks, max_memory_bytes)
+        top = _first_pass(batch, opened, kind, dim, c, keys, max_memory_bytes)
         timings["first_pass_s"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         if rescore:
             scores[start : start + step], rows[start : start + step] = _rescore(
-                batch, top, reader, ranks, k, max_memory_bytes
+                batch, top, reader, keys, k, max_memory_bytes
             )
         else:
             scores[start : start + step], rows[start : start + step] = top.scores[:, :k], top.rows[:, :k]

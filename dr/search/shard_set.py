@@ -24,6 +24,38 @@ class SearchError(InputError):
     """Inputs that cannot be searched together: no shards, mismatched metadata, duplicate docids, ..."""
 
 
+class NonFiniteVector(SearchError):
+    """A vector holding NaN or +-inf: it would score NaN (dropped at random) or +-inf (ranked first/last)."""
+
+
+def non_finite_error(path: str, row: int, docid: str | None, vector: np.ndarray) -> NonFiniteVector:
+    """The one message for a non-finite vector: file, row (0-based, in the file), id and the bad position.
+
+    `vector` is the row as read; only its first non-finite value is named.
+    """
+    col = int(np.flatnonzero(~np.isfinite(np.asarray(vector, dtype=np.float32)))[0])
+    return NonFiniteVector(
+        f"{path}: row {row} (id {docid!r}) holds {float(vector[col])} at position {col} of {len(vector)}; "
+        f"vectors with NaN or inf are refused (re-encode this shard)"
+    )
+
+
+def check_finite(vectors: np.ndarray, path: str, first_row: int = 0, ids=None) -> None:
+    """Refuse NaN/+-inf in `vectors`, rows ``first_row...`` of `path` (`NonFiniteVector`).
+
+    `ids`: the block's ids (any indexable of str), or None where the caller has not read them. The check
+    is one `np.isfinite` pass, in slices of ~4M values (its mask stays small next to a 1 GB block);
+    callers run it on blocks they convert or read anyway, not as an extra pass over the data.
+    """
+    step = max(1, (4 << 20) // max(1, vectors.shape[1] if vectors.ndim == 2 else 1))
+    for start in range(0, len(vectors), step):
+        finite = np.isfinite(vectors[start : start + step])
+        if not finite.all():
+            row = start + int(np.flatnonzero(~finite.reshape(len(finite), -1).all(axis=1))[0])
+            docid = None if ids is None else str(ids[row])
+            raise non_finite_error(path, first_row + row, docid, vectors[row])
+
+
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?B)?\s*$", re.IGNORECASE)
 
 
@@ -96,8 +128,10 @@ def load_queries(paths: list[str]) -> tuple[list[str], np.ndarray, ShardMeta]:
     blocks = []
     for path in paths:
         shard_ids, vectors, _ = read_shard(path)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        check_finite(vectors, path, 0, shard_ids)  # a NaN query would score NaN against every passage
         ids.extend(shard_ids)
-        blocks.append(np.asarray(vectors, dtype=np.float32))
+        blocks.append(vectors)
     if not ids:
         raise SearchError(f"no query reps in {', '.join(paths)} (empty query file)")
     if len(set(ids)) != len(ids):
