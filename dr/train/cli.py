@@ -115,6 +115,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         lora=model_args.lora_settings(),
         lora_name_or_path=model_args.lora_name_or_path,
         merge_lora=False,  # keep adapters separate and trainable; encoding merges them
+        ignore_st_config=model_args.ignore_st_config,
         **({"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}),
     )
     check_tokenizer_fits(tokenizer, [model.query_encoder, model.passage_model], model_args.model_name_or_path)
