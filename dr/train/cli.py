@@ -185,6 +185,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     trainer.save_model()
     if training_args.process_index == 0:
         trainer.state.save_to_json(str(Path(training_args.output_dir) / "trainer_state.json"))  # loss curve
+        from dr.model.card import write_training_card
+
+        write_training_card(training_args.output_dir, model_args, data_args, resolved)  # README.md
         logger.info("saved the trained model to %s", training_args.output_dir)
 
 
