@@ -65,6 +65,13 @@ class ModelArguments:
             "const": True,
         },
     )
+    ignore_st_config: bool = field(
+        default=False,
+        metadata={
+            "help": "Do not read pooling / normalize / prompts from a sentence-transformers folder "
+            "(modules.json) without dr_config.json, and let flags contradict them (see docs/interop.md)."
+        },
+    )
     untie_encoder: bool = field(
         default=False,
         metadata={"help": "Separate query and passage encoders (both start from the same weights)."},

@@ -301,6 +301,7 @@ def load_encoder(model_args: ModelArguments, data_args: DataArguments, device: t
         overrides=overrides,
         cache_dir=model_args.cache_dir,
         lora_name_or_path=model_args.lora_name_or_path,  # adapters are merged into the weights for encoding
+        ignore_st_config=model_args.ignore_st_config,
         **({"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}),
     )
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.tokenizer_name, model_args.cache_dir)

@@ -7,11 +7,14 @@ module whose forward covers everything that needs gradients. Encoding-only calle
 A saved model is a plain Hugging Face folder (safetensors) plus `dr_config.json` (pooling, normalize,
 prefixes, max lengths) so that `dr encode` needs no repeated flags. Untied encoders are saved as
 `query_model/` and `passage_model/` subfolders; the tokenizer and `dr_config.json` sit at the top.
+The folder is also a sentence-transformers folder (`dr.model.st_format`), and a sentence-transformers
+folder's pooling, normalisation and prompts are read when it has no dr_config.json.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping
@@ -23,14 +26,26 @@ import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedTokenizerBase
 
-from dr.errors import InputError
+from dr.errors import InputError, UsageError
 from dr.io.atomic import write_json_atomic
 from dr.model import DR_CONFIG_NAME, POOLINGS
 from dr.model.check import check_model_source
+from dr.model.st_format import remove_st_files, write_st_files
 from dr.train.loss import ContrastiveLoss
+
+logger = logging.getLogger("dr.model")
 
 ADAPTER_CONFIG = "adapter_config.json"
 QUERY_SUBDIR, PASSAGE_SUBDIR = "query_model", "passage_model"
+# The settings a sentence-transformers folder declares (dr.model.st_format.read_st_settings), with the
+# flag that sets each one (for messages).
+ST_SETTINGS = {
+    "pooling": "--pooling",
+    "normalize": "--normalize",
+    "query_prefix": "--query_prefix",
+    "passage_prefix": "--passage_prefix",
+}
+_warned_defaults: set[str] = set()  # sources already warned about (once per process)
 
 
 @dataclass
@@ -64,13 +79,21 @@ class EncoderConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
-    def resolve(cls, saved: EncoderConfig | None, flags: Mapping[str, Any] | None = None) -> EncoderConfig:
-        """The one precedence rule, for training and encoding alike: flag > saved dr_config.json > default.
+    def resolve(
+        cls,
+        saved: EncoderConfig | None,
+        flags: Mapping[str, Any] | None = None,
+        st_settings: Mapping[str, Any] | None = None,
+    ) -> EncoderConfig:
+        """The one precedence rule, for training and encoding alike: flag > saved dr_config.json >
+        sentence-transformers settings (`st_format.read_st_settings`) > default.
 
         A flag left unset is None and inherits; an explicit value wins, including an empty prefix (`""`
-        clears a prefix the model was saved with). Unknown keys are ignored.
+        clears a prefix the model was saved with). Unknown keys are ignored. (Flags that contradict the
+        sentence-transformers settings are refused before this, by `check_st_flags`.)
         """
-        values = asdict(saved) if saved else {}
+        values = dict(st_settings or {})
+        values.update(asdict(saved) if saved else {})
         values.update({k: v for k, v in (flags or {}).items() if v is not None})
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
@@ -78,6 +101,51 @@ class EncoderConfig:
     def save(self, model_dir: str | os.PathLike) -> None:
         """Write dr_config.json atomically: it is the marker of a complete model (written last)."""
         write_json_atomic(Path(model_dir) / DR_CONFIG_NAME, asdict(self))
+
+
+def check_st_flags(source: str, st_settings: Mapping[str, Any], flags: Mapping[str, Any] | None) -> None:
+    """Refuse a flag that contradicts what a sentence-transformers folder declares (UsageError naming
+    both): encoding it another way would silently give vectors unlike the model's own."""
+    for key, flag in ST_SETTINGS.items():
+        given = (flags or {}).get(key)
+        if key in st_settings and given is not None and given != st_settings[key]:
+            raise UsageError(
+                f"{flag} {given!r} contradicts {source}'s sentence-transformers config ({key} "
+                f"{st_settings[key]!r}); drop {flag}, or pass --ignore_st_config to use the flag"
+            )
+
+
+def _model_settings(
+    source: str, flags: Mapping[str, Any] | None, ignore_st_config: bool, cache_dir: str | None
+) -> EncoderConfig:
+    """The EncoderConfig of `source` (folder or hub name) under `flags` (see `EncoderConfig.resolve`).
+
+    A sentence-transformers config is read only where there is no dr_config.json (dr writes both, in
+    agreement; dr_config.json wins). A source with neither gets the defaults, with a warning, once.
+    """
+    from dr.model.st_format import read_st_settings
+
+    saved = EncoderConfig.load(source) if Path(source).is_dir() else None
+    st_settings = None
+    if saved is None and not ignore_st_config:
+        st_settings = read_st_settings(source, cache_dir=cache_dir)
+        if st_settings is not None:
+            check_st_flags(source, st_settings, flags)
+    config = EncoderConfig.resolve(saved, flags, st_settings)
+    unset = [k for k in ("pooling", "normalize") if (flags or {}).get(k) is None]
+    if saved is None and st_settings is None and unset and source not in _warned_defaults:
+        _warned_defaults.add(source)
+        if int(os.environ.get("RANK", "0")) == 0:
+            logger.warning(
+                "%s has no pooling information (no %s, no sentence-transformers modules.json%s): using "
+                "%s pooling, normalize %s; give --pooling / --normalize to choose",
+                source,
+                DR_CONFIG_NAME,
+                ", ignored by --ignore_st_config" if ignore_st_config else "",
+                config.pooling,
+                config.normalize,
+            )
+    return config
 
 
 def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -136,6 +204,7 @@ class BiEncoder(nn.Module):
         lora: dict[str, Any] | None = None,
         lora_name_or_path: str | None = None,
         merge_lora: bool = True,
+        ignore_st_config: bool = False,
         **hf_kwargs: Any,
     ) -> BiEncoder:
         """Load a `dr` output folder or any Hugging Face encoder.
@@ -144,10 +213,11 @@ class BiEncoder(nn.Module):
         `None` values are ignored. For a plain HF model the defaults of `EncoderConfig` fill the rest.
         LoRA: a folder saved with adapters (or `lora_name_or_path`) is loaded on its base model and, with
         `merge_lora` (encoding), merged into plain weights; `lora` settings add fresh trainable adapters.
+        A sentence-transformers folder's pooling / normalize / prompts fill what dr_config.json would;
+        `ignore_st_config` skips them (and lets flags contradict them).
         """
         check_model_source(model_name_or_path, cache_dir=cache_dir)
-        saved = EncoderConfig.load(model_name_or_path) if Path(model_name_or_path).is_dir() else None
-        config = EncoderConfig.resolve(saved, overrides)
+        config = _model_settings(model_name_or_path, overrides, ignore_st_config, cache_dir)
         q_dir, p_dir = _encoder_dirs(Path(model_name_or_path))
         q_source = str(q_dir) if Path(model_name_or_path).is_dir() else model_name_or_path
 
@@ -236,7 +306,8 @@ class BiEncoder(nn.Module):
         state_dict: dict[str, torch.Tensor] | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        """Write the model as Hugging Face folder(s) + tokenizer + dr_config.json.
+        """Write the model as Hugging Face folder(s) + tokenizer + dr_config.json, and the files that make
+        it a sentence-transformers folder too (`dr.model.st_format`; none for a model it cannot reproduce).
 
         Everything is written into `<output_dir>/.saving` first and moved into place afterwards, with
         dr_config.json last: a folder with dr_config.json is always a complete model.
@@ -259,8 +330,12 @@ class BiEncoder(nn.Module):
             encoder.save_pretrained(target, state_dict=sub, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+            reason = write_st_files(staging, self.encoder_config, dim=_hidden_size(self.query_encoder))
+            if reason:
+                logger.warning("%s: no sentence-transformers files: %s", output_dir, reason)
         (output_dir / DR_CONFIG_NAME).unlink(missing_ok=True)
         _remove_stale_layout(output_dir, untied=self.passage_encoder is not None)
+        remove_st_files(output_dir)
         for item in sorted(staging.iterdir()):
             dest = output_dir / item.name
             if dest.is_dir():
@@ -277,6 +352,13 @@ class BiEncoder(nn.Module):
             if p_dir is None:
                 raise ValueError(f"{model_dir}: checkpoint has tied weights but the model is untied")
             _load_into(self.passage_encoder, p_dir)
+
+
+def _hidden_size(encoder: nn.Module) -> int | None:
+    """The encoder's hidden size from its Hugging Face config (None: let st_format read config.json)."""
+    config = getattr(encoder, "config", None)
+    size = getattr(config, "hidden_size", None) if config is not None else None
+    return size if isinstance(size, int) else None
 
 
 def _load_into(encoder: nn.Module, folder: Path) -> None:

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from dr.flags import add_bool
 from dr.score.run import ScoreUsageError, publish, score_own_part, setup_rank
 
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--normalize", default=None, type=lambda v: v.lower() in ("1", "true", "yes"), nargs="?", const=True
     )
+    add_bool(parser, "--ignore_st_config", help="bi: do not read a sentence-transformers folder's settings")
     parser.add_argument(
         "--num_shards", "--encode_num_shard", type=int, default=None, help="contiguous shards (SLURM array)"
     )

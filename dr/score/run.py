@@ -161,6 +161,7 @@ class BiTeacher:
             tokenizer_name=args.tokenizer_name,
             pooling=args.pooling,
             normalize=args.normalize,
+            ignore_st_config=getattr(args, "ignore_st_config", False),
         )
         data_args = DataArguments(q_max_len=args.q_max_len, p_max_len=args.p_max_len)
         self.model, self.tokenizer = load_encoder(model_args, data_args, device)  # flags override dr_config

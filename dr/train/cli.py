@@ -115,6 +115,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         lora=model_args.lora_settings(),
         lora_name_or_path=model_args.lora_name_or_path,
         merge_lora=False,  # keep adapters separate and trainable; encoding merges them
+        ignore_st_config=model_args.ignore_st_config,
         **({"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}),
     )
     check_tokenizer_fits(tokenizer, [model.query_encoder, model.passage_model], model_args.model_name_or_path)
@@ -184,6 +185,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     trainer.save_model()
     if training_args.process_index == 0:
         trainer.state.save_to_json(str(Path(training_args.output_dir) / "trainer_state.json"))  # loss curve
+        from dr.model.card import write_training_card
+
+        write_training_card(training_args.output_dir, model_args, data_args, resolved)  # README.md
         logger.info("saved the trained model to %s", training_args.output_dir)
 
 
