@@ -393,7 +393,8 @@ def check_finite(vectors: np.ndarray, ids: list[str], where: str, first_row: int
         i = int(np.argmax(bad))
         raise NonFiniteVector(
             f"{where}: row {first_row + i + 1} (id {ids[i]!r}): the model produced a non-finite vector "
-            f"({int(bad.sum())} such rows in this window); nothing was written for {part.name.split('.tmp-')[0]}"
+            f"(NaN or inf; {int(bad.sum())} of the {len(ids)} rows of its window); nothing was written for "
+            f"{part.name.split('.tmp-')[0]}"
         )
 
 
