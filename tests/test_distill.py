@@ -401,8 +401,8 @@ def test_score_two_ranks_equal_one_process_and_resume(tiny_model_dir, score_inpu
 def test_bi_teacher_scores_each_pair_as_its_own_forward(tiny_model_dir):
     """Distinct texts are encoded once, length-sorted and padded together: each score still equals q.p of
     the query and the passage encoded alone, recurring queries and passages included, in input order."""
-    from dr.score.run import load_teacher, score_rows
     from dr.score.cli import build_parser
+    from dr.score.run import load_teacher, score_rows
     from dr.train.groups import passage_text
     from tests.helpers import TOPICS
 

@@ -428,3 +428,58 @@ def test_new_spellings_and_more_shards_than_rows(tiny_model_dir, tmp_path):
     assert len(files) == 5 and sum(read_meta(f).count for f in files) == 3  # empty shards: valid empty files
     assert read_all(tmp_path / "o", "c.*.arrow")[0] == ["d0", "d1", "d2"]
     assert read_meta(files[0]).max_length == 16
+
+
+# ---- non-finite vectors and batching --------------------------------------------------------------------
+
+
+def test_non_finite_vector_is_refused_naming_row_and_input(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """A model that returns NaN for one text (here: the only text with an unknown word): exit 1, the error
+    names the input file, the row and its id, and that shard's file is not written (no partial file)."""
+    import torch
+
+    from dr.model.encoder import BiEncoder
+
+    rows = make_rows(30)
+    rows[17].update(title="", text="жж")  # not in the tiny vocabulary: [UNK]
+    data = write_jsonl(tmp_path / "corpus.jsonl", rows)
+    unk = (tiny_model_dir / "vocab.txt").read_text().split().index("[UNK]")
+    real = BiEncoder.encode_passage
+
+    def nan_for_unknown_words(self, batch, **kwargs):
+        reps = real(self, batch, **kwargs)
+        bad = (batch["input_ids"] == unk).any(dim=1, keepdim=True)
+        return torch.where(bad, torch.full_like(reps, float("nan")), reps)
+
+    monkeypatch.setattr(BiEncoder, "encode_passage", nan_for_unknown_words)
+    out = tmp_path / "o" / "c"
+    shard = ["--encode_num_shard", "2", "--encode_shard_index"]
+    assert encode(tiny_model_dir, data, out, *shard, "0") == 0  # rows 0-14: fine
+    capsys.readouterr()
+    assert encode(tiny_model_dir, data, out, *shard, "1") == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(data) in err and "row 18 (id 'd17')" in err and "non-finite" in err, err
+    names = sorted(p.name for p in (tmp_path / "o").iterdir() if p.name != ".cache")
+    assert "c.00001-of-00002.rank00000-of-00001.arrow" not in names
+    assert not [n for n in names if ".tmp-" in n] and "c.00001-of-00002.manifest.json" not in names
+    assert "c.00000-of-00002.rank00000-of-00001.arrow" in names  # the other shard stays as it was
+
+
+def test_length_sorted_batches_put_every_text_once_longest_first_padded_to_8(tiny_model_dir):
+    from dr.encode.batching import BatchSettings, length_sorted_batches
+    from dr.model.text import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    texts = [r["text"] for r in make_rows(23, seed=5)]
+    lengths = [len(tokenizer(t, truncation=True, max_length=40)["input_ids"]) for t in texts]
+    batches = length_sorted_batches(texts, tokenizer, BatchSettings(40, 5))
+    positions = [int(i) for p, _ in batches for i in p]
+    assert sorted(positions) == list(range(23)) and [len(p) for p, _ in batches] == [5, 5, 5, 5, 3]
+    assert [lengths[i] for i in positions] == sorted(lengths, reverse=True)  # longest first
+    for p, batch in batches:
+        width = batch["input_ids"].shape[1]
+        assert width == min(40, -(-max(lengths[i] for i in p) // 8) * 8)  # a multiple of 8, capped
+        assert batch["attention_mask"].sum(1).tolist() == [lengths[i] for i in p]
+    unsorted = length_sorted_batches(texts, tokenizer, BatchSettings(40, 5, sort_by_length=False))
+    assert [int(i) for p, _ in unsorted for i in p] == list(range(23))
+    assert length_sorted_batches([], tokenizer, BatchSettings(40, 5)) == []

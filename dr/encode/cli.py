@@ -11,8 +11,8 @@ import argparse
 import logging
 
 from dr import distributed as dist
-from dr.flags import DataArguments, ModelArguments, dataclass_parser, to_dataclasses
 from dr.encode.run import EncodeArguments, run_encode, write_manifest
+from dr.flags import DataArguments, ModelArguments, dataclass_parser, to_dataclasses
 
 logger = logging.getLogger("dr.encode")
 

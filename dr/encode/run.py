@@ -1,10 +1,11 @@
 """`dr encode`, the library half: embed a corpus or a query set into Arrow shards (see docs/encode.md).
 
 The library half of `dr encode` (the command is `dr.encode.cli`): what to encode (`EncodeArguments`,
-`Plan`), the model, length-sorted batches tokenised in DataLoader workers (`dr.model.text`), the encode
-loop, and the resume checks. The input (after ``--max_rows``) is cut into ``num_shards`` contiguous
-ranges (flags or a SLURM job array); the chosen shard is cut into one contiguous sub-range per rank, and
-each rank writes its own Arrow file, named by `dr.io.shards.OutputLayout`.
+`Plan`), the model, the encode loop, and the resume checks; batches come from `dr.encode.batching`.
+Rows are planned, written and resumed with `dr.row_ranges`: the input (after ``--max_rows``) is cut into
+``num_shards`` contiguous ranges (flags or a SLURM job array); the chosen shard into one contiguous part
+per rank, and each rank writes its own Arrow file, named by `dr.io.shards.OutputLayout`. A NaN or inf
+vector is refused (exit 1, naming the row and its id) and nothing is written for that rank's file.
 
 ``--encoded_save_path X.pkl`` (Tevatron) writes Arrow with base ``X``: nothing is ever pickled.
 Rows inside each file keep input order (batches are length-sorted only inside a window and put back).
@@ -14,11 +15,11 @@ A rerun skips rank files that are already complete and redoes the rest; ``--over
 from __future__ import annotations
 
 import logging
-import math
 import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -27,11 +28,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from torch.utils.data import Dataset as TorchDataset
 
 from dr import distributed as dist
-from dr.errors import UsageError
+from dr.encode.batching import BatchSettings, make_loader
+from dr.errors import InputError, UsageError
 from dr.flags import DataArguments, ModelArguments, to_jsonable
+from dr.io.atomic import remove_stale_temporaries, write_json_atomic
+from dr.io.corpus import TextCorpus, load_corpus
 from dr.io.shards import (
     MANIFEST_FORMAT,
     VECTOR_FIELDS,
@@ -40,15 +43,12 @@ from dr.io.shards import (
     ShardMeta,
     ShardWriter,
     edge_ids,
-    file_sha256,
     read_manifest,
     read_meta,
-    split_range,
 )
-from dr.io.atomic import remove_stale_temporaries, write_json_atomic
-from dr.io.corpus import TextCorpus, load_corpus
 from dr.model.precision import PRECISION_MODES, Precision, cast_for_inference, choose_precision, parse_bf16
-from dr.model.text import pad_rows, tokenize, tokenize_unpadded
+from dr.model.text import tokenize
+from dr.row_ranges import Part, RowParts, RowPlan, ShardingError, listed_checksum_status
 
 logger = logging.getLogger("dr.encode")
 
@@ -58,6 +58,10 @@ _DUPLICATE_CHECKS = ("input", "shard", "none")
 
 class EncodeError(UsageError):
     """Invalid encode settings, or existing outputs that conflict with this run; the message says which."""
+
+
+class NonFiniteVector(InputError):
+    """The model produced NaN or inf for a row (exit 1): such a vector would poison every search score."""
 
 
 @dataclass
@@ -202,28 +206,16 @@ class EncodeArguments:
 
 
 def resolve_sharding(args: EncodeArguments, env: dict[str, str] | None = None) -> tuple[int, int]:
-    """(num_shards, shard_index) from the flags, else from a SLURM job array, else (1, 0)."""
-    env = os.environ if env is None else env
-    num, index = args.encode_num_shard, args.encode_shard_index
-    if num is None and index is None and "SLURM_ARRAY_TASK_ID" in env:
-        if "SLURM_ARRAY_TASK_COUNT" not in env:
-            raise EncodeError(
-                "SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not; give --encode_num_shard"
-            )
-        num = int(env["SLURM_ARRAY_TASK_COUNT"])
-        index = int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        source = "SLURM_ARRAY_TASK_ID/COUNT/MIN"
-    elif num is not None and index is None and "SLURM_ARRAY_TASK_ID" in env:
-        # The shard count is fixed by the flag, so the task id itself is the shard: a resubmitted single
-        # task (`sbatch --array=7`, where COUNT=1 and MIN=7) still encodes shard 7 of num.
-        index = int(env["SLURM_ARRAY_TASK_ID"])
-        source = "--encode_num_shard and SLURM_ARRAY_TASK_ID"
-    else:
-        num, index = (1 if num is None else num), (0 if index is None else index)
-        source = "--encode_num_shard/--encode_shard_index"
-    if num < 1 or not 0 <= index < num:
-        raise EncodeError(f"shard index {index} is not in [0, {num}) ({source}); arrays must be contiguous")
-    return num, index
+    """(num_shards, shard_index) from the flags, else from a SLURM job array, else (1, 0)
+    (`dr.row_ranges.resolve_sharding`, with encode's flag names in its messages)."""
+    from dr.row_ranges import resolve_sharding as resolve
+
+    try:
+        return resolve(
+            args.encode_num_shard, args.encode_shard_index, env, ("--encode_num_shard", "--encode_shard_index")
+        )
+    except ShardingError as err:
+        raise EncodeError(str(err)) from None
 
 
 def output_base(args: EncodeArguments) -> tuple[Path, str | None]:
@@ -250,26 +242,35 @@ def output_base(args: EncodeArguments) -> tuple[Path, str | None]:
 
 @dataclass(frozen=True)
 class Plan:
-    """What this rank does: the shard's row range, its own sub-range and the file names."""
+    """What this rank does: its rows (`dr.row_ranges.RowPlan`) and the shard's file names."""
 
     layout: OutputLayout
-    rank: int
-    total_rows: int
-    shard_range: tuple[int, int]
+    rows: RowPlan
+
+    @property
+    def rank(self) -> int:
+        return self.rows.rank
+
+    @property
+    def total_rows(self) -> int:
+        return self.rows.total_rows
+
+    @property
+    def shard_range(self) -> tuple[int, int]:
+        return self.rows.shard_range
 
     def rank_range(self, rank: int) -> tuple[int, int]:
-        return split_range(*self.shard_range, self.layout.world_size, rank)
+        return self.rows.part(rank).range
 
     @property
     def own_range(self) -> tuple[int, int]:
-        return self.rank_range(self.rank)
+        return self.rows.own.range
 
 
 def make_plan(args: EncodeArguments, total_rows: int, rank: int, world: int) -> Plan:
     num, index = resolve_sharding(args)
     base, _ = output_base(args)
-    layout = OutputLayout(base, num, index, world)
-    return Plan(layout, rank, total_rows, split_range(0, total_rows, num, index))
+    return Plan(OutputLayout(base, num, index, world), RowPlan(total_rows, num, index, world, rank))
 
 
 # ---- the model -------------------------------------------------------------------------------------------
@@ -339,68 +340,6 @@ def set_threads(requested: int | None, device: torch.device, env: dict[str, str]
     return torch.get_num_threads()
 
 
-# ---- batches: length-sorted windows, tokenized in DataLoader workers ---------------------------------------
-
-
-@dataclass
-class BatchSettings:
-    max_length: int
-    batch_size: int
-    window: int  # rows per window
-    pad_multiple: int
-    sort_by_length: bool
-    pad_to_max_length: bool
-    append_eos: bool = False  # see dr.model.text.resolve_append_eos
-
-
-class WindowDataset(TorchDataset):
-    """Item w = window w of a row range: its ids and its batches (row positions inside the window, tensors).
-
-    Tokenizing, sorting and padding happen here, i.e. in DataLoader worker processes, off the encode loop.
-    """
-
-    def __init__(
-        self, corpus: TextCorpus, start: int, stop: int, tokenizer: Any, settings: BatchSettings
-    ) -> None:
-        self.corpus, self.start, self.stop = corpus, start, stop
-        self.tokenizer, self.settings = tokenizer, settings
-
-    def __len__(self) -> int:
-        return math.ceil((self.stop - self.start) / self.settings.window)
-
-    def __getitem__(self, w: int) -> tuple[list[str], list[tuple[np.ndarray, dict[str, torch.Tensor]]]]:
-        s = self.settings
-        a = self.start + w * s.window
-        ids, texts = self.corpus.records(a, min(a + s.window, self.stop))
-        enc = tokenize_unpadded(self.tokenizer, texts, s.max_length, s.append_eos)
-        rows = [{key: enc[key][i] for key in enc} for i in range(len(texts))]
-        order = np.arange(len(rows))
-        if s.sort_by_length:  # longest first: a batch that does not fit in memory fails at once
-            order = np.argsort([-len(r["input_ids"]) for r in rows], kind="stable")
-        batches = []
-        for b in range(0, len(order), s.batch_size):
-            positions = order[b : b + s.batch_size]
-            padded = pad_rows(
-                [rows[i] for i in positions], self.tokenizer, s.max_length, s.pad_multiple, s.pad_to_max_length
-            )
-            batches.append((positions, padded))
-        return ids, batches
-
-
-def _no_collate(item: Any) -> Any:
-    return item
-
-
-def make_loader(
-    corpus: TextCorpus, start: int, stop: int, tokenizer: Any, settings: BatchSettings, workers: int
-):
-    dataset = WindowDataset(corpus, start, stop, tokenizer, settings)
-    extra = {"prefetch_factor": 2, "persistent_workers": False} if workers else {}
-    return DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_no_collate, **extra
-    )
-
-
 # ---- encode + write ---------------------------------------------------------------------------------------
 
 
@@ -424,9 +363,17 @@ def encode_range(
     device: torch.device,
     amp: Any,
     progress: Any,
+    where: str = "input",
+    first_row: int = 0,
 ) -> None:
-    """Encode every window of `loader` and append it to `writer` in input order."""
+    """Encode every window of `loader` and append it to `writer` in input order.
+
+    A vector with NaN or inf (in the stored dtype: float16 overflows to inf) is refused before anything of
+    its window is written: `NonFiniteVector` names the row (1-based, of `where`, the input) and its id.
+    """
     encode = encode_fn(model, side)
+    stored_dtype = np.float16 if writer.meta.dtype == "float16" else np.float32
+    row = first_row
     for ids, batches in loader:
         window = np.empty((len(ids), writer.meta.dim), dtype=np.float32)
         for positions, batch in batches:
@@ -434,42 +381,59 @@ def encode_range(
                 reps = encode({k: v.to(device, non_blocking=True) for k, v in batch.items()})
             window[positions] = reps.float().cpu().numpy()
             progress.update(len(positions))
-        writer.write(ids, window)
+        stored = window.astype(stored_dtype, copy=False)
+        check_finite(stored, ids, where, row, writer.path)
+        writer.write(ids, stored)
+        row += len(ids)
+
+
+def check_finite(vectors: np.ndarray, ids: list[str], where: str, first_row: int, part: Path) -> None:
+    """Raise `NonFiniteVector` for the first row of `vectors` that holds NaN or inf."""
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise NonFiniteVector(
+            f"{where}: row {first_row + i + 1} (id {ids[i]!r}): the model produced a non-finite vector "
+            f"(NaN or inf; {int(bad.sum())} of the {len(ids)} rows of its window); nothing was written for "
+            f"{part.name.split('.tmp-')[0]}"
+        )
 
 
 # ---- resume: is an existing rank file complete and from this model? ----------------------------------------
 
 
-def existing_status(path: Path, expected: ShardMeta, corpus: TextCorpus, rows: tuple[int, int]) -> str | None:
-    """Why an existing file must be redone ("" = complete, None = absent). Raises on a different model."""
-    if not path.exists():
-        return None
-    try:
-        found = read_meta(path)
-        conflicts = found.differences(expected, (*VECTOR_FIELDS, "side", "max_length"), ("", "this run:"))
-        if conflicts:
-            raise EncodeError(
-                f"{path} exists from a different model or settings: {', '.join(conflicts)}; "
-                "use --overwrite or another --encoded_save_path"
-            )
-        if found.count != expected.count:
-            return f"{found.count} rows, expected {expected.count}"
-        first, last = edge_ids(path)
-        a, b = rows
-        want = (corpus.ids(a, a + 1)[0].as_py(), corpus.ids(b - 1, b)[0].as_py()) if b > a else (None, None)
-        if (first, last) != want:
-            return f"ids {first!r}..{last!r} differ from the input's {want[0]!r}..{want[1]!r}"
-    except ShardError as err:
-        return f"unreadable ({err})"
-    return ""
+def shard_check(expected: list[ShardMeta], corpus: TextCorpus) -> Callable[[Part, Path], str]:
+    """The resume check of a rank file (`dr.row_ranges.PartCheck`): "" when complete, else why it must be
+    redone (row count, edge ids, unreadable). Another model or settings raises: only --overwrite may
+    replace vectors of another vector space."""
 
-
-def verify_checksum(path: Path, manifest: dict | None) -> str:
-    """Empty string when the manifest does not list `path` or its sha256 matches, else why not."""
-    entry = next((f for f in (manifest or {}).get("files", []) if f.get("path") == path.name), None)
-    if entry is None or file_sha256(path) == entry.get("sha256"):
+    def check(part: Part, path: Path) -> str:
+        want = expected[part.index]
+        try:
+            found = read_meta(path)
+            conflicts = found.differences(want, (*VECTOR_FIELDS, "side", "max_length"), ("", "this run:"))
+            if conflicts:
+                raise EncodeError(
+                    f"{path} exists from a different model or settings: {', '.join(conflicts)}; "
+                    "use --overwrite or another --encoded_save_path"
+                )
+            if found.count != want.count:
+                return f"{found.count} rows, expected {want.count}"
+            first, last = edge_ids(path)
+            a, b = part.range
+            ids = (corpus.ids(a, a + 1)[0].as_py(), corpus.ids(b - 1, b)[0].as_py()) if b > a else (None, None)
+            if (first, last) != ids:
+                return f"ids {first!r}..{last!r} differ from the input's {ids[0]!r}..{ids[1]!r}"
+        except ShardError as err:
+            return f"unreadable ({err})"
         return ""
-    return "sha256 differs from the manifest"
+
+    return check
+
+
+def rank_parts(plan: Plan, expected: list[ShardMeta], corpus: TextCorpus) -> RowParts:
+    """The shard's rank files as `dr.row_ranges.RowParts` (names from `OutputLayout`, checks above)."""
+    return RowParts(plan.rows, lambda part: plan.layout.rank_file(part.index), shard_check(expected, corpus))
 
 
 # ---- the driver --------------------------------------------------------------------------------------------
@@ -524,22 +488,20 @@ def prepare_outputs(
         )
     if args.overwrite:
         return True, True
-    statuses = [
-        existing_status(layout.rank_file(r), expected[r], corpus, plan.rank_range(r))
-        for r in range(layout.world_size)
-    ]
+    parts = rank_parts(plan, expected, corpus)
+    statuses = parts.statuses()
     mine = statuses[plan.rank]
+    path = parts.path(plan.rows.own)
     if mine == "":
         try:
             manifest = read_manifest(layout.manifest)
         except ShardError:  # unreadable, or rank 0 is replacing it right now: no checksum to verify
             manifest = None
-        mine = verify_checksum(layout.rank_file(plan.rank), manifest)
-    name = layout.rank_file(plan.rank).name
+        mine = listed_checksum_status(path, manifest)
     if mine == "":
-        log(f"{name} is complete ({expected[plan.rank].count} rows, same model): skipped")
+        log(f"{path.name} is complete ({expected[plan.rank].count} rows, same model): skipped")
     elif mine:
-        log(f"{name}: redoing ({mine})")
+        log(f"{path.name}: redoing ({mine})")
     return mine != "", mine != "" or any(s != "" for s in statuses)
 
 
@@ -558,24 +520,14 @@ def clear_stale(plan: Plan, args: EncodeArguments, redo_any: bool) -> None:
 
 def write_manifest(plan: Plan, expected: list[ShardMeta], config: dict[str, Any], corpus: TextCorpus) -> None:
     """Rank 0, after every rank finished: describe the shard's files (with checksums), atomically."""
-    files = []
-    for r in range(plan.layout.world_size):
-        path = plan.layout.rank_file(r)
+    parts = rank_parts(plan, expected, corpus)
+    for part in plan.rows.parts:
+        path = parts.path(part)
         meta = read_meta(path)
-        if meta.count != expected[r].count:
-            raise EncodeError(f"{path}: {meta.count} rows, expected {expected[r].count}")
-        files.append(
-            {
-                "path": path.name,
-                "rank": r,
-                "rows": meta.count,
-                "range": list(plan.rank_range(r)),
-                "bytes": path.stat().st_size,
-                "sha256": file_sha256(path),
-            }
-        )
+        if meta.count != expected[part.index].count:
+            raise EncodeError(f"{path}: {meta.count} rows, expected {expected[part.index].count}")
     meta = expected[0]
-    write_json_atomic(
+    parts.write_manifest(
         plan.layout.manifest,
         {
             "format": MANIFEST_FORMAT,
@@ -593,8 +545,7 @@ def write_manifest(plan: Plan, expected: list[ShardMeta], config: dict[str, Any]
             "input": corpus.spec.describe(),
             "input_rows": plan.total_rows,
             "range": list(plan.shard_range),
-            "rows": sum(f["rows"] for f in files),
-            "files": files,
+            "rows": sum(e.count for e in expected),
             "glob": plan.layout.glob,
             "config": config,
         },
@@ -675,12 +626,11 @@ def run_encode(model_args: ModelArguments, data_args: DataArguments, args: Encod
 def encode_own(
     model, tokenizer, corpus, plan: Plan, meta: ShardMeta, args, data_args, device, amp, log=None
 ) -> None:
-    """Encode this rank's rows into its file (temporary name, renamed when complete)."""
+    """Encode this rank's rows into its file (`RowParts.write_part`: temporary name, renamed when complete)."""
     from tqdm import tqdm
 
-    start, stop = plan.own_range
-    path = plan.layout.rank_file(plan.rank)
-    remove_stale_temporaries(path.parent, path.name)
+    part = plan.rows.own
+    start, stop = part.range
     settings = BatchSettings(
         meta.max_length,
         args.per_device_eval_batch_size,
@@ -694,8 +644,12 @@ def encode_own(
     unit = "q" if meta.side == "query" else "psg"
     began, cpu_began = time.perf_counter(), _cpu_seconds()
     bar = tqdm(total=stop - start, unit=unit, disable=plan.rank != 0, mininterval=2.0, file=sys.stderr)
-    with bar as progress, ShardWriter(path, meta) as writer:
-        encode_range(model, loader, writer, meta.side, device, amp, progress)
+
+    def write(tmp: Path) -> None:
+        with bar as progress, ShardWriter(tmp, meta) as writer:
+            encode_range(model, loader, writer, meta.side, device, amp, progress, corpus.spec.describe(), start)
+
+    path = RowParts(plan.rows, lambda p: plan.layout.rank_file(p.index)).write_part(part, write)
     seconds, cpu = time.perf_counter() - began, _cpu_seconds() - cpu_began
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     log(

@@ -410,13 +410,7 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
 #     <base>[.<shard>-of-<N>].manifest.json                 written last by rank 0: files, counts, sha256
 #     <base>[.<shard>-of-<N>].config.json                   the resolved arguments
 #
-# r is the GLOBAL rank; the shard and rank ranges are contiguous (`split_range`).
-
-
-def split_range(start: int, stop: int, parts: int, index: int) -> tuple[int, int]:
-    """The `index`-th of `parts` contiguous, near-equal sub-ranges of [start, stop)."""
-    n = stop - start
-    return start + n * index // parts, start + n * (index + 1) // parts
+# r is the GLOBAL rank; the shard and rank ranges are contiguous (planned by `dr.row_ranges`).
 
 
 _LONG_NAME = re.compile(r"^(?P<base>.+)\.(\d{5})-of-(\d{5})\.rank(\d{5})-of-(\d{5})\.arrow$")

@@ -9,7 +9,7 @@ Passages are `title + " " + text`, as training and encoding build them.
 Distributed like `dr encode`: the input rows are cut into `--num_shards` contiguous shards (or a SLURM job
 array's tasks), the shard into one contiguous range per rank (torchrun / deepspeed / srun); each rank writes
 its rows, scored, to `<output>.parts/rows-<start>-<stop>.jsonl` (temporary name, renamed when complete),
-so a rerun skips finished parts and redoes the rest. When the parts cover every input row, rank 0 writes
+so a rerun skips finished parts and redoes the rest (planning, atomic parts and resume: `dr.row_ranges`). When the parts cover every input row, rank 0 writes
 `<output>` (rows in input order) and `<output>.manifest.json` (counts, parts, teacher), atomically; with a
 job array the task that completes the cover does it. `--overwrite` starts from scratch.
 
@@ -28,7 +28,16 @@ from types import SimpleNamespace
 from typing import Any
 
 from dr.errors import InputError, UsageError
-from dr.io.atomic import atomic_path, remove_stale_temporaries, write_json_atomic
+from dr.io.atomic import atomic_path, write_json_atomic
+from dr.row_ranges import (
+    Part,
+    RowParts,
+    ShardingError,
+    claim_folder,
+    covering_parts,
+    plan_rows,
+    range_part_path,
+)
 
 logger = logging.getLogger("dr.score")
 
@@ -123,28 +132,27 @@ class CrossTeacher:
         self.device = device
         self.settings = {"num_labels": labels, "max_length": self.max_length, "truncation": self.truncation}
 
-    def score(self, queries: list[str], passages: list[str]) -> list[float]:
+    def score_pairs(self, queries: list[str], passages: list[str], batch_size: int) -> list[float]:
+        """Every pair's logit, in input order: pairs tokenised together (`--truncation` decides what is cut),
+        then batched longest first by token count (`dr.encode.batching.sort_and_batch`)."""
         import torch
 
-        batch = self.tokenizer(
+        from dr.encode.batching import BatchSettings, sort_and_batch
+
+        if not queries:
+            return []
+        encoded = self.tokenizer(
             queries,
             passages,
             truncation=self.truncation,
             max_length=self.max_length,
-            padding=True,
-            return_tensors="pt",
+            return_attention_mask=False,
         )
-        with torch.inference_mode():
-            logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits  # (N, labels)
-        return logits[:, self.column].float().cpu().tolist()
-
-    def score_pairs(self, queries: list[str], passages: list[str], batch_size: int) -> list[float]:
-        """Every pair's logit, in input order, batched longest first (similar lengths pad little)."""
-        order = sorted(range(len(queries)), key=lambda i: -(len(queries[i]) + len(passages[i])))
         scores = [0.0] * len(queries)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            for i, value in zip(chunk, self.score([queries[i] for i in chunk], [passages[i] for i in chunk])):
+        for positions, batch in sort_and_batch(encoded, self.tokenizer, BatchSettings(self.max_length, batch_size)):
+            with torch.inference_mode():
+                logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits  # (B, labels)
+            for i, value in zip(positions.tolist(), logits[:, self.column].float().cpu().tolist()):
                 scores[i] = value
         return scores
 
@@ -153,8 +161,8 @@ class BiTeacher:
     """score(query, passage) = q.p of a bi-encoder, encoded exactly as `dr encode` would."""
 
     def __init__(self, args: argparse.Namespace, device: Any) -> None:
-        from dr.flags import DataArguments, ModelArguments
         from dr.encode.run import load_encoder
+        from dr.flags import DataArguments, ModelArguments
 
         model_args = ModelArguments(
             model_name_or_path=args.model_name_or_path,
@@ -179,21 +187,19 @@ class BiTeacher:
         }
 
     def _encode_all(self, texts: list[str], max_length: int, encode: Any, batch_size: int) -> Any:
-        """float32 (len(texts), d) on the CPU, encoded in batches of similar token lengths, longest first."""
+        """float32 (len(texts), d) on the CPU, encoded as `dr encode` batches texts
+        (`dr.encode.batching.length_sorted_batches`: similar token lengths together, longest first)."""
         import torch
 
-        from dr.model.text import tokenize_unpadded
+        from dr.encode.batching import BatchSettings, length_sorted_batches
 
-        rows = tokenize_unpadded(self.tokenizer, texts, max_length, bool(self.config.append_eos))
-        order = sorted(range(len(texts)), key=lambda i: -len(rows["input_ids"][i]))
+        settings = BatchSettings(max_length, batch_size, append_eos=bool(self.config.append_eos))
         out = None
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = self.tokenizer.pad({k: [v[i] for i in chunk] for k, v in rows.items()}, return_tensors="pt")
+        for positions, batch in length_sorted_batches(texts, self.tokenizer, settings):
             vectors = encode({k: v.to(self.device) for k, v in batch.items()}).float().cpu()
             if out is None:
                 out = torch.empty(len(texts), vectors.shape[1], dtype=torch.float32)
-            out[chunk] = vectors
+            out[torch.as_tensor(positions)] = vectors
         return out
 
     def score_pairs(self, queries: list[str], passages: list[str], batch_size: int) -> list[float]:
@@ -245,13 +251,12 @@ def score_rows(rows: list[dict[str, Any]], teacher: CrossTeacher | BiTeacher, ba
     return len(pairs)
 
 
-def split_range(start: int, stop: int, parts: int, index: int) -> tuple[int, int]:
-    n = stop - start
-    return start + n * index // parts, start + n * (index + 1) // parts
+PART_SUFFIX = ".jsonl"
 
 
 def part_path(parts_dir: Path, start: int, stop: int) -> Path:
-    return parts_dir / f"rows-{start:09d}-{stop:09d}.jsonl"
+    """Where rows [start, stop) are written, scored (`dr.row_ranges.range_part_path`)."""
+    return range_part_path(parts_dir, Part(0, start, stop), PART_SUFFIX)
 
 
 def _line_count(path: Path) -> int:
@@ -259,61 +264,28 @@ def _line_count(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def covering_parts(parts_dir: Path, total: int) -> list[tuple[int, int, Path]] | None:
-    """Complete parts that tile [0, total) (preferring longer parts), or None while rows are missing."""
-    found: dict[int, list[tuple[int, Path]]] = {}
-    for path in parts_dir.glob("rows-*-*.jsonl"):
-        try:
-            start, stop = (int(x) for x in path.stem.split("-")[1:3])
-        except ValueError:
-            continue
-        found.setdefault(start, []).append((stop, path))
-
-    def cover(position: int) -> list[tuple[int, int, Path]] | None:  # depth-first: stale layouts may mix
-        if position == total:
-            return []
-        for stop, path in sorted((c for c in found.get(position, []) if position < c[0] <= total), reverse=True):
-            rest = cover(stop)
-            if rest is not None:
-                return [(position, stop, path), *rest]
-        return None
-
-    return cover(0)
+def _check_part(part: Part, path: Path) -> str:
+    """Resume check of a part file (`dr.row_ranges.PartCheck`): one non-blank line per row."""
+    lines = _line_count(path)
+    return "" if lines == part.rows else f"{lines} rows, expected {part.rows}"
 
 
 # ---- the driver ----------------------------------------------------------------------------------------
 def prepare_parts_dir(parts_dir: Path, expected: dict[str, Any], overwrite: bool) -> None:
     """Rank 0: create the parts folder for this input and teacher (or check that an existing one matches)."""
-    import shutil
-
-    marker = parts_dir / TEACHER_FILE
-    if overwrite and parts_dir.exists():
-        shutil.rmtree(parts_dir)
-    if marker.is_file():
-        found = json.loads(marker.read_text(encoding="utf-8"))
-        if found != expected:
-            raise ScoreUsageError(
-                f"{parts_dir} holds parts of another input or teacher ({found}); use --overwrite or another --output"
-            )
-        return
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(marker, expected)
+    claim_folder(parts_dir, TEACHER_FILE, expected, overwrite, "another input or teacher", "--output")
 
 
 def setup_rank(args: argparse.Namespace, rank: int, world: int) -> SimpleNamespace:
     """Plan this rank's rows, index the input and load the teacher; rank 0 prepares the parts folder."""
     from dr import distributed as dist
-    from dr.encode.run import EncodeError, resolve_sharding
 
-    try:
-        num_shards, shard_index = resolve_sharding(
-            SimpleNamespace(encode_num_shard=args.num_shards, encode_shard_index=args.shard_index)
-        )
-    except EncodeError as err:
-        raise ScoreUsageError(str(err)) from err
     source = JsonlRows(Path(args.dataset_name))
     total = len(source)
-    start, stop = split_range(*split_range(0, total, num_shards, shard_index), world, rank)
+    try:
+        rows = plan_rows(total, args.num_shards, args.shard_index, world, rank)
+    except ShardingError as err:
+        raise ScoreUsageError(str(err)) from err
     parts_dir = Path(str(args.output) + ".parts")
     teacher = load_teacher(args, dist.default_device())
     expected = {
@@ -325,30 +297,40 @@ def setup_rank(args: argparse.Namespace, rank: int, world: int) -> SimpleNamespa
     if rank == 0:
         prepare_parts_dir(parts_dir, expected, args.overwrite)
     tag = f"dr score [rank {rank}/{world}]" if world > 1 else "dr score"
+    parts = RowParts(rows, lambda part: range_part_path(parts_dir, part, PART_SUFFIX), _check_part)
     return SimpleNamespace(
-        source=source, total=total, start=start, stop=stop, parts_dir=parts_dir, teacher=teacher,
-        identity=expected["teacher"], tag=tag, progress=rank == 0,  # one bar (rank 0's), as dr encode
+        source=source, total=total, start=rows.own.start, stop=rows.own.stop, parts_dir=parts_dir,
+        parts=parts, teacher=teacher, identity=expected["teacher"], tag=tag,
+        progress=rank == 0,  # one bar (rank 0's), as dr encode
     )
 
 
 def score_own_part(args: argparse.Namespace, plan: SimpleNamespace) -> None:
     """Score this rank's rows into its part file, unless a complete one is there."""
-    start, stop = plan.start, plan.stop
-    path = part_path(plan.parts_dir, start, stop)
-    if path.is_file() and _line_count(path) == stop - start:
+    part = plan.parts.plan.own
+    start, stop = part.range
+    path = plan.parts.path(part)
+    status = plan.parts.status(part)
+    if status == "":
         print(f"{plan.tag}: {path.name} is complete ({stop - start} rows): skipped", file=sys.stderr)
         return
-    remove_stale_temporaries(plan.parts_dir, path.name)
+    if status:
+        print(f"{plan.tag}: {path.name}: redoing ({status})", file=sys.stderr)
     from tqdm import tqdm
 
     began, pairs = time.perf_counter(), 0
     bar = tqdm(total=stop - start, unit="row", desc=plan.tag, disable=not plan.progress)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as out:
-        for window in range(start, stop, args.window_rows):
-            rows = plan.source.read(window, min(window + args.window_rows, stop))
-            pairs += score_rows(rows, plan.teacher, args.batch_size)
-            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-            bar.update(len(rows))
+
+    def write(tmp: Path) -> None:
+        nonlocal pairs
+        with open(tmp, "w", encoding="utf-8") as out:
+            for window in range(start, stop, args.window_rows):
+                rows = plan.source.read(window, min(window + args.window_rows, stop))
+                pairs += score_rows(rows, plan.teacher, args.batch_size)
+                out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+                bar.update(len(rows))
+
+    plan.parts.write_part(part, write)
     bar.close()
     print(
         f"{plan.tag}: rows [{start}, {stop}) of {plan.total}: {pairs} pairs in "
@@ -359,7 +341,7 @@ def score_own_part(args: argparse.Namespace, plan: SimpleNamespace) -> None:
 
 def publish(args: argparse.Namespace, plan: SimpleNamespace) -> bool:
     """Rank 0: when the parts cover the input, write the output in input order and its manifest."""
-    parts = covering_parts(plan.parts_dir, plan.total)
+    parts = covering_parts(plan.parts_dir, plan.total, PART_SUFFIX)
     if parts is None:
         print(
             f"dr score: not every row of {args.dataset_name} is scored yet (other shards running?); the job "
