@@ -98,3 +98,15 @@ def test_two_ranks_the_failing_rank_reports(tmp_path):
     assert proc.returncode != 0
     assert proc.stderr.count(f"dr search: error: {bad_file}: row {BAD_ROW} ") == 1, proc.stderr[-3000:]
     assert not (tmp_path / "run.txt").exists()
+
+
+def test_float32_passage_whose_scores_overflow_is_refused(tmp_path, capsys):
+    """Finite values so large that the float32 dot product overflows to inf: the same refusal, named."""
+    queries, passages, ids = random_data(50, 5, seed=3)
+    passages[BAD_ROW] = 3e38  # finite, but its score against any query is > float32's max
+    write_shard(tmp_path / "corpus.00.arrow", meta(50), ids, passages)
+    write_queries(tmp_path / "queries.arrow", np.abs(queries))
+    assert search(_argv(tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert f"corpus.00.arrow: row {BAD_ROW} " in err and "overflow" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run.txt").exists()

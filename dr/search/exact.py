@@ -18,9 +18,10 @@ id column); only hits tied at a cut-off ever need them:
   (k+1)-th score); for those queries only, the block is rescored with numpy (float32) and the exact top k
   under the rule is taken.
 
-Vectors must be finite: each passage tile is checked with `np.isfinite` as it is converted (float16) or
-before it is scored (float32), so the check rides on a pass the scorer makes anyway; a NaN or inf stops
-the search with the file, row and id (`NonFiniteVector`).
+Vectors must be finite. Queries are checked when they are loaded; a passage tile through its first row
+of scores: a NaN or inf anywhere in a passage makes each of its scores NaN or inf, so checking one score
+per passage costs 1/dim of an `isfinite` pass over the tile. A NaN or inf stops the search with the
+file, row and id (`NonFiniteVector`); so does a float32 passage so large that its scores overflow.
 
 Why numpy for the CPU: ``faiss.knn`` ran at ~15 % of the machine's float32 GEMM rate (its wheel bundles
 an older OpenBLAS, and its top-k is serial), numpy's matmul + a threshold selection runs close to it.
@@ -145,22 +146,28 @@ class BlockScorer:
         tile = -(-n // tiles)  # equal tiles: a block of 8192 rows is not cut into 2730 + 2730 + 2730 + 2
         qstep = min(nq, max(1, _SCORE_BYTES // (4 * tile)))
         tile_buf = self._buffer("tile", tile * dim) if block.dtype != np.float32 else None
-        finite_buf = self._buffer("finite", tile * dim, bool)
         score_buf = self._buffer("score", qstep * tile)
         mask_buf = self._buffer("mask", -(-qstep * tile // 8) * 8, bool)  # whole uint64 words: `_hits`
         for p0 in range(0, n, tile):
             part = block[p0 : p0 + tile]
             t = len(part)
-            if tile_buf is None:  # float32: scored in place, only checked
-                tile32, dst = np.ascontiguousarray(part), None
+            if tile_buf is None:  # float32: scored in place
+                tile32 = np.ascontiguousarray(part)
             else:
-                tile32 = dst = tile_buf[: t * dim].reshape(t, dim)
-            if not self._convert(part, dst, finite_buf[: t * dim].reshape(t, dim)):
-                raise NonFiniteRow(p0 + _first_non_finite(tile32))
+                tile32 = tile_buf[: t * dim].reshape(t, dim)
+                self._convert(part, tile32)
             for q0 in range(0, nq, qstep):
                 q1 = min(nq, q0 + qstep)
                 scores = score_buf[: (q1 - q0) * t].reshape(q1 - q0, t)
                 np.matmul(queries[q0:q1], tile32.T, out=scores)
+                if q0 == 0:
+                    # A NaN or inf anywhere in a passage makes every one of its scores NaN or inf (NaN
+                    # propagates through the dot product; inf * 0 is NaN), and the queries are finite
+                    # (checked on load): one row of scores checks the whole tile at 1/dim of the cost
+                    # of `isfinite` over the tile itself.
+                    bad = np.flatnonzero(~np.isfinite(scores[0]))
+                    if len(bad):
+                        raise NonFiniteRow(p0 + _first_non_finite(tile32, int(bad[0])))
                 th = thr[q0:q1]
                 if t >= k and np.isneginf(th).any():
                     np.maximum(th, np.partition(scores, t - k, axis=1)[:, t - k], out=th)
@@ -175,28 +182,18 @@ class BlockScorer:
             buf = self._buffers[name] = np.zeros(size, dtype=dtype)
         return buf
 
-    def _convert(self, src: np.ndarray, dst: np.ndarray | None, finite: np.ndarray | None = None) -> bool:
-        """dst[:] = src as float32 (`dst` None: `src` is only checked); whether every value is finite.
-
-        Split over the CPUs (numpy's cast and `isfinite` are serial and release the GIL); each part is
-        checked right after its conversion, while it is still in cache. `finite` is a bool scratch buffer
-        shaped like `src` (None: a kept one; bench.search times this method alone).
-        """
-        if finite is None:
-            finite = self._buffer("finite", src.size, bool)[: src.size].reshape(src.shape)
+    def _convert(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """dst[:] = src as float32, split over the CPUs (numpy's cast is serial and releases the GIL)."""
         parts = _threads() if src.size >= 1 << 18 else 1
         if parts == 1:
-            return _convert_part(src, dst, finite)
+            np.copyto(dst, src)
+            return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(parts, thread_name_prefix="dr-search-convert")
         bounds = np.linspace(0, len(src), parts + 1).astype(int)
-        jobs = [
-            self._pool.submit(_convert_part, src[a:b], None if dst is None else dst[a:b], finite[a:b])
-            for a, b in itertools.pairwise(bounds)
-            if b > a
-        ]
-        results = [job.result() for job in jobs]  # wait for every job before the buffers are reused
-        return all(results)
+        jobs = [self._pool.submit(np.copyto, dst[a:b], src[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
+        for job in jobs:  # wait for every job before the buffers are reused
+            job.result()
 
     def close(self) -> None:
         if self._pool is not None:
@@ -204,18 +201,11 @@ class BlockScorer:
             self._pool = None
 
 
-def _convert_part(src: np.ndarray, dst: np.ndarray | None, finite: np.ndarray) -> bool:
-    """dst[:] = src (unless `dst` is None) and whether all of it is finite (checked on the float32 copy)."""
-    if dst is not None:
-        np.copyto(dst, src)
-        src = dst
-    np.isfinite(src, out=finite)
-    return bool(finite.all())
-
-
-def _first_non_finite(rows: np.ndarray) -> int:
-    """Index of the first row of `rows` holding NaN or inf (the error path only)."""
-    return int(np.flatnonzero(~np.isfinite(rows).all(axis=1))[0])
+def _first_non_finite(rows: np.ndarray, fallback: int = 0) -> int:
+    """Index of the first row of `rows` holding NaN or inf (the error path only); `fallback` when every
+    value is finite (a float32 row so large that its scores overflow)."""
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    return int(bad[0]) if len(bad) else fallback
 
 
 def _tile_rows(dim: int) -> int:

@@ -33,7 +33,13 @@ def non_finite_error(path: str, row: int, docid: str | None, vector: np.ndarray)
 
     `vector` is the row as read; only its first non-finite value is named.
     """
-    col = int(np.flatnonzero(~np.isfinite(np.asarray(vector, dtype=np.float32)))[0])
+    bad = np.flatnonzero(~np.isfinite(np.asarray(vector, dtype=np.float32)))
+    if not len(bad):  # finite, but so large that its float32 scores overflow to inf
+        return NonFiniteVector(
+            f"{path}: row {row} (id {docid!r}) holds values so large (max |x| "
+            f"{float(np.abs(vector).max()):.3g}) that its scores overflow float32; re-encode this shard"
+        )
+    col = int(bad[0])
     return NonFiniteVector(
         f"{path}: row {row} (id {docid!r}) holds {float(vector[col])} at position {col} of {len(vector)}; "
         f"vectors with NaN or inf are refused (re-encode this shard)"
