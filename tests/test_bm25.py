@@ -7,13 +7,13 @@ import json
 import logging
 from pathlib import Path
 
+import bm25s
 import pytest
 
 from dr.io.runs import read_run
 from dr.ranking import sort_hits
 from tests.helpers import command, write_jsonl
 
-bm25s = pytest.importorskip("bm25s")
 bm25_cmd = command("bm25")
 
 CORPUS = [

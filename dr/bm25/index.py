@@ -215,7 +215,7 @@ def _save(folder: Path, index: Bm25Index) -> None:
 def _load(folder: Path, wanted: dict[str, Any]) -> Bm25Index:
     import bm25s
 
-    retriever = bm25s.BM25.load(str(folder), mmap=True, show_progress=False, verbosity=0)
+    retriever = bm25s.BM25.load(str(folder), mmap=True, show_progress=False)
     with pa.memory_map(str(folder / DOCIDS)) as source:
         docids = pa.ipc.open_file(source).read_all().column("docid").combine_chunks()
     logger.info("reusing the index in %s (%d passages)", folder, len(docids))
