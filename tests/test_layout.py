@@ -52,6 +52,8 @@ HELP_FLAGS = {
     "pipeline": "--force",
     "demo": "--small",
     "quantize": "--output_dir",
+    "bm25": "--index_dir",
+    "fuse": "--rrf_k",
 }
 
 

@@ -40,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dr.bm25.index import Bm25Settings
+from dr.bm25.index import build as build_bm25
 from dr.console import echo
 from dr.eval.metrics import format_table
 from dr.flags import add_bool
@@ -151,21 +153,17 @@ def collect_items(modules: list[str], min_summary_words: int = 4, min_body_words
     return items
 
 
-def bm25_index(texts: list[str]) -> Any:
-    import bm25s
+# bm25s' own defaults (k1 1.5, b 0.75), not `dr bm25`'s pyserini ones: the demo's recorded numbers use them.
+DEMO_BM25 = Bm25Settings(k1=1.5, b=0.75, stopwords="en")
 
-    index = bm25s.BM25()
-    index.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-    return index
+
+def bm25_index(texts: list[str]) -> Any:
+    return build_bm25(texts, DEMO_BM25)
 
 
 def bm25_search(index: Any, queries: list[str], k: int) -> tuple[Any, Any]:
-    """(doc indices, scores), each of shape (len(queries), k)."""
-    import bm25s
-
-    return index.retrieve(
-        bm25s.tokenize(queries, stopwords="en", show_progress=False), k=k, show_progress=False
-    )
+    """(doc indices, scores), each of shape (len(queries), k): bm25s' own cut (the demo's hard negatives)."""
+    return index.retrieve(DEMO_BM25.tokenize(queries), k=k, show_progress=False)
 
 
 def build_task(items: list[Item], test_queries: int, seed: int, negatives: int, max_docs: int | None) -> dict:
