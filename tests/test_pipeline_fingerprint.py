@@ -276,6 +276,19 @@ def test_fingerprints_chain_through_upstream_stages(tmp_path: Path) -> None:
     assert before["encode_queries"].fingerprint == after["encode_queries"].fingerprint
 
 
+def test_records_of_stages_no_longer_in_the_config_are_removed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg_path = _fixture(tmp_path)
+    _run(cfg_path)
+    capsys.readouterr()
+    expected = ["encode_corpus[0/1]", *AFTER_ENCODE]  # not train, not the queries
+    assert _run(cfg_path, "encode.num_shards=1") == expected
+    assert "search: rerun (encode.num_shards: 2 -> 1;" in capsys.readouterr().out
+    names = {p.name for p in (tmp_path / "run" / "stages").iterdir()}
+    assert "encode_corpus_0_1.json" in names and "encode_corpus_1_2.json" not in names
+
+
 def test_force_reruns_everything(tmp_path: Path) -> None:
     cfg_path = _fixture(tmp_path)
     _run(cfg_path)

@@ -31,8 +31,9 @@ from dr.io.atomic import write_json_atomic
 from dr.pipeline.steps import Step
 
 HASH_LIMIT = 64 * 1024 * 1024  # files up to this size are fingerprinted by content, larger ones by mtime
-# Flags that do not change a stage's result: logging/progress, and the two the pipeline adds to continue
-# a stopped stage (`--resume_from_checkpoint latest` for train, `--overwrite` for encode).
+# Flags that do not change a stage's result: logging/progress, download caches (their folders change
+# whenever anything is downloaded), and the two the pipeline adds to continue a stopped stage
+# (`--resume_from_checkpoint latest` for train, `--overwrite` for encode).
 IGNORED_FLAGS = frozenset(
     {
         "resume_from_checkpoint",
@@ -45,6 +46,10 @@ IGNORED_FLAGS = frozenset(
         "report_to",
         "disable_tqdm",
         "run_name",
+        "verbose",
+        "cache_dir",
+        "data_cache_dir",
+        "dataset_cache_dir",
     }
 )
 RECORD_VERSION = 1

@@ -105,6 +105,13 @@ class Runner:
         decisions = plan(steps, stages, self.layout.root, force=self.force)
         if any(d.rerun for d in decisions):
             self.layout.config.unlink(missing_ok=True)  # no longer describes every output
+            # Records of stages this config does not have (another num_shards, train: null now).
+            current = {record_path(stages, s.name) for s in steps} | {
+                running_path(stages, s.name) for s in steps
+            }
+            for path in stages.glob("*.json") if stages.is_dir() else []:
+                if path not in current:
+                    path.unlink()
         for decision in decisions:
             step = decision.step
             if not decision.rerun:

@@ -114,11 +114,7 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
     steps: list[Step] = []
     enc = dict(cfg["encode"])
     shared = {k: v for k, v in enc.items() if k not in ENCODE_KEYS}
-    encode_config = {
-        **_dotted("encode", shared),
-        "encode.num_shards": enc["num_shards"],
-        "processes.encode": procs["encode"],
-    }
+    encode_config = {**_dotted("encode", shared), "processes.encode": procs["encode"]}
     if cfg["train"] is not None:
         steps.append(_train_step(cfg, lay, model_flags))
         encoder_flags = {"model_name_or_path": str(lay.model)}  # pooling etc. come from its dr_config.json
@@ -142,6 +138,7 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
         }
         config = {
             **encode_config,
+            "encode.num_shards": n_shards,
             "encode.corpus": enc["corpus"],
             "encode.corpus_split": enc.get("corpus_split"),
             **_dotted("encode.corpus_flags", enc.get("corpus_flags")),
@@ -182,7 +179,12 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
             done=lay.run.is_file,
             invalidate=_remove(lay.run),
             upstream=tuple(s.name for s in steps if s.name.startswith("encode_")),
-            config={**_dotted("search", cfg["search"]), "processes.search": procs["search"]},
+            config={  # the shard layout is part of its --passage_reps / --query_reps globs
+                **_dotted("search", cfg["search"]),
+                "processes.search": procs["search"],
+                "encode.num_shards": n_shards,
+                "processes.encode": w_enc,
+            },
         )
     )
     run_format = cfg["eval"]["run_format"]
