@@ -108,7 +108,12 @@ def test_package_model_path_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     argv = pipeline.flags_to_argv({"bf16": True, "fp16": False, "metrics": ["A", "B"], "x": None, "lr": 1e-5})
     assert argv == ["--bf16", "--fp16", "false", "--metrics", "A", "B", "--lr", "1e-05"]
     # One dialect for every command now (dr.flags): argparse commands take `--flag false` too.
-    assert pipeline.flags_to_argv({"save_text": False, "depth": 3}) == ["--save_text", "false", "--depth", "3"]
+    assert pipeline.flags_to_argv({"save_text": False, "depth": 3}) == [
+        "--save_text",
+        "false",
+        "--depth",
+        "3",
+    ]
 
 
 def test_dry_run_prints_commands(
@@ -121,6 +126,7 @@ def test_dry_run_prints_commands(
     assert "-m dr.train" in out and "--output_dir" in out
     assert "torch.distributed.run --standalone --nproc_per_node 2 -m dr.encode" in out
     assert "--encode_num_shard 2 --encode_shard_index 1" in out and "-m dr.evaluate" in out
+    assert "train: rerun (no stage record" in out and "eval: rerun (" in out  # a new run directory
     assert not (tmp_path / "run").exists()
 
 
@@ -202,3 +208,26 @@ def test_pipeline_killed_during_encoding_resumes(tmp_path: Path, tiny_model_dir:
         sum(e.endswith("skip (outputs complete)") for e in events) == 7
     )  # train, 2+1 encodes, search, convert, eval
     assert not any(": start:" in e for e in events)
+    records = {p.name for p in (run_dir / "stages").iterdir()}
+    assert len(records) == 7 and not any(".running." in name for name in records)
+
+    # The bug this guards: a changed search.depth kept the old run and metrics. Now search, convert and
+    # eval rerun (nothing is retrained or re-encoded) and config.json says depth 5.
+    fourth = subprocess.run(
+        [*_pipeline_cmd(cfg_path), "--set", "search.depth=5"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert fourth.returncode == 0, fourth.stdout[-4000:] + fourth.stderr[-4000:]
+    started = [ln.split("] ", 1)[1].split(":")[0] for ln in fourth.stdout.splitlines() if ": start:" in ln]
+    assert started == ["search", "convert", "eval"]
+    assert "search: rerun (search.depth: 10 -> 5)" in fourth.stdout
+    run, _ = read_run(run_dir / "run.trec")
+    assert all(len(hits) == 5 for hits in run.rankings.values())
+    assert json.loads((run_dir / "config.json").read_text())["search"]["depth"] == 5
+    search_record = json.loads((run_dir / "stages" / "search.json").read_text())
+    assert search_record["config"]["search.depth"] == 5 and "5" in search_record["argv"]

@@ -45,13 +45,8 @@ from dr.bm25.index import build as build_bm25
 from dr.console import echo
 from dr.eval.metrics import format_table
 from dr.flags import add_bool
-from dr.pipeline import (
-    PipelineError,
-    add_override_flag,
-    resolve_config,
-    run_pipeline,
-    set_dotted,
-)
+from dr.pipeline.config import PipelineError, add_override_flag, apply_override, resolve_config, set_dotted
+from dr.pipeline.runner import run_pipeline
 
 PACKAGED_CONFIG = Path(__file__).resolve().with_name("demo.yaml")  # package data: ships in the wheel
 
@@ -255,8 +250,6 @@ def bm25_baseline(
 def load_demo_config(path: Path, small: bool, overrides: list[str]) -> dict[str, Any]:
     """The demo config with the `demo.small` overrides (when small) and `--set` overrides applied."""
     import yaml
-
-    from dr.pipeline import apply_override
 
     if not path.is_file():
         raise PipelineError(f"{path}: no such demo config")

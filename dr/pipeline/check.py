@@ -43,7 +43,9 @@ def check_types(data: dict[str, Any]) -> None:
     _need(data.get("train"), dict, "train", "a mapping of dr train flags, or null (zero-shot)")
     _need(data.get("stage_timeout_s"), (int, float), "stage_timeout_s", "a number of seconds, or null")
     if isinstance(data.get("stage_timeout_s"), (int, float)) and data["stage_timeout_s"] <= 0:
-        raise ConfigTypeError(f"stage_timeout_s: expected a positive number or null, got {data['stage_timeout_s']}")
+        raise ConfigTypeError(
+            f"stage_timeout_s: expected a positive number or null, got {data['stage_timeout_s']}"
+        )
     encode = data.get("encode") or {}
     for key in ("corpus", "queries", "corpus_split", "queries_split"):
         _need(encode.get(key), str, f"encode.{key}", "a string")
@@ -56,7 +58,9 @@ def check_types(data: dict[str, Any]) -> None:
     _need(evaluation.get("qrels"), str, "eval.qrels", "a path (string)")
     _need(evaluation.get("run_format"), str, "eval.run_format", "a string")
     metrics = evaluation.get("metrics")
-    if metrics is not None and (not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics)):
+    if metrics is not None and (
+        not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics)
+    ):
         raise ConfigTypeError(f"eval.metrics: expected a list of metric names, got {metrics!r}")
     for key, value in (data.get("env") or {}).items():
         if isinstance(value, (dict, list)):

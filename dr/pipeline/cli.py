@@ -10,7 +10,11 @@ from pathlib import Path
 from dr.console import echo
 from dr.eval.metrics import format_table
 from dr.flags import add_bool
-from dr.pipeline import add_override_flag, build_steps, load_config, run_pipeline
+from dr.pipeline.check import fix_bool_choices
+from dr.pipeline.config import add_override_flag, load_config
+from dr.pipeline.fingerprint import plan
+from dr.pipeline.runner import run_pipeline
+from dr.pipeline.steps import Layout, build_steps
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_override_flag(parser)
     add_bool(parser, "--quiet", help="stage output to RUN_DIR/logs only")
     add_bool(parser, "--force", help="redo every stage (retrain, overwrite outputs)")
-    add_bool(parser, "--dry_run", help="print the resolved config and the commands, run nothing")
+    add_bool(
+        parser,
+        "--dry_run",
+        help="print the resolved config and, per stage, reuse or rerun (with the reason) and its command; "
+        "run and write nothing",
+    )
     return parser
 
 
@@ -30,8 +39,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         echo(json.dumps(cfg, indent=2))
-        for step in build_steps(cfg):
-            echo(f"# {step.name}\n{shlex.join(step.cmd)}")
+        fix_bool_choices(cfg)
+        steps = build_steps(cfg)
+        for decision in plan(steps, Layout(cfg["run_dir"]).stages, cfg["run_dir"], force=args.force):
+            echo(f"{decision.line}\n  {shlex.join(decision.step.cmd)}")
         return 0
     metrics = run_pipeline(cfg, quiet=args.quiet, force=args.force)
     echo(format_table(metrics, title=Path(cfg["run_dir"]).name))
