@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from dr.model.encoder import BiEncoder
 from dr.model.text import load_tokenizer
 from dr.train.collator import id_key
-from dr.train.loss import ContrastiveLoss
+from dr.train.losses.contrastive import ContrastiveLoss
 from tests.helpers import REPO, TOPICS, run, torchrun
 
 GROUP = 3  # 1 positive + 2 hard negatives per query
@@ -46,7 +46,7 @@ def test_loss_matches_hand_computation_with_hard_negatives():
     torch.manual_seed(0)
     q = torch.randn(2, 5)
     p = torch.randn(2 * GROUP, 5)
-    loss = ContrastiveLoss(temperature=0.1)(q, p)
+    loss = ContrastiveLoss(temperature=0.1)(q, p, group_size=GROUP).loss
     expected = 0.0
     for i in range(2):
         scores = [float(q[i] @ p[j]) / 0.1 for j in range(2 * GROUP)]
@@ -63,29 +63,33 @@ def test_duplicated_positive_is_masked_like_the_hand_computation():
     passage_keys = torch.tensor([10, 11, 12, 10, 13, 14])
     positive_keys = torch.tensor([[10, -1], [10, 99]])
     loss_fn = ContrastiveLoss(temperature=2.0)
-    loss = loss_fn(q, p, passage_keys, positive_keys)
+    out = loss_fn(q, p, passage_keys=passage_keys, positive_keys=positive_keys)
+    loss = out.loss
     scores = q @ p.T / 2.0
     row0 = -scores[0, 0] + torch.logsumexp(scores[0, [0, 1, 2, 4, 5]], 0)  # column 3 masked
     row1 = -scores[1, 3] + torch.logsumexp(scores[1, [1, 2, 3, 4, 5]], 0)  # column 0 masked
     assert loss.item() == pytest.approx(((row0 + row1) / 2).item(), rel=1e-5)
-    assert int(loss_fn.last_masked) == 2
-    assert loss.item() != pytest.approx(loss_fn(q, p).item(), rel=1e-3)  # unmasked differs
+    assert int(out.counts["masked_false_negatives"]) == 2
+    unmasked = loss_fn(q, p)
+    assert loss.item() != pytest.approx(unmasked.loss.item(), rel=1e-3) and not unmasked.counts
 
 
 def test_loss_rejects_ragged_groups():
     with pytest.raises(ValueError, match="groups"):
         ContrastiveLoss()(torch.randn(2, 4), torch.randn(5, 4))
+    with pytest.raises(ValueError, match="groups of 2"):
+        ContrastiveLoss()(torch.randn(2, 4), torch.randn(6, 4), group_size=2)
 
 
 def _reference(model_dir) -> dict[str, torch.Tensor]:
     tokenizer = load_tokenizer(str(model_dir))
     model = BiEncoder.from_pretrained(str(model_dir), {"pooling": "mean", "temperature": 0.5})
-    queries, passages, _ = make_global_batch()
+    queries, passages, group = make_global_batch()
     q = dict(tokenizer(queries, padding="max_length", max_length=16, return_tensors="pt"))
     p = dict(tokenizer(passages, padding="max_length", max_length=16, return_tensors="pt"))
-    loss = model(query=q, passage=p, **dict(zip(("passage_keys", "positive_keys"), make_global_keys())))[
-        "loss"
-    ]
+    reps = model(query=q, passage=p)
+    keys = dict(zip(("passage_keys", "positive_keys"), make_global_keys()))
+    loss = ContrastiveLoss(temperature=0.5)(reps["q_reps"], reps["p_reps"], group_size=group, **keys).loss
     loss.backward()
     out = {"loss": loss.detach().reshape(1)}
     out.update({f"grad.{n}": prm.grad for n, prm in model.named_parameters() if prm.grad is not None})
