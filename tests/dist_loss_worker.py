@@ -1,4 +1,5 @@
-"""Run under torchrun: one DDP forward/backward of the bi-encoder on this rank's slice of a global batch.
+"""Run under torchrun: one DDP forward/backward of the bi-encoder + contrastive loss on this rank's slice of a
+global batch.
 
 Rank 0 writes the all-reduced loss and the (DDP-averaged) parameter gradients to a safetensors file so
 the test can compare them with one process on the whole batch.
@@ -15,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from dr.distributed import process_group
 from dr.model.encoder import BiEncoder
 from dr.model.text import load_tokenizer
+from dr.train.losses.contrastive import ContrastiveLoss
 from tests.test_loss import make_global_batch, make_global_keys
 
 
@@ -26,9 +28,8 @@ def main(model_dir: str, out_path: str, gather: str) -> None:
 def _step(model_dir: str, out_path: str, gather: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     tokenizer = load_tokenizer(model_dir)
-    model = BiEncoder.from_pretrained(
-        model_dir, {"pooling": "mean", "temperature": 0.5}, negatives_x_device=gather == "gather"
-    )
+    model = BiEncoder.from_pretrained(model_dir, {"pooling": "mean", "temperature": 0.5})
+    loss_fn = ContrastiveLoss(temperature=0.5, gather_across_devices=gather == "gather")
     queries, passages, group = make_global_batch()
     per_rank = len(queries) // world
     local_q = queries[rank * per_rank : (rank + 1) * per_rank]
@@ -37,12 +38,14 @@ def _step(model_dir: str, out_path: str, gather: str) -> None:
     q = dict(tokenizer(local_q, padding="max_length", max_length=16, return_tensors="pt"))
     p = dict(tokenizer(local_p, padding="max_length", max_length=16, return_tensors="pt"))
     passage_keys, positive_keys = make_global_keys()
-    loss = ddp(
-        query=q,
-        passage=p,
+    reps = ddp(query=q, passage=p)  # the trainer's order: representations through DDP, then the loss
+    loss = loss_fn(
+        reps["q_reps"],
+        reps["p_reps"],
+        group_size=group,
         passage_keys=passage_keys[rank * per_rank * group : (rank + 1) * per_rank * group],
         positive_keys=positive_keys[rank * per_rank : (rank + 1) * per_rank],
-    )["loss"]
+    ).loss
     loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)

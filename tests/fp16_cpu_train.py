@@ -12,11 +12,11 @@ import sys
 
 from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
-import dr.train.cli
+import dr.train.preflight
 from dr.cli import run_command
 from dr.distributed import exit_status
 
 if __name__ == "__main__":
     CPU_Accelerator.is_fp16_supported = lambda self: True
-    dr.train.cli._check_precision = lambda args: None
+    dr.train.preflight.check_precision = lambda args: None
     sys.exit(exit_status(run_command("train", sys.argv[1:])))

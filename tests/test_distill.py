@@ -11,11 +11,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from dr.train.distill import DistillationLoss, kl, margin_mse
-from dr.train.loss import ContrastiveLoss
+from dr.train.losses import LossSettings, build_loss
+from dr.train.losses.contrastive import ContrastiveLoss
+from dr.train.losses.kl import kl
+from dr.train.losses.margin_mse import margin_mse
 from tests.helpers import as_flags, make_train_rows, run, write_jsonl
 
 B, N, D = 3, 4, 5  # 3 queries x (1 positive + 3 hard negatives), 5-dim vectors
+
+
+def _loss(name: str, weight: float = 1.0, distill_temperature: float | None = None, temperature: float = 1.0):
+    """The registered loss `name` (what `--loss name` trains with)."""
+    return build_loss(name, LossSettings(temperature, False, weight, distill_temperature))
 
 
 def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -51,7 +58,7 @@ def _chain(q: torch.Tensor, p: torch.Tensor, ds: list[list[float]]) -> tuple[tor
 @pytest.mark.parametrize("temperature", [1.0, 0.3])
 def test_kl_equals_hand_computation_values_and_gradients(temperature):
     q, p, teacher = _batch()
-    loss = DistillationLoss("kl", weight=1.0, distill_temperature=temperature)(q, p, teacher_scores=teacher)
+    loss = _loss("kl", distill_temperature=temperature)(q, p, group_size=N, teacher_scores=teacher).loss
     loss.backward()
     s, expected, ds = _own_scores(q, p), 0.0, []
     for i in range(B):
@@ -68,7 +75,7 @@ def test_kl_equals_hand_computation_values_and_gradients(temperature):
 
 def test_margin_mse_equals_hand_computation_values_and_gradients():
     q, p, teacher = _batch(1)
-    loss = DistillationLoss("margin_mse", weight=1.0)(q, p, teacher_scores=teacher)
+    loss = _loss("margin_mse")(q, p, group_size=N, teacher_scores=teacher).loss
     loss.backward()
     s, t = _own_scores(q, p), teacher.double().tolist()
     pairs = B * (N - 1)
@@ -94,18 +101,20 @@ def test_mix_is_weighted_sum_with_the_contrastive_loss_on_in_batch_negatives(kin
     passage_keys = torch.arange(B * N)
     passage_keys[N + 2] = 0  # query 1's second hard negative is query 0's positive
     positive_keys = torch.tensor([[0], [N], [2 * N]])
-    mixed = DistillationLoss(kind, weight=0.4, distill_temperature=0.7, temperature=0.5)
-    loss = mixed(q, p, passage_keys, positive_keys, teacher_scores=teacher)
+    mixed = _loss(kind, weight=0.4, distill_temperature=0.7 if kind == "kl" else None, temperature=0.5)
+    out = mixed(q, p, teacher_scores=teacher, passage_keys=passage_keys, positive_keys=positive_keys)
+    loss = out.loss
     grads = torch.autograd.grad(loss, (q, p))
-    contrastive = ContrastiveLoss(temperature=0.5)(q, p, passage_keys, positive_keys)
+    contrastive = ContrastiveLoss(temperature=0.5)(q, p, passage_keys=passage_keys, positive_keys=positive_keys).loss
     own = torch.stack([q[i] @ p[i * N : (i + 1) * N].T for i in range(B)])  # (B, N)
     distill = kl(own, teacher, 0.7) if kind == "kl" else margin_mse(own, teacher)
     reference = 0.6 * contrastive + 0.4 * distill
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
     for got, want in zip(grads, torch.autograd.grad(reference, (q, p))):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    assert int(mixed.last_masked) == 1  # the contrastive part still masks the false negative
-    assert mixed.last_distill.item() == pytest.approx(distill.item(), rel=1e-6)
+    assert int(out.counts["masked_false_negatives"]) == 1  # the contrastive part still masks the false negative
+    assert out.terms["distill"].item() == pytest.approx(distill.item(), rel=1e-6)
+    assert out.terms["contrastive"].item() == pytest.approx(contrastive.item(), rel=1e-6)
 
 
 def test_own_group_duplicate_of_a_positive_keeps_the_distillation_finite():
@@ -115,16 +124,16 @@ def test_own_group_duplicate_of_a_positive_keeps_the_distillation_finite():
     passage_keys = torch.arange(B * N)
     passage_keys[1] = 0  # query 0's first negative is its own positive document
     positive_keys = torch.tensor([[0], [N], [2 * N]])
-    loss = DistillationLoss("kl", weight=0.5)(q, p, passage_keys, positive_keys, teacher_scores=teacher)
-    assert torch.isfinite(loss)
+    out = _loss("kl", weight=0.5)(q, p, teacher_scores=teacher, passage_keys=passage_keys, positive_keys=positive_keys)
+    assert torch.isfinite(out.loss)
 
 
 def test_distillation_needs_teacher_scores_of_the_group_shape():
     q, p, teacher = _batch()
     with pytest.raises(ValueError, match="teacher scores"):
-        DistillationLoss("kl")(q, p)
+        _loss("kl")(q, p)
     with pytest.raises(ValueError, match="do not match"):
-        DistillationLoss("kl")(q, p, teacher_scores=teacher[:, :2])
+        _loss("kl")(q, p, teacher_scores=teacher[:, :2])
 
 
 # ---- bad data -------------------------------------------------------------------------------------------

@@ -123,14 +123,15 @@ def test_grad_cache_step_equals_plain_step(tiny_model_dir, tmp_path, q_chunk, p_
     trainer.current_gradient_accumulation_steps = ga_steps  # what the training loop sets before each step
     batch = make_batch(tiny_model_dir)
     plain = run_step(trainer, batch, grad_cache=False)
-    masked_plain = trainer._masked_since_log
+    masked_plain = int(trainer.loss_log.counts["masked_false_negatives"])
     no_sync_calls = []
     no_sync = trainer.accelerator.no_sync
     trainer.accelerator.no_sync = lambda model: no_sync_calls.append(1) or no_sync(model)
     cached = run_step(trainer, batch, grad_cache=True)
     n_chunks = -(-N_QUERIES // q_chunk) + -(-N_QUERIES * GROUP // p_chunk)
     assert len(no_sync_calls) == n_chunks - 1  # DDP would all-reduce only in the last chunk's backward
-    assert masked_plain == 3 and trainer._masked_since_log == 6  # 3 (query, passage) pairs masked, both paths
+    masked_both = int(trainer.loss_log.counts["masked_false_negatives"])
+    assert masked_plain == 3 and masked_both == 6  # 3 (query, passage) pairs masked, both paths
     assert_same(plain, cached)
     # Untied: the query encoder gets gradients although the last chunk backward is a passage chunk.
     assert any(n.startswith("passage_encoder.") for n in cached[1]) == untie
@@ -156,18 +157,19 @@ def test_dropout_single_chunk_equals_plain_step(tiny_model_dir, tmp_path):
     assert_same(run_step(trainer, batch, False, seed=3), run_step(trainer, batch, True, seed=3))
 
 
-def _chunked_reference(model: BiEncoder, batch: dict, q_chunk: int, p_chunk: int, seed: int) -> tuple:
+def _chunked_reference(trainer: BiEncoderTrainer, batch: dict, q_chunk: int, p_chunk: int, seed: int) -> tuple:
     """The plain loss with the forward done chunk by chunk (with a graph), in GradCache's order.
 
     Under one seed this draws the dropout masks GradCache's first pass draws, so it is the objective
     GradCache must differentiate.
     """
+    model = trainer.model
     model.train()  # from_pretrained leaves the encoders in eval mode
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     q = torch.cat([model.encode_query(c) for c in dr.train.gradcache.split_batch(batch["query"], q_chunk)])
     p = torch.cat([model.encode_passage(c) for c in dr.train.gradcache.split_batch(batch["passage"], p_chunk)])
-    loss = model.loss_fn(q, p, batch["passage_keys"], batch["positive_keys"])
+    loss = trainer.loss_fn(q, p, passage_keys=batch["passage_keys"], positive_keys=batch["positive_keys"]).loss
     loss.backward()
     return loss.detach(), {n: prm.grad.clone() for n, prm in model.named_parameters() if prm.grad is not None}
 
@@ -180,7 +182,7 @@ def test_dropout_masks_are_replayed(tiny_model_dir, tmp_path, monkeypatch):
     model = make_model(tiny_model_dir, dropout=0.1)
     trainer = make_trainer(model, tmp_path, 2, 4)
     batch = make_batch(tiny_model_dir)
-    expected = _chunked_reference(model, batch, 2, 4, seed=5)
+    expected = _chunked_reference(trainer, batch, 2, 4, seed=5)
     assert_same(expected, run_step(trainer, batch, True, seed=5))
 
     monkeypatch.setattr(dr.train.gradcache.RngState, "replay", lambda self: contextlib.nullcontext())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from dr.train.groups import DataError, TrainGroups, load_train_groups
 from tests.helpers import command
 
 train_main = command("train")
-from tests.helpers import SHARED_DATA, TOPICS, make_train_rows, run, write_jsonl
+from tests.helpers import REPO, SHARED_DATA, TOPICS, make_train_rows, run, subprocess_env, write_jsonl
 
 REFERENCE_FLAGS = [
     "--output_dir",
@@ -460,3 +461,36 @@ def test_training_options_run_and_reload(tiny_model_dir, tmp_path, option):
     model = BiEncoder.from_pretrained(str(out))
     assert (model.passage_encoder is not None) == (option == "--untie_encoder")
     assert (out / "query_model").is_dir() == (option == "--untie_encoder")
+
+
+BF16_DEEPSPEED_ARGS = """
+import json, sys
+from dr.distributed import prepare_launch
+extra = prepare_launch(deepspeed=True, bf16=True)
+from transformers import TrainingArguments
+from dr.train.args import DRTrainingArguments
+flags = dict(output_dir=sys.argv[1], bf16=True, deepspeed=sys.argv[2], report_to="none")
+try:
+    TrainingArguments(**flags, **extra)
+    upstream = "accepted"
+except ValueError as err:
+    upstream = str(err)
+ours = DRTrainingArguments(**flags, **extra)
+print(json.dumps({"upstream": upstream, "ours": [ours.bf16, ours.use_cpu]}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is about machines without a GPU")
+def test_bf16_deepspeed_on_cpu_still_needs_the_patch(tmp_path):
+    """`dr.train.args._bf16_allowed_on_cpu` works around transformers' bf16 device check; when plain
+    `TrainingArguments` accept `--bf16 --deepspeed` on a CPU-only machine, this fails: drop the patch."""
+    config = str(REPO / "configs" / "deepspeed" / "zero2.json")
+    proc = subprocess.run(
+        [sys.executable, "-c", BF16_DEEPSPEED_ARGS, str(tmp_path), config],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300, check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "doesn't support bf16" in result["upstream"]  # still refused upstream: the patch is needed
+    assert result["ours"] == [True, False]  # ours accept it, and DeepSpeed keeps its own CPU accelerator

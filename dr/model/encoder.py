@@ -1,8 +1,8 @@
 """The bi-encoder: a Hugging Face encoder (or two, untied) + pooling + optional L2 normalisation.
 
-`BiEncoder.forward(query=..., passage=...)` returns the contrastive loss so that DDP / DeepSpeed wrap one
-module whose forward covers everything that needs gradients. Encoding-only callers use `encode_query` /
-`encode_passage`.
+`BiEncoder.forward(query=..., passage=...)` returns both sides' representations, so that DDP / DeepSpeed wrap
+one module whose forward covers everything with parameters; the training loss is the trainer's
+(`dr.train.losses`). Encoding-only callers use `encode_query` / `encode_passage`.
 
 A saved model is a plain Hugging Face folder (safetensors) plus `dr_config.json` (pooling, normalize,
 prefixes, max lengths) so that `dr encode` needs no repeated flags. Untied encoders are saved as
@@ -31,7 +31,6 @@ from dr.io.atomic import write_json_atomic
 from dr.model import DR_CONFIG_NAME, POOLINGS
 from dr.model.check import check_model_source
 from dr.model.st_format import remove_st_files, write_st_files
-from dr.train.loss import ContrastiveLoss
 
 logger = logging.getLogger("dr.model")
 
@@ -172,9 +171,9 @@ def _encoder_dirs(model_dir: Path) -> tuple[Path, Path | None]:
 
 
 class BiEncoder(nn.Module):
-    """Query/passage encoder(s) with pooling, normalisation and the contrastive training loss."""
+    """Query/passage encoder(s) with pooling and normalisation."""
 
-    # The Trainer must not pass `num_items_in_batch`: our loss is a per-batch mean (see dr/trainer.py).
+    # The Trainer must not pass `num_items_in_batch`: our loss is a per-batch mean (see dr/train/trainer.py).
     accepts_loss_kwargs = False
 
     def __init__(
@@ -182,16 +181,12 @@ class BiEncoder(nn.Module):
         query_encoder: nn.Module,
         passage_encoder: nn.Module | None,
         config: EncoderConfig,
-        negatives_x_device: bool = False,
     ) -> None:
         super().__init__()
         self.query_encoder = query_encoder
         # Registered only when untied, so tied weights appear once in parameters() and state_dict().
         self.passage_encoder = passage_encoder
         self.encoder_config = config
-        self.loss_fn = ContrastiveLoss(
-            temperature=config.temperature, gather_across_devices=negatives_x_device
-        )
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
@@ -199,7 +194,6 @@ class BiEncoder(nn.Module):
         cls,
         model_name_or_path: str,
         overrides: dict[str, Any] | None = None,
-        negatives_x_device: bool = False,
         cache_dir: str | None = None,
         lora: dict[str, Any] | None = None,
         lora_name_or_path: str | None = None,
@@ -232,7 +226,7 @@ class BiEncoder(nn.Module):
             config.untie_encoder = True
         elif config.untie_encoder:
             passage_encoder = load(q_source, "")
-        return cls(query_encoder, passage_encoder, config, negatives_x_device=negatives_x_device)
+        return cls(query_encoder, passage_encoder, config)
 
     @property
     def config(self) -> Any:
@@ -265,21 +259,13 @@ class BiEncoder(nn.Module):
         self,
         query: dict[str, torch.Tensor],
         passage: dict[str, torch.Tensor],
-        passage_keys: torch.Tensor | None = None,
-        positive_keys: torch.Tensor | None = None,
-        teacher_scores: torch.Tensor | None = None,
-        **_: Any,
     ) -> dict[str, torch.Tensor]:
-        """Training step: B queries and B*n passages (grouped per query, positive first) -> loss.
+        """Training forward: B queries and B*n passages -> {"q_reps": (B, d), "p_reps": (B*n, d)}.
 
-        With docid keys (from `TrainCollator`), in-batch false negatives are masked (see `ContrastiveLoss`).
-        `teacher_scores` (B, n) go to a distillation loss (`dr.train.distill.DistillationLoss`) when one is set.
+        The representations keep their graph: the trainer's loss (`dr.train.losses`) is computed on them
+        and back-propagated through this forward, so DDP / DeepSpeed see one module with every parameter.
         """
-        q_reps = self.encode_query(query)  # (B, d)
-        p_reps = self.encode_passage(passage)  # (B*n, d)
-        extra = {} if teacher_scores is None else {"teacher_scores": teacher_scores}
-        loss = self.loss_fn(q_reps, p_reps, passage_keys, positive_keys, **extra)
-        return {"loss": loss, "q_reps": q_reps.detach(), "p_reps": p_reps.detach()}
+        return {"q_reps": self.encode_query(query), "p_reps": self.encode_passage(passage)}
 
     # ---- gradient checkpointing (called by the Trainer) ---------------------------------------------
     supports_gradient_checkpointing = True

@@ -4,8 +4,8 @@ Idea (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memor
 loss depends on the encoder parameters only through the representations. So
 
 1. encode the queries and passages chunk by chunk *without* an autograd graph;
-2. compute the loss on all of them (gathered across ranks exactly like the plain path, by reusing
-   `model.loss_fn`) and its gradient with respect to the representations only, in float32;
+2. compute the loss on all of them (gathered across ranks exactly like the plain path, by calling the
+   trainer's own loss, `call_loss`) and its gradient with respect to the representations only, in float32;
 3. re-encode each chunk *with* a graph and back-propagate the surrogate `(reps * cached_grad).sum()`,
    whose parameter gradient is that chunk's share of d(loss)/d(theta). The chunks' gradients add up to
    the plain gradient.
@@ -81,8 +81,8 @@ def split_batch(batch: Batch, chunk_size: int) -> list[Batch]:
 def forward_as(module: nn.Module, fn: Callable[..., torch.Tensor]) -> Iterator[None]:
     """Make `module(...)` call `fn` for the duration of the block.
 
-    The DDP / DeepSpeed wrappers only ever call `module(...)`, whose forward is the full training loss. To run
-    one encoder on one chunk *through* the wrapper (DDP's reducer bookkeeping, the engine's backward hooks and
+    The DDP / DeepSpeed wrappers only ever call `module(...)`, whose forward encodes both sides of a batch. To
+    run one encoder on one chunk *through* the wrapper (DDP's reducer bookkeeping, the engine's backward hooks and
     ZeRO-3 parameter gathering), the instance attribute `forward` is swapped and restored afterwards,
     including a forward that accelerate may itself have set on the instance.
     """
@@ -125,8 +125,9 @@ def backward_units(n_query_chunks: int, n_passage_chunks: int, pair_first: bool)
 class GradCacheMixin:
     """Gives a `transformers.Trainer` subclass the GradCache training step (`BiEncoderTrainer` mixes it in).
 
-    The step needs the Trainer's own machinery (its accelerator, loss context, input preparation and the
-    masked-negative counter), so it is a method of the trainer that owns that state, not a free function.
+    The step needs the Trainer's own machinery (its accelerator, loss context, input preparation, and its
+    loss with the loss log: `call_loss`), so it is a method of the trainer that owns that state, not a free
+    function.
     """
 
     def grad_cache_training_step(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
@@ -151,9 +152,6 @@ class GradCacheMixin:
         # handles precision itself and accelerate's autocast is a no-op.
         autocast = contextlib.nullcontext if deepspeed else accelerator.autocast
 
-        passage_keys = positive_keys = None
-        if args.mask_false_negatives:
-            passage_keys, positive_keys = inputs["passage_keys"], inputs["positive_keys"]
         ga_steps = 1
         if not getattr(self, "loss_is_scaled_for_ga", False):
             ga_steps = getattr(self, "current_gradient_accumulation_steps", args.gradient_accumulation_steps)
@@ -184,10 +182,8 @@ class GradCacheMixin:
         # 2. The loss on the whole (gathered) batch and its gradient w.r.t. the representations, in float32.
         # Only the leaves get gradients; the all_gather's backward runs the same collective as the plain path.
         with torch.autocast(device_type=device.type, enabled=False):
-            extra = {"teacher_scores": inputs["teacher_scores"]} if "teacher_scores" in inputs else {}
-            loss = module.loss_fn(q_reps, p_reps, passage_keys, positive_keys, **extra)
+            loss = self.call_loss(q_reps, p_reps, inputs)
             (loss / ga_steps).backward()
-        self._masked_since_log = getattr(self, "_masked_since_log", 0) + module.loss_fn.last_masked
         cached = list(q_reps.grad.split(args.gc_q_chunk_size)) + list(p_reps.grad.split(args.gc_p_chunk_size))
         del q_reps, p_reps
 

@@ -1,4 +1,4 @@
-"""Contrastive (InfoNCE) loss over in-batch and hard negatives, optionally gathered across devices.
+"""`contrastive`: InfoNCE over in-batch and hard negatives, optionally gathered across devices.
 
 Layout: each query contributes a group of n passages, positive first, then its hard negatives:
 
@@ -15,9 +15,12 @@ import torch
 from torch import nn
 
 from dr.distributed import all_gather_tensor, all_gather_with_grad, get_rank, get_world_size, is_initialized
+from dr.train.losses.base import LossOutput, LossSettings, TrainLoss, group_size_of
+
+MASKED = "masked_false_negatives"  # the count `LossOutput.counts` carries when docid keys are given
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(TrainLoss):
     """Cross-entropy of each local query over all (gathered) passages.
 
     Args:
@@ -31,36 +34,39 @@ class ContrastiveLoss(nn.Module):
     exactly the single-process loss on the global batch. (Gathering *without* autograd and splicing the
     local slice back would lose the other ranks' contributions and need a x W correction instead.)
 
-    After each call `last_masked` holds how many (query, passage) pairs were masked as false negatives.
+    With docid keys, `counts["masked_false_negatives"]` of the output is how many (query, passage) pairs
+    were masked as false negatives.
     """
 
     def __init__(self, temperature: float = 1.0, gather_across_devices: bool = False) -> None:
         super().__init__()
         self.temperature = temperature
         self.gather_across_devices = gather_across_devices
-        self.last_masked = torch.zeros((), dtype=torch.long)
 
     def forward(
         self,
         q_reps: torch.Tensor,
         p_reps: torch.Tensor,
+        group_size: int | None = None,
+        teacher_scores: torch.Tensor | None = None,
         passage_keys: torch.Tensor | None = None,
         positive_keys: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Scalar loss (mean over local queries).
+    ) -> LossOutput:
+        """Mean over local queries; `teacher_scores` are ignored (see `TrainLoss` for the arguments).
 
-        Args:
-            q_reps: (B, d) local queries.
-            p_reps: (B*n, d) local passages, grouped per query, positive first.
-            passage_keys: (B*n,) integer docid keys of the passages (see `dr.train.collator.id_key`).
-            positive_keys: (B, P) keys of each query's positives, padded with -1. With `passage_keys`,
-                in-batch passages that are positives of a query are masked from its negatives.
+        With `passage_keys` and `positive_keys`, in-batch passages that are positives of a query are
+        masked from its negatives.
         """
-        scores, labels, passage_keys = self.similarities(q_reps, p_reps, passage_keys)
-        return self.cross_entropy(scores, labels, passage_keys, positive_keys)
+        scores, labels, passage_keys = self.similarities(q_reps, p_reps, group_size, passage_keys)
+        loss, masked = self.cross_entropy(scores, labels, passage_keys, positive_keys)
+        return LossOutput(loss, counts={} if masked is None else {MASKED: masked})
 
     def similarities(
-        self, q_reps: torch.Tensor, p_reps: torch.Tensor, passage_keys: torch.Tensor | None = None
+        self,
+        q_reps: torch.Tensor,
+        p_reps: torch.Tensor,
+        group_size: int | None = None,
+        passage_keys: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Raw float32 scores q.p of the local queries against all (gathered) passages.
 
@@ -68,11 +74,7 @@ class ContrastiveLoss(nn.Module):
         positive, i.e. the first column of its own group, passage_keys gathered like the passages).
         """
         n_local_queries = q_reps.shape[0]
-        if p_reps.shape[0] % n_local_queries:
-            raise ValueError(
-                f"{p_reps.shape[0]} passages do not split into groups for {n_local_queries} queries"
-            )
-        group_size = p_reps.shape[0] // n_local_queries
+        group_size = group_size_of(q_reps, p_reps, group_size)
         rank_offset = 0
         if self.gather_across_devices and is_initialized() and get_world_size() > 1:
             p_reps = all_gather_with_grad(p_reps)  # (W*B*n, d), rank-major
@@ -93,14 +95,21 @@ class ContrastiveLoss(nn.Module):
         labels: torch.Tensor,
         passage_keys: torch.Tensor | None = None,
         positive_keys: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Mean cross-entropy of `similarities`' raw scores / temperature, false negatives masked."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(mean cross-entropy of `similarities`' raw scores / temperature with false negatives masked,
+        the detached count of masked pairs or None when no keys were given)."""
         n_local_queries = scores.shape[0]
+        masked = None
         with torch.autocast(scores.device.type, enabled=False):
             scores = scores / self.temperature  # (B, W*B*n)
         if passage_keys is not None and positive_keys is not None:
             is_positive = (passage_keys[None, :, None] == positive_keys[:, None, :]).any(-1)  # (B, W*B*n)
             is_positive[torch.arange(n_local_queries), labels] = False  # keep each query's own target
             scores = scores.masked_fill(is_positive, float("-inf"))
-            self.last_masked = is_positive.sum().detach()
-        return nn.functional.cross_entropy(scores, labels)
+            masked = is_positive.sum().detach()
+        return nn.functional.cross_entropy(scores, labels), masked
+
+
+def build(settings: LossSettings) -> ContrastiveLoss:
+    """The registry's builder: --temperature, --negatives_x_device."""
+    return ContrastiveLoss(settings.temperature, settings.gather_across_devices)
