@@ -18,6 +18,7 @@ COMMANDS = {
     "train": ("dr.train.cli", "fine-tune a bi-encoder (in-batch + hard negatives, gathered across devices)"),
     "encode": ("dr.encode.cli", "encode a corpus or queries into Arrow embedding shards"),
     "search": ("dr.search.cli", "exact sharded FAISS search -> run file"),
+    "index": ("dr.index.cli", "a sharded faiss index of passage shards, built in parallel, for dr search --index_dir"),
     "quantize": ("dr.index.quantize_cli", "int8 / binary codes of passage shards for dr search --quantize"),
     "convert": ("dr.eval.convert_cli", "convert run files between tevatron, MS MARCO and TREC formats"),
     "eval": ("dr.eval.eval_cli", "MRR@10, nDCG@10, recall, MAP of a run against qrels"),
