@@ -70,3 +70,46 @@ def test_short_hit_lists_are_reported(corpus, caplog):
     assert f"{short} of 9 queries got fewer than 100 hits" in caplog.text
     run, _ = read_run(corpus / "run.txt")
     assert min(len(h) for h in run.rankings.values()) == config["fewest_hits"]
+
+
+def test_int8_first_pass_equals_the_old_faiss_knn_pass(tmp_path):
+    """The int8 first pass now runs through exact search's scorer; it ranks as the faiss.knn pass did."""
+    import faiss
+    import pyarrow as pa
+
+    from dr.index.quantize import Int8Calibration
+    from dr.ranking import docid_keys, search_past_ties, select_topk
+    from tests.test_quantize import quantize
+
+    rng = np.random.default_rng(4)
+    passages = rng.standard_normal((300, 24)).astype(np.float32)
+    ids = [f"d{j}" for j in rng.permutation(300)]
+    make_corpus(tmp_path, passages, ids, [120, 180])
+    queries = rng.standard_normal((6, 24)).astype(np.float32)
+    from tests.test_search import write_queries
+
+    write_queries(tmp_path / "q.arrow", queries)
+    assert quantize(["--passage_reps", str(tmp_path / "corpus.*.arrow"), "--quantize", "int8"]) == 0
+    tables = [pa.ipc.open_file(str(tmp_path / "int8" / f"corpus.0{i}.arrow")).read_all() for i in range(2)]
+    codes = np.concatenate([t.column("code").combine_chunks().flatten().to_numpy().reshape(-1, 24) for t in tables])
+    raw = {k.decode(): v.decode() for k, v in tables[0].schema.metadata.items()}
+    cal = Int8Calibration.from_metadata(raw, 24, "int8")
+    qscaled = np.ascontiguousarray(queries * cal.scale, dtype=np.float32)
+    shift = (queries @ (cal.offset + np.float32(128) * cal.scale)).astype(np.float32)
+    floats = codes.astype(np.float32)
+
+    def old(which, k):  # the pass as it was: faiss.knn on the float32 codes, plus the shift
+        scores, rows = faiss.knn(qscaled[which], floats, k, metric=faiss.METRIC_INNER_PRODUCT)
+        return scores + shift[which, None], rows
+
+    scores, rows = search_past_ties(old, np.arange(6), 25, 300)
+    keys = docid_keys(ids)
+    ref_scores, _, ref_rows = select_topk(scores, keys[rows], rows, 25)
+    run_file = tmp_path / "run.txt"
+    argv = ["--query_reps", str(tmp_path / "q.arrow"), "--passage_reps", str(tmp_path / "corpus.*.arrow"),
+            "--quantize", "int8", "--depth", "25", "--max_memory", "2K", "--save_ranking_to", str(run_file)]  # fmt: skip
+    assert search_main(argv) == 0
+    run, _ = read_run(run_file)
+    for i, hits in enumerate(run.rankings.values()):
+        assert [d for d, _ in hits] == [ids[r] for r in ref_rows[i]]
+        np.testing.assert_allclose([s for _, s in hits], ref_scores[i], rtol=1e-5, atol=1e-5)
