@@ -52,6 +52,7 @@ HELP_FLAGS = {
     "pipeline": "--force",
     "demo": "--small",
     "quantize": "--output_dir",
+    "index": "--index_factory",
 }
 
 
