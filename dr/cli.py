@@ -17,10 +17,11 @@ import sys
 COMMANDS = {
     "train": ("dr.train.cli", "fine-tune a bi-encoder (in-batch + hard negatives, gathered across devices)"),
     "encode": ("dr.encode.cli", "encode a corpus or queries into Arrow embedding shards"),
-    "search": ("dr.search.cli", "exact sharded FAISS search -> run file"),
+    "index": ("dr.index.cli", "a faiss index per passage shard, built in parallel (dr search --index_dir)"),
+    "quantize": ("dr.index.quantize_cli", "int8 / binary codes of passage shards for dr search --quantize"),
+    "search": ("dr.search.cli", "exact, quantized or approximate sharded search -> run file"),
     "bm25": ("dr.bm25.cli", "BM25 (bm25s) run of queries over any corpus dr encode reads; index reused"),
     "fuse": ("dr.fuse.cli", "reciprocal-rank or weighted linear fusion of several runs -> one run"),
-    "quantize": ("dr.index.quantize_cli", "int8 / binary codes of passage shards for dr search --quantize"),
     "convert": ("dr.eval.convert_cli", "convert run files between tevatron, MS MARCO and TREC formats"),
     "eval": ("dr.eval.eval_cli", "MRR@10, nDCG@10, recall, MAP of a run against qrels"),
     "mine": ("dr.mine.cli", "hard negatives from a run of the training queries -> a new training file"),

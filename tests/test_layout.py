@@ -54,6 +54,7 @@ HELP_FLAGS = {
     "quantize": "--output_dir",
     "bm25": "--index_dir",
     "fuse": "--rrf_k",
+    "index": "--index_factory",
 }
 
 
@@ -238,7 +239,7 @@ def test_pipeline_force_retrains_instead_of_resuming(tmp_path):
 # ---- distributed -------------------------------------------------------------------------------------
 SLOW_INDEX_BUILD = """
 import os, sys, time
-import dr.index.ann as ann
+import dr.index.build as ann
 import dr.search.cli as search_cli
 from dr.cli import module_main
 

@@ -1,106 +1,222 @@
-"""Approximate search: one faiss index (``--index_factory``, e.g. ``IVF4096,Flat`` or ``HNSW32``) over all
-shards, trained on a sample and filled block by block; saved as a faiss file plus a JSON sidecar holding
-the docids (nothing is pickled) and reused with ``--load_index``. Its ranking is only as exact as the
-index; the final lists follow dr's tie rule (`dr.ranking`), also at the depth cut-off: where hits tie with
-the `depth`-th, the index is asked for more until the tie is past (a flat index so keeps exactly the
-documents exact search keeps). Vectors with NaN or inf are refused while the index is built.
+"""Approximate search over a sharded faiss index (`dr.index.build`), merged exactly, optionally rescored.
+
+1. The index folder's manifest is checked against the passage shards it was built from: a shard that
+   changed (or is gone) is refused (`dr.index.build.StaleIndex`), before anything is searched.
+2. Each rank searches its share of the shard indexes (`dr.search.shard_set.split_shards`), one at a time,
+   memory-mapped (``faiss.IO_FLAG_MMAP``: the pages of the lists probed are read, not the whole index).
+   Per shard, the top ``C`` hits follow dr's tie rule (`dr.ranking`), also at the cut-off: where a hit
+   ties the C-th, the index is asked for more (`dr.ranking.search_past_ties`). ``C = depth``, or
+   ``rescore * depth`` with ``--rescore``.
+3. The per-shard lists are merged into one top ``C`` per query under the rule (the same on every layout of
+   ranks), gathered on rank 0 and merged again.
+4. ``--rescore K``: the float vectors of the candidates are read from the passage shards and scored
+   exactly (float64, rounded to float32, as exact search reports them); the top ``depth`` are kept under
+   the rule. A candidate found by the index thus gets exact search's score.
+
+The index may return fewer than ``depth`` hits for a query (an IVF index probing too few lists, an HNSW
+graph with a small efSearch): how many queries, and the fewest hits, are logged and recorded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from dr.io.atomic import atomic_path, write_json_atomic
-from dr.io.shards import iter_shard, read_meta
+from dr import distributed as D
+from dr.index.build import check_fresh, group_rank, read_manifest
 from dr.ranking import NO_KEY, docid_keys, search_past_ties, select_topk
-from dr.search.shard_set import SearchError, check_finite
+from dr.search.shard_set import SearchError, id_column, split_shards
+
+logger = logging.getLogger("dr.search")
 
 
-def build_index(
-    shard_paths: list[str], dim: int, factory: str, max_rows: int, train_size: int, seed: int = 0
-):
-    """A faiss index (inner product) over all shards: trained on a random sample, filled block by block.
+@dataclass
+class AnnResult:
+    """A ranking (k = min(depth, passages) columns; short lists padded with -inf) and facts for the config."""
 
-    Rows are added in shard order, so faiss's sequential ids are the rows of the concatenated shards.
+    scores: np.ndarray
+    docids: list[list[str]]
+    info: dict = field(default_factory=dict)
 
-    Raises:
-        NonFiniteVector: a vector holds NaN or inf (checked on each block as it is converted to float32).
+
+@dataclass
+class Candidates:
+    """Top hits per query: scores (-inf where empty), global passage rows (-1) and docids ("")."""
+
+    scores: np.ndarray
+    rows: np.ndarray
+    docids: np.ndarray  # object (nq, width)
+
+    @classmethod
+    def empty(cls, nq: int) -> Candidates:
+        return cls(
+            np.zeros((nq, 0), np.float32), np.zeros((nq, 0), np.int64), np.zeros((nq, 0), dtype=object)
+        )
+
+
+def merge(parts: list[Candidates], k: int) -> Candidates:
+    """The top `k` per query of several candidate lists, under the tie rule (docids meet within a row)."""
+    scores = np.concatenate([p.scores for p in parts], axis=1)
+    rows = np.concatenate([p.rows for p in parts], axis=1)
+    docids = np.concatenate([p.docids for p in parts], axis=1)
+    nq, width = scores.shape
+    keys = docid_keys(docids.ravel().tolist()).reshape(nq, width) if width else np.zeros((nq, 0), np.int64)
+    keys[rows < 0] = NO_KEY
+    slots = np.broadcast_to(np.arange(width), (nq, width))
+    top_scores, _, cols = select_topk(scores, keys, slots, min(k, width))
+    return Candidates(top_scores, np.take_along_axis(rows, cols, 1), np.take_along_axis(docids, cols, 1))
+
+
+def search_one(index, keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top `k` of one faiss index under the tie rule: (scores (nq, k) float32, rows (nq, k)); empty: -inf, -1.
+
+    `keys`: tie keys of the index's rows (`docid_keys` of its docids).
     """
-    import faiss
-
-    try:
-        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as err:
-        raise SearchError(f"--index_factory {factory!r}: faiss cannot build it: {err}") from None
-    total = sum(read_meta(p).count for p in shard_paths)
-    if not index.is_trained:
-        picks = np.sort(np.random.default_rng(seed).choice(total, size=min(total, train_size), replace=False))
-        sample, offset = [], 0
-        for path in shard_paths:
-            for _, vectors in iter_shard(path, max_rows=max_rows):
-                local = picks[(picks >= offset) & (picks < offset + len(vectors))] - offset
-                sample.append(np.asarray(vectors[local], dtype=np.float32))
-                offset += len(vectors)
-        try:
-            index.train(np.ascontiguousarray(np.concatenate(sample)))
-        except RuntimeError as err:
-            raise SearchError(
-                f"--index_factory {factory!r}: training on {len(picks)} rows failed: {err}"
-            ) from None
-    for path in shard_paths:
-        row = 0
-        for ids, vectors in iter_shard(path, max_rows=max_rows):
-            vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-            check_finite(vectors, path, row, ids)
-            index.add(vectors)
-            row += len(vectors)
-    return index
-
-
-def save_index(index, path: str, docids: list[str], info: dict) -> None:
-    """Write the faiss index and its JSON sidecar ``<path>.json`` (docids in faiss id order), atomically."""
-    import faiss
-
-    with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
-    write_json_atomic(path + ".json", {**info, "count": len(docids), "docids": docids})
-
-
-def load_index(path: str):
-    """Read a saved index and its sidecar: (index, docids, info)."""
-    import faiss
-
-    sidecar = Path(path + ".json")
-    if not Path(path).is_file() or not sidecar.is_file():
-        raise SearchError(f"--load_index {path}: need both {path} and {sidecar}")
-    try:
-        info = json.loads(sidecar.read_text(encoding="utf-8"))
-        index = faiss.read_index(path)
-    except (json.JSONDecodeError, RuntimeError) as err:
-        raise SearchError(f"--load_index {path}: unreadable: {err}") from None
-    docids = info.pop("docids", None)
-    if not isinstance(docids, list) or len(docids) != index.ntotal:
-        raise SearchError(f"{sidecar}: docid list does not match the index ({index.ntotal} vectors)")
-    return index, docids, info
+    k = min(k, index.ntotal)
+    if k == 0:
+        return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+    scores, rows = search_past_ties(index.search, queries, k, index.ntotal)
+    valid = rows >= 0
+    scores = np.where(valid, scores, -np.inf).astype(np.float32)
+    row_keys = np.where(valid, keys[np.where(valid, rows, 0)], NO_KEY)
+    scores, _, rows = select_topk(scores, row_keys, rows, k)
+    return scores, rows
 
 
 def search_index(index, docids: list[str], query_vecs: np.ndarray, depth: int, batch_size: int = -1):
-    """Search a faiss index; returns the same (scores, docids) shape as `search_shards`, in rule order."""
-    query_vecs = np.ascontiguousarray(query_vecs, dtype=np.float32)
-    k = min(depth, index.ntotal)
+    """Search one in-memory faiss index: (scores (nq, k), docid lists), in rule order (short lists cut)."""
+    queries = np.ascontiguousarray(query_vecs, dtype=np.float32)
     keys = docid_keys(docids)
-    step = len(query_vecs) if batch_size <= 0 else batch_size
-    all_scores, all_ids = [], []
-    for start in range(0, len(query_vecs), step):
-        scores, rows = search_past_ties(index.search, query_vecs[start : start + step], k, index.ntotal)
+    step = len(queries) if batch_size <= 0 else batch_size
+    out_scores, out_ids = [], []
+    for start in range(0, len(queries), step):
+        scores, rows = search_one(index, keys, queries[start : start + step], depth)
+        out_scores.append(scores)
+        out_ids.extend([docids[r] for r in row if r >= 0] for row in rows)
+    k = min(depth, index.ntotal)
+    return (np.concatenate(out_scores) if out_scores else np.zeros((0, k), np.float32)), out_ids
+
+
+def open_shard_index(path: Path, params: str | None):
+    """A shard's index, memory-mapped and read-only, with the search `params` (``nprobe=64``) applied."""
+    import faiss
+
+    try:
+        index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as err:
+        raise SearchError(f"{path}: unreadable faiss index: {err}") from None
+    if params:
+        try:
+            faiss.ParameterSpace().set_index_parameters(index, params)
+        except RuntimeError as err:
+            raise SearchError(f"--index_params {params!r}: {err}") from None
+    return index
+
+
+def _shard_candidates(folder: Path, shard: dict, offset: int, queries: np.ndarray, c: int, params) -> Candidates:
+    """One shard's top `c` per query, its rows made global (`offset`: the shard's first row)."""
+    index = open_shard_index(folder / shard["index"], params)
+    docids = json.loads((folder / shard["ids"]).read_text(encoding="utf-8"))["docids"]
+    if len(docids) != index.ntotal:
+        raise SearchError(f"{folder / shard['ids']}: {len(docids)} docids for {index.ntotal} vectors")
+    scores, rows = search_one(index, docid_keys(docids), queries, c)
+    del index
+    ids = np.array(docids, dtype=object)
+    found = np.where(rows >= 0, ids[np.maximum(rows, 0)] if len(ids) else "", "")
+    return Candidates(scores, np.where(rows >= 0, rows + offset, -1), found)
+
+
+def rescore(
+    queries: np.ndarray, cand: Candidates, paths: list[str], counts: list[int], k: int, max_memory_bytes: int
+) -> Candidates:
+    """Exact scores of each query's candidates (float vectors read from the shards); the top `k` by the rule."""
+    from dr.search.quantized import _RowReader
+
+    ids = pa.chunked_array([c for p in paths for c in id_column(p).chunks], type=pa.string())
+    reader = _RowReader(paths, counts, ids)
+    nq, dim = queries.shape
+    c = max(1, cand.rows.shape[1])
+    out = []
+    step = max(1, max_memory_bytes // (c * dim * 4))  # queries whose candidates' vectors fit at once
+    for start in range(0, nq, step):
+        rows = cand.rows[start : start + step]
         valid = rows >= 0
-        scores = np.where(valid, scores, -np.inf).astype(np.float32)
-        row_keys = np.where(valid, keys[np.where(valid, rows, 0)], NO_KEY)
-        scores, _, rows = select_topk(scores, row_keys, rows, k)
-        all_scores.append(scores)
-        all_ids.extend([docids[r] for r in row if r >= 0] for row in rows)
-    scores = np.concatenate(all_scores) if all_scores else np.zeros((0, k), dtype=np.float32)
-    return scores, all_ids
+        unique, inverse = np.unique(rows[valid], return_inverse=True)
+        vectors = reader.read(unique, dim)
+        slots = np.zeros(rows.shape, dtype=np.int64)
+        slots[valid] = inverse
+        scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+        for j, query in enumerate(queries[start : start + step].astype(np.float64)):
+            scores[j] = np.einsum("cd,d->c", vectors[slots[j]], query, dtype=np.float64)
+        scores[~valid] = -np.inf
+        part = Candidates(scores, rows, cand.docids[start : start + step])
+        out.append(merge([part], k))
+    return Candidates(*(np.concatenate([getattr(p, f) for p in out]) for f in ("scores", "rows", "docids")))
+
+
+def search_index_dir(
+    folder: str,
+    query_vecs: np.ndarray,
+    depth: int,
+    params: str | None = None,
+    rescore_factor: int | None = None,
+    max_memory_bytes: int = 2**30,
+) -> AnnResult | None:
+    """Search an index folder (collective under torchrun: ranks split its shards); rank 0 gets the result."""
+    folder_path = Path(folder)
+    manifest = read_manifest(folder_path)
+    shards = manifest["shards"]
+    check_fresh(shards)
+    counts = [s["rows"] for s in shards]
+    total = sum(counts)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    k = min(depth, total)
+    c = min(depth * rescore_factor, total) if rescore_factor else k
+    queries = np.ascontiguousarray(query_vecs, dtype=np.float32)
+    rank, world = group_rank()
+    mine = split_shards([s["path"] for s in shards], counts, world)[rank]
+    t0 = time.perf_counter()
+    error, part = None, Candidates.empty(len(queries))
+    try:
+        for i in mine:
+            part = merge([part, _shard_candidates(folder_path, shards[i], int(offsets[i]), queries, c, params)], c)
+    except (ValueError, OSError) as err:  # every rank must reach the agreement below
+        error = err
+    D.raise_if_any_failed(error)
+    gathered = D.gather_to_main(part)
+    if rank != 0:
+        return None
+    cand = merge(gathered, c) if len(gathered) > 1 else part
+    timings = {"first_pass_s": time.perf_counter() - t0}
+    t0 = time.perf_counter()
+    if rescore_factor:
+        cand = rescore(queries, cand, [s["path"] for s in shards], counts, k, max_memory_bytes)
+        timings["rescore_s"] = time.perf_counter() - t0
+    hits = (cand.rows[:, :k] >= 0).sum(axis=1)
+    short = int((hits < k).sum())
+    if short:
+        logger.warning(
+            "dr search: %d of %d queries got fewer than %d hits (fewest: %d) from the index; search more of "
+            "it (--index_params nprobe=... / efSearch=...)", short, len(queries), k, int(hits.min()),
+        )
+    docids = [list(row[:n]) for row, n in zip(cand.docids[:, :k], hits)]
+    info = {
+        "index_dir": str(folder_path),
+        "index_factory": manifest["factory"],
+        "index_params": params,
+        "rescore": rescore_factor,
+        "candidates_per_query": c,
+        "index_bytes": sum(s["index_bytes"] for s in shards),
+        "queries_short_of_depth": short,
+        "fewest_hits": int(hits.min()) if len(hits) else 0,
+        "num_passages": total,
+        "passage_shards": [{"path": s["path"], "count": s["rows"]} for s in shards],
+        "timings": timings,
+    }
+    return AnnResult(cand.scores[:, :k], docids, info)

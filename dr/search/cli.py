@@ -8,8 +8,8 @@ Usage::
 
 Exact search (default; `dr.search.exact`) never holds the corpus in memory; each rank searches its share
 of the shards (`dr.search.shard_set.split_shards`) and rank 0 merges the per-rank top-k exactly.
-``--index_factory`` / ``--load_index`` search one approximate faiss index instead (`dr.index.ann`), on
-rank 0 only.
+``--index_dir`` searches a sharded faiss index built by `dr index` instead (`dr.index.ann`; ranks split its
+shards); ``--index_factory`` builds one first, in this process (rank 0), as `dr index` would.
 
 Output: the run (``--run_format tevatron`` by default, as Tevatron with ``--save_text``; ``marco``;
 ``trec``) written atomically to ``--save_ranking_to``, and ``<run>.config.json`` with the resolved
@@ -23,6 +23,7 @@ import argparse
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +32,9 @@ import pyarrow.compute as pc
 from dr import distributed as D
 from dr.errors import UsageError
 from dr.flags import add_bool
-from dr.index.ann import build_index, load_index, save_index, search_index
+from dr.index.ann import search_index_dir
+from dr.index.build import build_index, read_manifest
+from dr.index.cli import spec_from_args
 from dr.index.quantize import KINDS as QUANTIZE_KINDS
 from dr.index.quantize import check_kind
 from dr.io.atomic import write_json_atomic
@@ -44,7 +47,6 @@ from dr.search.shard_set import (
     check_query_passage,
     check_unique_docids,
     expand_paths,
-    id_column,
     load_queries,
     parse_bytes,
     read_metas,
@@ -100,15 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--index_params", default=None, help="faiss search parameters, e.g. nprobe=64 or efSearch=128"
     )
     p.add_argument("--train_size", type=int, default=200_000, help="rows sampled to train --index_factory")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --index_factory training sample")
     p.add_argument(
-        "--save_index", default=None, help="write the --index_factory index here (+ .json sidecar)"
+        "--save_index", default=None, help="keep the --index_factory index in this folder (as dr index writes)"
     )
-    p.add_argument("--load_index", default=None, help="search a saved index instead of the shards")
+    p.add_argument(
+        "--index_dir", default=None, help="search a sharded index built by dr index (ranks split its shards)"
+    )
+    p.add_argument("--load_index", default=None, help="= --index_dir (a folder --save_index wrote)")
     p.add_argument(
         "--quantize", default=None, choices=QUANTIZE_KINDS, help="first pass over the codes dr quantize wrote"
     )
     p.add_argument(
-        "--rescore", type=_positive_int, default=None, help="with --quantize: rescore the top K*depth exactly"
+        "--rescore", type=_positive_int, default=None,
+        help="with --quantize or an index: rescore the top K*depth exactly from the float shards"
     )
     p.add_argument("--quantized_dir", default=None, help="the codes' folder (default: <shards>/<kind>/)")
     add_bool(p, "--allow_model_mismatch", help="query/passage reps from different models")
@@ -203,45 +210,43 @@ def _meta_fields(meta: ShardMeta) -> dict:
     return fields
 
 
-def _approximate(args, query_vecs: np.ndarray, qmeta: ShardMeta) -> Outcome:
-    """Build (or load) one faiss index over all shards and search it (rank 0 only)."""
-    import faiss
+def _approximate(args, query_vecs: np.ndarray, qmeta: ShardMeta) -> Outcome | None:
+    """Search an index folder (`dr.index.ann`); with --index_factory, build it first (`dr.index.build`).
+
+    ``--index_factory`` is the one-process case of `dr index`: the same build, into ``--save_index`` (or a
+    temporary folder), then the same search as ``--index_dir``. Collective over the ranks of the group
+    (--index_dir: they split the shards); rank 0 gets the outcome.
+    """
+    import tempfile
 
     timings = {}
     t0 = time.perf_counter()
-    if args.load_index:
-        index, docids, info = load_index(args.load_index)
-        check_query_passage(qmeta, ShardMeta(**info["passage_meta"], count=0), args.allow_model_mismatch)
-    else:
-        paths = expand_paths(args.passage_reps, "--passage_reps")
-        metas = read_metas(paths, "passage")
-        check_query_passage(qmeta, metas[0], args.allow_model_mismatch)
-        _verify(paths, args.verify, "passage", timings)
-        check_unique_docids(paths)
-        max_rows = _block_rows(qmeta.dim, parse_bytes(args.max_memory))
-        index = build_index(paths, qmeta.dim, args.index_factory, max_rows, args.train_size)
-        docids = [d for p in paths for d in id_column(p).to_pylist()]
-        info = {
-            "index_factory": args.index_factory,
-            "passage_meta": _meta_fields(metas[0]),
-            "passage_shards": paths,
-        }
-        if args.save_index:
-            save_index(index, args.save_index, docids, info)
-    timings["index_s"] = time.perf_counter() - t0
-    if args.index_params:
-        try:
-            faiss.ParameterSpace().set_index_parameters(index, args.index_params)
-        except RuntimeError as err:
-            raise SearchError(f"--index_params {args.index_params!r}: {err}") from None
-    if args.depth > index.ntotal:
-        logger.warning(
-            "dr search: --depth %d exceeds the %d passages; returning all of them", args.depth, index.ntotal
+    folder = args.index_dir or args.load_index
+    with tempfile.TemporaryDirectory(prefix="dr-index-") as scratch:
+        if args.index_factory:
+            spec = spec_from_args(args.passage_reps, args.index_factory, args.train_size, args.seed)
+            _verify(spec.paths, args.verify, "passage", timings)
+            folder = args.save_index or scratch
+            max_rows = _block_rows(spec.dim, parse_bytes(args.max_memory))
+            build_index(spec, Path(folder), max_rows, 1, 0)
+        manifest = read_manifest(folder)
+        meta = manifest.get("passage_meta")
+        if meta:
+            check_query_passage(qmeta, ShardMeta(**meta, count=0), args.allow_model_mismatch)
+        if args.depth > manifest["num_passages"] and D.is_main_process():
+            logger.warning(
+                "dr search: --depth %d exceeds the %d passages; returning all of them",
+                args.depth, manifest["num_passages"],
+            )
+        timings["index_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        result = search_index_dir(
+            folder, query_vecs, args.depth, args.index_params, args.rescore, parse_bytes(args.max_memory)
         )
-    t0 = time.perf_counter()
-    scores, ranked = search_index(index, docids, query_vecs, args.depth, args.batch_size)
-    timings["search_s"] = time.perf_counter() - t0
-    return Outcome(scores, ranked, {**info, "num_passages": index.ntotal, "timings": timings})
+    if result is None:
+        return None
+    timings.update(result.info.pop("timings"), search_s=time.perf_counter() - t0)
+    return Outcome(result.scores, result.docids, {**result.info, "timings": timings})
 
 
 def _quantized(args, query_vecs: np.ndarray, qmeta: ShardMeta) -> Outcome:
@@ -293,30 +298,33 @@ def _to_run(query_ids: list[str], scores: np.ndarray, docids: list[list[str]]) -
 def run_search(args: argparse.Namespace) -> None:
     """The whole `dr search` command once the process group (if any) is up."""
     t_start = time.perf_counter()
-    if args.passage_reps is None and not args.load_index:
-        raise UsageError("--passage_reps is required unless --load_index is given")
-    if (args.save_index or args.load_index) and not (args.index_factory or args.load_index):
+    index_dir = args.index_dir or args.load_index
+    if args.passage_reps is None and not index_dir:
+        raise UsageError("--passage_reps is required unless --index_dir is given")
+    if args.save_index and not args.index_factory:
         raise UsageError("--save_index needs --index_factory")
+    if args.index_factory and index_dir:
+        raise UsageError("--index_factory builds an index; --index_dir/--load_index search a built one: not both")
     if args.depth < 1:
         raise UsageError(f"--depth must be >= 1, got {args.depth}")
-    if args.rescore is not None and not args.quantize:
-        raise UsageError("--rescore needs --quantize int8|binary")
-    if args.quantize and (args.index_factory or args.load_index or args.use_gpu):
-        raise UsageError("--quantize runs on the CPU without an index: drop --index_factory/--load_index/--use_gpu")
+    if args.rescore is not None and not (args.quantize or args.index_factory or index_dir):
+        raise UsageError("--rescore needs --quantize int8|binary, --index_factory or --index_dir")
+    if args.quantize and (args.index_factory or index_dir or args.use_gpu):
+        raise UsageError("--quantize runs on the CPU without an index: drop --index_factory/--index_dir/--use_gpu")
     parse_bytes(args.max_memory)
     backend = choose_backend(args.use_gpu)
     query_paths = expand_paths(args.query_reps, "--query_reps")
     _verify(query_paths, args.verify, "query", {})
     query_ids, query_vecs, qmeta = load_queries(query_paths)
-    approximate = bool(args.index_factory or args.load_index)
-    if (approximate or args.quantize) and D.get_world_size() > 1:
-        # One index on rank 0. The other ranks have nothing to do: all leave the group now, without a
-        # barrier, so none waits in a collective while rank 0 builds (that could outlast the timeout).
+    approximate = bool(args.index_factory or index_dir)
+    if (args.index_factory or args.quantize) and D.get_world_size() > 1:
+        # Built on rank 0 (dr index builds in parallel). The other ranks have nothing to do: all leave the
+        # group now, without a barrier, so none waits in a collective while rank 0 builds.
         if D.is_main_process():
-            logger.warning("dr search: --index_factory/--load_index/--quantize run on rank 0 only")
+            logger.warning("dr search: --index_factory/--quantize run on rank 0 only (use dr index + --index_dir)")
         D.leave_process_group()
     if approximate:
-        outcome = _approximate(args, query_vecs, qmeta) if D.get_rank() == 0 else None
+        outcome = _approximate(args, query_vecs, qmeta) if D.get_rank() == 0 or index_dir else None
     elif args.quantize:
         outcome = _quantized(args, query_vecs, qmeta) if D.get_rank() == 0 else None
     else:

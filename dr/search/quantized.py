@@ -5,8 +5,9 @@
    merged into a running top C. Binary: Hamming distance with ``faiss.knn_hamming`` on the packed sign
    bits of the queries and passages, reported as the score ``dim - 2 * hamming`` (the inner product of
    the +-1 sign vectors). int8: the inner product of the float query with the dequantized passage, computed
-   as ``(q * scale) . code + q . (offset + 128 * scale)`` with ``faiss.knn`` on the float32 copy of one
-   block of codes (``--max_memory`` bounds that copy; binary blocks are bounded by their code bytes).
+   as ``(q * scale) . code + q . (offset + 128 * scale)`` by exact search's BLAS-tiled scorer
+   (`dr.search.exact.BlockScorer.hits` + `TopK`: codes converted to float32 a few MB at a time; blocks are
+   bounded by their code bytes, ``--max_memory``).
 2. Rescoring (``--rescore K``): the float vectors of only the candidate rows are read from the float shards
    (gathered from zero-copy views of the memory-mapped files), each candidate is scored ``float query . float passage`` in float64
    and rounded to float32, and the top `depth` are kept under dr's tie rule (`dr.ranking`). When
@@ -47,7 +48,7 @@ from dr.index.quantize import (
 )
 from dr.io.shards import ShardMeta
 from dr.ranking import NO_KEY, docid_keys, search_past_ties, select_topk
-from dr.search.exact import TopK
+from dr.search.exact import BlockScorer, TopK
 from dr.search.shard_set import id_column, non_finite_error
 
 logger = logging.getLogger("dr.search")
@@ -98,42 +99,60 @@ def _first_pass(
     queries: np.ndarray, opened, kind: str, dim: int, c: int, keys: np.ndarray, max_memory_bytes: int
 ) -> TopK:
     """Top-`c` first-pass candidates of `queries` over every quantized shard, streamed in blocks."""
+    if kind == "int8":
+        return _int8_first_pass(queries, opened, dim, c, keys, max_memory_bytes)
     import faiss
 
-    width = code_bytes(kind, dim)
-    if kind == "binary":
-        qcodes = binary_codes(queries)
-        max_rows = max(1, max_memory_bytes // width)
-    else:
-        calibration: Int8Calibration = opened[0][0].calibration
-        qscaled = np.ascontiguousarray(queries * calibration.scale, dtype=np.float32)
-        shift = (queries @ (calibration.offset + np.float32(128) * calibration.scale)).astype(np.float32)
-        max_rows = max(1, max_memory_bytes // (dim * 4))
+    qcodes = binary_codes(queries)
+    max_rows = max(1, max_memory_bytes // code_bytes(kind, dim))
     top = TopK(len(queries), c)  # its fixed-width merge; keys: tie keys of the global rows
     everyone = np.arange(len(queries))
     offset = 0
     for _, reader in opened:
-        for block in iter_codes(reader, width, max_rows):
+        for block in iter_codes(reader, code_bytes(kind, dim), max_rows):
             if len(block) == 0:
                 continue
-            if kind == "binary":
-                codes = np.ascontiguousarray(block)
+            codes = np.ascontiguousarray(block)
 
-                def search(which: np.ndarray, k: int, codes=codes):
-                    dist, local = faiss.knn_hamming(qcodes[which], codes, k)
-                    return np.float32(dim) - np.float32(2) * dist.astype(np.float32), local
-
-            else:
-                floats = np.ascontiguousarray(block, dtype=np.float32)
-
-                def search(which: np.ndarray, k: int, floats=floats):
-                    scores, local = faiss.knn(qscaled[which], floats, k, metric=faiss.METRIC_INNER_PRODUCT)
-                    return scores + shift[which, None], local
+            def search(which: np.ndarray, k: int, codes=codes):
+                dist, local = faiss.knn_hamming(qcodes[which], codes, k)
+                return np.float32(dim) - np.float32(2) * dist.astype(np.float32), local
 
             # faiss keeps any one of the hits tied at its k-th: widen until the tie is past, cut by the rule
             scores, local = search_past_ties(search, everyone, c, len(block))
             top.add_candidates(scores, local, offset, keys[offset : offset + len(block)])
             offset += len(block)
+    return top
+
+
+def _int8_first_pass(
+    queries: np.ndarray, opened, dim: int, c: int, keys: np.ndarray, max_memory_bytes: int
+) -> TopK:
+    """int8 first pass through exact search's scorer (`BlockScorer.hits` + `TopK`, BLAS-tiled).
+
+    The dequantized score is ``(q * scale) . code + shift[q]`` with ``shift = q . (offset + 128 * scale)``:
+    the codes are scored as they are (converted to float32 tile by tile, as float16 shards are), and the
+    per-query shift, which moves every candidate of a query alike, is added once at the end, after which
+    the candidates are ordered by the rule again (rounding can make two of them tie).
+    """
+    calibration: Int8Calibration = opened[0][0].calibration
+    qscaled = np.ascontiguousarray(queries * calibration.scale, dtype=np.float32)
+    shift = (queries @ (calibration.offset + np.float32(128) * calibration.scale)).astype(np.float32)
+    max_rows = max(1, max_memory_bytes // dim)  # int8 codes; the scorer's float32 tiles are a few MB
+    top = TopK(len(queries), c)
+    scorer = BlockScorer("cpu")
+    offset = 0
+    try:
+        for _, reader in opened:
+            for block in iter_codes(reader, dim, max_rows):
+                top.add_block(qscaled, block, offset, keys[offset : offset + len(block)], scorer)
+                offset += len(block)
+    finally:
+        scorer.close()
+    scores, rows = top.result()
+    top.scores, top.keys, top.rows = select_topk(
+        np.where(rows >= 0, scores + shift[:, None], -np.inf).astype(np.float32), top.keys, rows, c
+    )
     return top
 
 
