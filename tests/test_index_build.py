@@ -85,7 +85,7 @@ def test_resume_after_a_crash_between_shards(corpus, monkeypatch):
     monkeypatch.setattr(faiss, "write_index", real_write)
     out = corpus / "idx"
     assert not (out / "shard-00002.faiss").exists() and not (out / build.MANIFEST).exists()
-    (out / "shard-00001.ids.json").unlink()  # a crash between a shard's index and its ids: redone
+    (out / "shard-00001.json").unlink()  # a crash between a shard's index and its ids: redone
     added = []
     real_add = build._add_shard
     monkeypatch.setattr(build, "_add_shard", lambda *a, **k: (added.append(a[3].start), real_add(*a, **k)))

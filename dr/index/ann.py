@@ -19,7 +19,6 @@ graph with a small efSearch): how many queries, and the fewest hits, are logged 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -73,10 +72,11 @@ def merge(parts: list[Candidates], k: int) -> Candidates:
     return Candidates(top_scores, np.take_along_axis(rows, cols, 1), np.take_along_axis(docids, cols, 1))
 
 
-def search_one(index, keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search_one(index, keys, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top `k` of one faiss index under the tie rule: (scores (nq, k) float32, rows (nq, k)); empty: -inf, -1.
 
-    `keys`: tie keys of the index's rows (`docid_keys` of its docids).
+    `keys`: tie keys of the index's rows (`docid_keys` of its docids), or a function from an array of
+    rows to their keys (only the rows faiss returned need one: no sort of a whole shard's docids).
     """
     k = min(k, index.ntotal)
     if k == 0:
@@ -84,7 +84,8 @@ def search_one(index, keys: np.ndarray, queries: np.ndarray, k: int) -> tuple[np
     scores, rows = search_past_ties(index.search, queries, k, index.ntotal)
     valid = rows >= 0
     scores = np.where(valid, scores, -np.inf).astype(np.float32)
-    row_keys = np.where(valid, keys[np.where(valid, rows, 0)], NO_KEY)
+    safe = np.where(valid, rows, 0)
+    row_keys = np.where(valid, keys(safe) if callable(keys) else keys[safe], NO_KEY)
     scores, _, rows = select_topk(scores, row_keys, rows, k)
     return scores, rows
 
@@ -119,17 +120,33 @@ def open_shard_index(path: Path, params: str | None):
     return index
 
 
-def _shard_candidates(folder: Path, shard: dict, offset: int, queries: np.ndarray, c: int, params) -> Candidates:
-    """One shard's top `c` per query, its rows made global (`offset`: the shard's first row)."""
+def _shard_candidates(
+    folder: Path, shard: dict, offset: int, queries: np.ndarray, c: int, params
+) -> Candidates:
+    """One shard's top `c` per query, its rows made global (`offset`: the shard's first row).
+
+    Docids come from the passage shard's id column, memory-mapped (`check_fresh` has made sure it is the
+    shard the index was built from), and only for the rows found: a search does not parse or sort a
+    whole shard's docids.
+    """
     index = open_shard_index(folder / shard["index"], params)
-    docids = json.loads((folder / shard["ids"]).read_text(encoding="utf-8"))["docids"]
-    if len(docids) != index.ntotal:
-        raise SearchError(f"{folder / shard['ids']}: {len(docids)} docids for {index.ntotal} vectors")
-    scores, rows = search_one(index, docid_keys(docids), queries, c)
+    ids = id_column(shard["path"])
+    if len(ids) != index.ntotal:
+        raise SearchError(
+            f"{shard['path']}: {len(ids)} docids for {index.ntotal} vectors in {shard['index']}"
+        )
+
+    def docids_at(rows: np.ndarray) -> np.ndarray:
+        return ids.take(pa.array(rows.ravel())).to_numpy(zero_copy_only=False).reshape(rows.shape)
+
+    scores, rows = search_one(
+        index, lambda rows: docid_keys(docids_at(rows).ravel()).reshape(rows.shape), queries, c
+    )
     del index
-    ids = np.array(docids, dtype=object)
-    found = np.where(rows >= 0, ids[np.maximum(rows, 0)] if len(ids) else "", "")
-    return Candidates(scores, np.where(rows >= 0, rows + offset, -1), found)
+    found = (
+        np.where(rows >= 0, docids_at(np.maximum(rows, 0)), "") if rows.size else np.zeros(rows.shape, object)
+    )
+    return Candidates(scores, np.where(rows >= 0, rows + offset, -1), found.astype(object))
 
 
 def rescore(
@@ -185,7 +202,9 @@ def search_index_dir(
     error, part = None, Candidates.empty(len(queries))
     try:
         for i in mine:
-            part = merge([part, _shard_candidates(folder_path, shards[i], int(offsets[i]), queries, c, params)], c)
+            part = merge(
+                [part, _shard_candidates(folder_path, shards[i], int(offsets[i]), queries, c, params)], c
+            )
     except (ValueError, OSError) as err:  # every rank must reach the agreement below
         error = err
     D.raise_if_any_failed(error)
@@ -203,7 +222,11 @@ def search_index_dir(
     if short:
         logger.warning(
             "dr search: %d of %d queries got fewer than %d hits (fewest: %d) from the index; search more of "
-            "it (--index_params nprobe=... / efSearch=...)", short, len(queries), k, int(hits.min()),
+            "it (--index_params nprobe=... / efSearch=...)",
+            short,
+            len(queries),
+            k,
+            int(hits.min()),
         )
     docids = [list(row[:n]) for row, n in zip(cand.docids[:, :k], hits)]
     info = {

@@ -8,9 +8,10 @@ The faiss recipe for corpora larger than one machine's RAM, with dr's distribute
    tasks that train at the same time still all use one quantizer; the others read it.
 2. **Add per shard.** The parts of `dr.row_ranges` are the passage shards: each rank (torchrun), or each
    SLURM array task (``--num_shards/--shard_index``), adds its shards, one at a time, to a copy of the
-   trained index and writes ``shard-<i>.faiss`` (atomically) and then ``shard-<i>.ids.json`` (its docids
-   in row order, the shard's fingerprint and the trained index's sha256). A shard is complete when its
-   ids file agrees with the index file and the passage shard; anything else is redone (resume).
+   trained index and writes ``shard-<i>.faiss`` (atomically) and then ``shard-<i>.json`` (its record:
+   rows, the passage shard's fingerprint, the trained index's sha256; the docids stay in the passage
+   shard, which a search reads memory-mapped). A shard is complete when its
+   record agrees with the index file and the passage shard; anything else is redone (resume).
 3. **Manifest last.** Whoever finds every shard complete writes ``index.json``: factory, seed, training
    sample fingerprint, and per shard its path, rows and fingerprint. `dr.index.ann` refuses to search
    an index whose passage shards no longer match it.
@@ -36,7 +37,7 @@ from dr import distributed as D
 from dr.io.atomic import atomic_path, write_json_atomic
 from dr.io.shards import file_sha256, iter_shard
 from dr.row_ranges import Part, RowParts, RowPlan, claim_folder
-from dr.search.shard_set import SearchError, check_finite, id_column
+from dr.search.shard_set import SearchError, check_finite
 
 logger = logging.getLogger("dr.index")
 
@@ -166,19 +167,19 @@ class BuildSpec:
 
 
 def shard_files(folder: Path, i: int) -> tuple[Path, Path]:
-    """(index file, ids file) of passage shard `i`."""
-    return folder / f"shard-{i:05d}.faiss", folder / f"shard-{i:05d}.ids.json"
+    """(index file, record file) of passage shard `i`; the record is written after the index (done marker)."""
+    return folder / f"shard-{i:05d}.faiss", folder / f"shard-{i:05d}.json"
 
 
 def _ids_check(spec: BuildSpec, folder: Path, trained_sha: Callable[[], str]) -> Callable[[Part, Path], str]:
-    """`RowParts` check of a shard's index file: its ids file must agree with it and the passage shard."""
+    """`RowParts` check of a shard's index file: its record must agree with it and the passage shard."""
 
     def check(part: Part, path: Path) -> str:
-        ids_path = shard_files(folder, part.start)[1]
+        record_path = shard_files(folder, part.start)[1]
         try:
-            info = json.loads(ids_path.read_text(encoding="utf-8"))
+            info = json.loads(record_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return "no readable ids file (interrupted)"
+            return "no readable record (interrupted)"
         expected = {
             "index_bytes": path.stat().st_size,
             "rows": spec.counts[part.start],
@@ -186,7 +187,7 @@ def _ids_check(spec: BuildSpec, folder: Path, trained_sha: Callable[[], str]) ->
             "trained_sha256": trained_sha(),
         }
         wrong = [key for key, value in expected.items() if info.get(key) != value]
-        return f"ids file differs in {', '.join(wrong)}" if wrong else ""
+        return f"record differs in {', '.join(wrong)}" if wrong else ""
 
     return check
 
@@ -287,7 +288,7 @@ def _array_sha(array: np.ndarray) -> str:
 def _add_shard(
     spec: BuildSpec, folder: Path, parts: RowParts, part: Part, trained_path: Path, trained_sha: str, max_rows: int
 ) -> None:
-    """Add passage shard ``part.start`` to a copy of the trained index; write its index, then its ids."""
+    """Add passage shard ``part.start`` to a copy of the trained index; write its index, then its record."""
     import faiss
 
     i = part.start
@@ -300,16 +301,15 @@ def _add_shard(
         index.add(vectors)
         row += len(vectors)
     parts.write_part(part, lambda tmp: faiss.write_index(index, str(tmp)))
-    index_path, ids_path = shard_files(folder, i)
+    index_path, record_path = shard_files(folder, i)
     write_json_atomic(
-        ids_path,
+        record_path,
         {
             "shard": path,
             "rows": row,
             "fingerprint": shard_fingerprint(path),
             "trained_sha256": trained_sha,
             "index_bytes": index_path.stat().st_size,
-            "docids": id_column(path).to_pylist(),
         },
     )
     logger.info("dr index: %s: %d vectors from %s", index_path.name, row, path)
@@ -320,14 +320,14 @@ def _write_manifest(spec: BuildSpec, folder: Path, trained_sha: str) -> dict:
     sample = json.loads((folder / "trained.json").read_text(encoding="utf-8"))
     shards = []
     for i, (path, count) in enumerate(zip(spec.paths, spec.counts)):
-        index_path, ids_path = shard_files(folder, i)
+        index_path, record_path = shard_files(folder, i)
         shards.append(
             {
                 "path": path,
                 "rows": count,
                 "fingerprint": shard_fingerprint(path),
                 "index": index_path.name,
-                "ids": ids_path.name,
+                "record": record_path.name,
                 "index_bytes": index_path.stat().st_size,
             }
         )

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dr index", description="Build a sharded faiss index of passage shards.")
     p.add_argument("--passage_reps", required=True, help="passage shard glob (quote it)")
     p.add_argument("--index_factory", required=True, help="any faiss factory: IVF4096,Flat, IVF4096,PQ64, HNSW32")
-    p.add_argument("--output_dir", required=True, help="index folder (one index + ids file per passage shard)")
+    p.add_argument("--output_dir", required=True, help="index folder (one index + record file per passage shard)")
     p.add_argument("--train_size", type=int, default=200_000, help="rows sampled across all shards to train")
     p.add_argument("--seed", type=int, default=0, help="seed of the training sample")
     p.add_argument("--num_shards", type=int, default=None, help="split the passage shards over array tasks")
