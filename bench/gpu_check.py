@@ -241,9 +241,9 @@ def encoding_throughput(model_dir: Path, plan: Plan, card: tuple[float, float] |
 
 def search_throughput(work: Path, plan: Plan, card: tuple[float, float] | None) -> None:
     """Exact search over float16 shards: the GPU backend vs the CPU, and vs one pass at memory bandwidth."""
-    from dr.search.exact import search_shards
-    from dr.search.cli import choose_backend
     from dr.io.shards import ShardMeta, write_shard
+    from dr.search.cli import choose_backend
+    from dr.search.exact import search_shards
 
     n, dim, nq = plan.search_shape
     shards = 4

@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from dr.search.exact import search_shards
 from dr.index.quantize import code_bytes, quantize_shards
+from dr.io.shards import ShardMeta, ShardWriter
+from dr.search.exact import search_shards
 from dr.search.quantized import locate, quantized_search
 from dr.search.shard_set import expand_paths, load_queries, parse_bytes, read_metas
-from dr.io.shards import ShardMeta, ShardWriter
 
 REPO = Path(__file__).resolve().parents[1]
 DEPTH = 100

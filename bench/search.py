@@ -73,8 +73,8 @@ def monolithic(folder: Path, depth: int, out: Path) -> None:
     """The usual approach: every vector in RAM, one IndexFlatIP (runs in a child process)."""
     import faiss
 
-    from dr.io.shards import read_shard
     from dr.io.runs import Run, write_run
+    from dr.io.shards import read_shard
 
     ids: list[str] = []
     index = None

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dr.io.shards import read_manifest, read_shard
 from dr.io.runs import read_run
+from dr.io.shards import read_manifest, read_shard
 from tests.helpers import as_flags, launch_two_nodes
 from tests.test_encode import N_ROWS, corpus_file, encode, read_all  # noqa: F401 - corpus_file: a fixture
 from tests.test_search import brute_force, cli, make_corpus, random_data, write_queries

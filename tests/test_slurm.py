@@ -202,8 +202,8 @@ def _shards(emb: Path) -> list[Path]:
 
 def _assert_same_outputs(run_dir: Path, ref: Path, ids: list[str]) -> None:
     """Shards cover the corpus exactly once and equal the direct run's; so do the run and the metrics."""
-    from dr.io.shards import read_shard
     from dr.io.runs import read_run
+    from dr.io.shards import read_shard
 
     files = _shards(run_dir / "embeddings")
     assert [f.name for f in files] == [f.name for f in _shards(ref / "embeddings")]

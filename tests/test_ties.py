@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dr.index.ann import search_index
 from dr.io.runs import read_run
 from dr.ranking import docid_keys, select_topk, sort_hits, top_hits
+from dr.search.ann import search_index
 from dr.search.exact import merge_candidates, search_shards
 from tests.helpers import command
 from tests.test_search import make_corpus, write_queries

@@ -13,7 +13,7 @@ The faiss recipe for corpora larger than one machine's RAM, with dr's distribute
    shard, which a search reads memory-mapped). A shard is complete when its
    record agrees with the index file and the passage shard; anything else is redone (resume).
 3. **Manifest last.** Whoever finds every shard complete writes ``index.json``: factory, seed, training
-   sample fingerprint, and per shard its path, rows and fingerprint. `dr.index.ann` refuses to search
+   sample fingerprint, and per shard its path, rows and fingerprint. `dr.search.ann` refuses to search
    an index whose passage shards no longer match it.
 
 A shard's fingerprint is the sha256 the encode manifest records for it where one lists it (see

@@ -8,7 +8,7 @@ Usage::
 
 Exact search (default; `dr.search.exact`) never holds the corpus in memory; each rank searches its share
 of the shards (`dr.search.shard_set.split_shards`) and rank 0 merges the per-rank top-k exactly.
-``--index_dir`` searches a sharded faiss index built by `dr index` instead (`dr.index.ann`; ranks split its
+``--index_dir`` searches a sharded faiss index built by `dr index` instead (`dr.search.ann`; ranks split its
 shards); ``--index_factory`` builds one first, in this process (rank 0), as `dr index` would.
 
 Output: the run (``--run_format tevatron`` by default, as Tevatron with ``--save_text``; ``marco``;
@@ -32,7 +32,6 @@ import pyarrow.compute as pc
 from dr import distributed as D
 from dr.errors import UsageError
 from dr.flags import add_bool
-from dr.index.ann import search_index_dir
 from dr.index.build import build_index, read_manifest
 from dr.index.cli import spec_from_args
 from dr.index.quantize import KINDS as QUANTIZE_KINDS
@@ -40,6 +39,7 @@ from dr.index.quantize import check_kind
 from dr.io.atomic import write_json_atomic
 from dr.io.runs import FORMATS, Run, write_run
 from dr.io.shards import ShardMeta
+from dr.search.ann import search_index_dir
 from dr.search.exact import _block_rows, merge_candidates, search_shards
 from dr.search.shard_check import VERIFY_MODES, verify_shards
 from dr.search.shard_set import (
@@ -211,7 +211,7 @@ def _meta_fields(meta: ShardMeta) -> dict:
 
 
 def _approximate(args, query_vecs: np.ndarray, qmeta: ShardMeta) -> Outcome | None:
-    """Search an index folder (`dr.index.ann`); with --index_factory, build it first (`dr.index.build`).
+    """Search an index folder (`dr.search.ann`); with --index_factory, build it first (`dr.index.build`).
 
     ``--index_factory`` is the one-process case of `dr index`: the same build, into ``--save_index`` (or a
     temporary folder), then the same search as ``--index_dir``. Collective over the ranks of the group
