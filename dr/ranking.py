@@ -11,7 +11,7 @@ decreasing ``strcmp`` order; pytrec_eval and ir_measures wrap it, so published n
 whatever order a TREC file lists. Ranking with the same rule everywhere makes a run's formats agree: a
 Tevatron or TREC file re-sorted by trec_eval, and an MS MARCO file (ranks only, no scores) written in this
 order, evaluate to the same numbers in `dr eval`, trec_eval and the official MS MARCO script
-(tests/test_ties.py checks it against pytrec_eval).
+(tests/test_ranking.py checks it against pytrec_eval).
 
 Users of the rule (each calls this module, none re-implements it): exact, quantized and ANN search (the
 cut-off at ``depth`` and the merges across blocks, shards and ranks), run files (`dr.io.runs`: reading,

@@ -17,7 +17,7 @@ from dr.distributed import process_group
 from dr.model.encoder import BiEncoder
 from dr.model.text import load_tokenizer
 from dr.train.losses.contrastive import ContrastiveLoss
-from tests.test_loss import make_global_batch, make_global_keys
+from tests.train.test_loss import make_global_batch, make_global_keys
 
 
 def main(model_dir: str, out_path: str, gather: str) -> None:

@@ -356,7 +356,7 @@ def test_verify_full_refuses_shards_without_manifest(encoded, tmp_path, capsys):
 def _pipeline_config(tmp_path: Path, monkeypatch, **changes: object) -> Path:
     import yaml
 
-    from tests.test_pipeline import _write_fixture
+    from tests.pipeline.test_pipeline import _write_fixture
 
     path = _write_fixture(tmp_path, tmp_path / "model")
     monkeypatch.setenv("FIXTURE", str(tmp_path))

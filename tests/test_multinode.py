@@ -12,10 +12,10 @@ import pytest
 
 from dr.io.runs import read_run
 from dr.io.shards import read_manifest, read_shard
+from tests.encode.test_encode import N_ROWS, corpus_file, encode, read_all  # noqa: F401 - corpus_file: a fixture
 from tests.helpers import as_flags, launch_two_nodes
-from tests.test_encode import N_ROWS, corpus_file, encode, read_all  # noqa: F401 - corpus_file: a fixture
-from tests.test_search import brute_force, cli, make_corpus, random_data, write_queries
-from tests.test_train_distributed import PER_DEVICE, _assert_same_weights, _flags, reference  # noqa: F401
+from tests.search.test_search import brute_force, cli, make_corpus, random_data, write_queries
+from tests.train.test_train_distributed import PER_DEVICE, _assert_same_weights, _flags, reference  # noqa: F401
 
 pytestmark = pytest.mark.slow
 

@@ -104,5 +104,5 @@ def test_reference_commands_end_to_end(tiny_model_dir, tmp_path):
             str(metrics),
         ]
     )
-    # A smoke check, not a quality bar (tests/test_train.py checks learning): random order gives ~0.10.
+    # A smoke check, not a quality bar (tests/train/test_train.py checks learning): random order gives ~0.10.
     assert json.loads(metrics.read_text())["MRR@10"] > 0.2

@@ -117,7 +117,7 @@ def _bf16_allowed_on_cpu() -> Iterator[None]:
     """Let `--bf16 --deepspeed` pass TrainingArguments' device check on a machine without a GPU.
 
     Still needed with transformers 5.25 (checked by `test_bf16_deepspeed_on_cpu_still_needs_the_patch` in
-    tests/test_train.py, which fails once upstream accepts the combination): `TrainingArguments.__post_init__`
+    tests/train/test_train.py, which fails once upstream accepts the combination): `TrainingArguments.__post_init__`
     raises "Your setup doesn't support bf16/gpu. You need to assign use_cpu ..." for `bf16` unless `use_cpu`
     is set or a bf16 GPU is found. A DeepSpeed run cannot set `use_cpu` (the same `__post_init__` then builds
     a plain CPU `PartialState` instead of DeepSpeed's), and DeepSpeed brings its own CPU accelerator, whose

@@ -8,8 +8,16 @@ import logging
 import numpy as np
 
 from dr.io.runs import read_run
-from tests.test_index_build import SIZES, clustered, corpus, index_argv, index_main, search_argv, search_main
-from tests.test_search import brute_force, make_corpus
+from tests.index.test_index_build import (
+    SIZES,
+    clustered,
+    corpus,
+    index_argv,
+    index_main,
+    search_argv,
+    search_main,
+)
+from tests.search.test_search import brute_force, make_corpus
 
 __all__ = ["corpus"]  # the fixture, shared with test_index_build
 
@@ -79,14 +87,14 @@ def test_int8_first_pass_equals_the_old_faiss_knn_pass(tmp_path):
 
     from dr.index.quantize import Int8Calibration
     from dr.ranking import docid_keys, search_past_ties, select_topk
-    from tests.test_quantize import quantize
+    from tests.index.test_quantize import quantize
 
     rng = np.random.default_rng(4)
     passages = rng.standard_normal((300, 24)).astype(np.float32)
     ids = [f"d{j}" for j in rng.permutation(300)]
     make_corpus(tmp_path, passages, ids, [120, 180])
     queries = rng.standard_normal((6, 24)).astype(np.float32)
-    from tests.test_search import write_queries
+    from tests.search.test_search import write_queries
 
     write_queries(tmp_path / "q.arrow", queries)
     assert quantize(["--passage_reps", str(tmp_path / "corpus.*.arrow"), "--quantize", "int8"]) == 0

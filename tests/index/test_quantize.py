@@ -13,7 +13,7 @@ import pytest
 from dr.index.quantize import Int8Calibration
 from dr.io.runs import read_run
 from tests.helpers import command
-from tests.test_search import make_corpus, meta, tied_data, write_queries
+from tests.search.test_search import make_corpus, meta, tied_data, write_queries
 
 quantize = command("quantize")
 search = command("search")

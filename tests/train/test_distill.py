@@ -263,7 +263,7 @@ def test_collator_aligns_teacher_scores_with_the_served_group(tiny_model_dir):
     assert batch["teacher_scores"].tolist() == expected
 
 
-# ---- 2 ranks vs one process through `dr train` (one SGD step: tests/test_train_distributed.py's method) ----
+# ---- 2 ranks vs one process through `dr train` (one SGD step: tests/train/test_train_distributed.py's method) ----
 LOSSES = {"kl": ["--loss", "kl", "--distill_weight", "0.5"], "margin_mse": ["--loss", "margin_mse"]}
 
 
@@ -285,7 +285,7 @@ def distill_reference(tiny_model_dir, tmp_path_factory):
     """{loss: (folder, data, weights after one single-process step on the global batch of 4)}."""
     from transformers import AutoModel
 
-    from tests.test_train_distributed import PER_DEVICE, WORLD, _flags
+    from tests.train.test_train_distributed import PER_DEVICE, WORLD, _flags
 
     folder = tmp_path_factory.mktemp("distill-equivalence")
     data = write_jsonl(folder / "train.jsonl", _randomly_scored_rows())
@@ -303,7 +303,7 @@ def distill_reference(tiny_model_dir, tmp_path_factory):
 
 
 GC = ["--grad_cache", "--gc_q_chunk_size", "1", "--gc_p_chunk_size", "3"]
-ZERO2 = ["--deepspeed", str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "zero2.json")]
+ZERO2 = ["--deepspeed", str(Path(__file__).resolve().parents[2] / "configs" / "deepspeed" / "zero2.json")]
 
 
 @pytest.mark.slow
@@ -321,7 +321,7 @@ def test_two_ranks_distillation_step_equals_one_process(tiny_model_dir, distill_
     import shutil
 
     from tests.helpers import torchrun
-    from tests.test_train_distributed import PER_DEVICE, WORLD, _assert_same_weights, _flags
+    from tests.train.test_train_distributed import PER_DEVICE, WORLD, _assert_same_weights, _flags
 
     folder, data, expected = distill_reference(loss)
     out = folder / f"{loss}-{len(extra)}"

@@ -10,7 +10,7 @@ import pytest
 
 from dr.io.shards import write_shard
 from tests.helpers import command
-from tests.test_search import meta, random_data, torchrun, write_queries
+from tests.search.test_search import meta, random_data, torchrun, write_queries
 
 search = command("search")
 quantize = command("quantize")

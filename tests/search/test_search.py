@@ -19,7 +19,7 @@ from tests.helpers import command
 
 main = command("search")
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DIM = 24
 
 

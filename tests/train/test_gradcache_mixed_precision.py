@@ -24,8 +24,8 @@ from transformers import AutoModel
 from dr.train.args import DRTrainingArguments
 from dr.train.trainer import BiEncoderTrainer
 from tests.helpers import REPO, make_train_rows, run, torchrun, write_jsonl
-from tests.test_gradcache import make_batch, make_model, run_step
-from tests.test_train_distributed import PER_DEVICE, WORLD, _flags
+from tests.train.test_gradcache import make_batch, make_model, run_step
+from tests.train.test_train_distributed import PER_DEVICE, WORLD, _flags
 
 SCALE = 2.0**12
 

@@ -13,7 +13,7 @@ from tests.helpers import command
 
 evaluate_main = command("eval")
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 MSMARCO = DATA / "msmarco-passage-format"
 
 # Graded qrels. qA: rels 3 (a1), 1 (a2), 2 (a3). qB: one relevant doc never retrieved. qC: relevant doc

@@ -4,7 +4,7 @@ In one process the real `BiEncoderTrainer.training_step` is run twice on the sam
 GradCache, and the loss and every parameter gradient compared (hard negatives, a false negative to mask,
 chunk sizes that do not divide the batch, gradient accumulation, untied encoders, dropout on). Under
 torchrun, one SGD step of `dr train --grad_cache` on 2 ranks (DDP and DeepSpeed ZeRO 0-3) must land on the
-weights of the plain single-process step on the global batch (tests/test_train_distributed.py's method).
+weights of the plain single-process step on the global batch (tests/train/test_train_distributed.py's method).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dr.train.args import DRTrainingArguments
 from dr.train.collator import id_key
 from dr.train.trainer import BiEncoderTrainer
 from tests.helpers import REPO, TOPICS, make_train_rows, run, torchrun, write_jsonl
-from tests.test_train_distributed import (  # noqa: F401  (`reference` is a module-scoped fixture)
+from tests.train.test_train_distributed import (  # noqa: F401  (`reference` is a module-scoped fixture)
     PER_DEVICE,
     WORLD,
     _assert_same_weights,

@@ -15,7 +15,7 @@ from dr.ranking import docid_keys, select_topk, sort_hits, top_hits
 from dr.search.ann import search_index
 from dr.search.exact import merge_candidates, search_shards
 from tests.helpers import command
-from tests.test_search import make_corpus, write_queries
+from tests.search.test_search import make_corpus, write_queries
 
 convert = command("convert")
 evaluate = command("eval")

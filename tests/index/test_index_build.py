@@ -12,7 +12,7 @@ import pytest
 from dr.index import build
 from dr.io.shards import file_sha256
 from tests.helpers import command, run, torchrun
-from tests.test_search import make_corpus, write_queries
+from tests.search.test_search import make_corpus, write_queries
 
 index_main = command("index")
 search_main = command("search")

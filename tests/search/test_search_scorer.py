@@ -8,7 +8,7 @@ import pytest
 
 from dr.search import exact
 from dr.search.exact import BlockScorer, TopK, search_shards
-from tests.test_search import brute_force, make_corpus, random_data, tied_data
+from tests.search.test_search import brute_force, make_corpus, random_data, tied_data
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ import pytest
 from dr.io.shards import read_shard
 from dr.model import precision
 from dr.model.precision import choose_precision, cpu_has_native_bf16, parse_bf16
+from tests.encode.test_encode import corpus_file, encode  # noqa: F401 - the fixture is used by name
 from tests.helpers import command
-from tests.test_encode import corpus_file, encode  # noqa: F401 - the fixture is used by name
 
 main = command("encode")
 
