@@ -153,28 +153,11 @@ def rescore(
     queries: np.ndarray, cand: Candidates, paths: list[str], counts: list[int], k: int, max_memory_bytes: int
 ) -> Candidates:
     """Exact scores of each query's candidates (float vectors read from the shards); the top `k` by the rule."""
-    from dr.search.quantized import _RowReader
+    from dr.search.quantized import RowReader, exact_scores
 
     ids = pa.chunked_array([c for p in paths for c in id_column(p).chunks], type=pa.string())
-    reader = _RowReader(paths, counts, ids)
-    nq, dim = queries.shape
-    c = max(1, cand.rows.shape[1])
-    out = []
-    step = max(1, max_memory_bytes // (c * dim * 4))  # queries whose candidates' vectors fit at once
-    for start in range(0, nq, step):
-        rows = cand.rows[start : start + step]
-        valid = rows >= 0
-        unique, inverse = np.unique(rows[valid], return_inverse=True)
-        vectors = reader.read(unique, dim)
-        slots = np.zeros(rows.shape, dtype=np.int64)
-        slots[valid] = inverse
-        scores = np.full(rows.shape, -np.inf, dtype=np.float32)
-        for j, query in enumerate(queries[start : start + step].astype(np.float64)):
-            scores[j] = np.einsum("cd,d->c", vectors[slots[j]], query, dtype=np.float64)
-        scores[~valid] = -np.inf
-        part = Candidates(scores, rows, cand.docids[start : start + step])
-        out.append(merge([part], k))
-    return Candidates(*(np.concatenate([getattr(p, f) for p in out]) for f in ("scores", "rows", "docids")))
+    scores = exact_scores(queries, cand.rows, RowReader(paths, counts, ids), max_memory_bytes)
+    return merge([Candidates(scores, cand.rows, cand.docids)], k)
 
 
 def search_index_dir(

@@ -156,7 +156,7 @@ def _int8_first_pass(
     return top
 
 
-class _RowReader:
+class RowReader:
     """Float vectors of chosen global rows, gathered from zero-copy views of the memory-mapped float shards
     (only the pages of the rows asked for are read from disk)."""
 
@@ -204,34 +204,39 @@ class _RowReader:
         return out
 
 
-def _rescore(
-    queries: np.ndarray, top: TopK, reader: _RowReader, keys: np.ndarray, k: int, max_memory_bytes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact float scores of each query's candidates; the top `k` under the tie rule (`keys`: tie keys).
+def exact_scores(queries: np.ndarray, rows: np.ndarray, reader: RowReader, max_memory_bytes: int) -> np.ndarray:
+    """Exact float scores (nq, c) of each query's candidate `rows` (global passage rows; -1: none -> -inf).
 
-    Scores are accumulated in float64 by `einsum` (one summation order for every row, so duplicated
-    passages tie exactly) and rounded to float32, as exact search reports them.
+    Candidate vectors are read from the float shards a group of queries at a time (within
+    `max_memory_bytes`). Scores are accumulated in float64 by `einsum` (one summation order for every row,
+    so duplicated passages tie exactly) and rounded to float32, as exact search reports them.
     """
     nq, dim = queries.shape
-    c = top.rows.shape[1]
-    out_scores = np.empty((nq, k), dtype=np.float32)
-    out_rows = np.empty((nq, k), dtype=np.int64)
-    step = max(1, max_memory_bytes // max(1, c * dim * 4))  # queries whose candidates' vectors fit at once
+    c = max(1, rows.shape[1])
+    scores = np.full(rows.shape, -np.inf, dtype=np.float32)
+    step = max(1, max_memory_bytes // (c * dim * 4))  # queries whose candidates' vectors fit at once
     for start in range(0, nq, step):
-        rows = top.rows[start : start + step]
-        valid = rows >= 0
-        unique, inverse = np.unique(rows[valid], return_inverse=True)
+        part = rows[start : start + step]
+        valid = part >= 0
+        unique, inverse = np.unique(part[valid], return_inverse=True)
         vectors = reader.read(unique, dim)
-        slots = np.zeros(rows.shape, dtype=np.int64)
+        slots = np.zeros(part.shape, dtype=np.int64)
         slots[valid] = inverse
-        scores = np.empty(rows.shape, dtype=np.float32)
         for j, query in enumerate(queries[start : start + step].astype(np.float64)):  # cache-sized gathers
-            scores[j] = np.einsum("cd,d->c", vectors[slots[j]], query, dtype=np.float64)
-        scores[~valid] = -np.inf
-        row_keys = np.where(valid, keys[np.where(valid, rows, 0)], NO_KEY)
-        best_scores, _, best_rows = select_topk(scores, row_keys, rows, k)
-        out_scores[start : start + step], out_rows[start : start + step] = best_scores, best_rows
-    return out_scores, out_rows
+            scores[start + j] = np.einsum("cd,d->c", vectors[slots[j]], query, dtype=np.float64)
+        scores[start : start + step][~valid] = -np.inf
+    return scores
+
+
+def _rescore(
+    queries: np.ndarray, top: TopK, reader: RowReader, keys: np.ndarray, k: int, max_memory_bytes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact float scores of each query's candidates; the top `k` under the tie rule (`keys`: tie keys)."""
+    scores = exact_scores(queries, top.rows, reader, max_memory_bytes)
+    valid = top.rows >= 0
+    row_keys = np.where(valid, keys[np.where(valid, top.rows, 0)], NO_KEY)
+    best_scores, _, best_rows = select_topk(scores, row_keys, top.rows, k)
+    return best_scores, best_rows
 
 
 def quantized_search(
@@ -261,7 +266,7 @@ def quantized_search(
     keys = docid_keys(ids)
     k = min(depth, total)
     c = min(depth * rescore if rescore else depth, total)
-    reader = _RowReader(float_paths, counts, ids)
+    reader = RowReader(float_paths, counts, ids)
     step = nq if batch_size is None or batch_size <= 0 else batch_size
     scores = np.empty((nq, k), dtype=np.float32)
     rows = np.empty((nq, k), dtype=np.int64)
