@@ -239,5 +239,10 @@ def run_pipeline(cfg: dict[str, Any], quiet: bool = False, force: bool = False) 
     # Only now does the whole config describe every output (each stage record carries its own part).
     write_json_atomic(runner.layout.config, cfg)
     metrics = json.loads(runner.layout.metrics.read_text())
+    if cfg.get("train") is not None and (runner.layout.model / "README.md").is_file():
+        from dr.model.card import update_card_metrics  # the model card reports what this run measured
+
+        dataset = (cfg.get("encode") or {}).get("corpus")
+        update_card_metrics(runner.layout.model, metrics, dataset=str(dataset) if dataset else None)
     runner.log(f"finished in {time.monotonic() - started:.1f} s; metrics: {runner.layout.metrics}")
     return metrics

@@ -195,6 +195,8 @@ def test_pipeline_killed_during_encoding_resumes(tmp_path: Path, tiny_model_dir:
     assert set(run.rankings) == {str(i) for i in range(24)}
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0.0 <= metrics["MRR@10"] <= 1.0 and metrics["num_queries"] == 24
+    card = (run_dir / "model" / "README.md").read_text()  # the model card reports the pipeline's metrics
+    assert "dr_metrics" in card and "MRR@10" in card.split("## Evaluation", 1)[1]
     resolved = json.loads((run_dir / "config.json").read_text())
     assert resolved["train"]["dataset_name"] == f"{tmp_path}/train.jsonl"
     assert "MRR@10" in second.stdout.splitlines()[-3] + second.stdout  # the final metrics table
