@@ -59,6 +59,14 @@ class DRTrainingArguments(TrainingArguments):
             "aliases": ["--distill_temperature"],
         },
     )
+    teacher_temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "KL temperature of the teacher: its scores are divided by it, the student's by "
+            "--distil_temperature. Default: --distil_temperature (one temperature for both, Tevatron's "
+            "meaning). Cross-encoder logits want ~1, a cosine bi-encoder teacher the student's (docs/distill.md).",
+        },
+    )
     distill_weight: float | None = field(
         default=None,
         metadata={
@@ -98,7 +106,9 @@ class DRTrainingArguments(TrainingArguments):
         if self.loss is None:
             self.loss = "kl" if self.distil_temperature is not None else "contrastive"
         if not loss_entry(self.loss).needs_teacher_scores:
-            given = [f for f in ("distil_temperature", "distill_weight") if getattr(self, f) is not None]
+            given = [
+                f for f in ("distil_temperature", "teacher_temperature", "distill_weight") if getattr(self, f) is not None
+            ]
             if given:
                 raise UsageError(f"--{given[0]} needs a distillation loss (--loss kl or margin_mse)")
             return
@@ -106,10 +116,12 @@ class DRTrainingArguments(TrainingArguments):
             self.distill_weight = 1.0
         if not 0.0 <= self.distill_weight <= 1.0:
             raise UsageError(f"--distill_weight must be in [0, 1], got {self.distill_weight}")
-        if self.loss == "margin_mse" and self.distil_temperature is not None:
-            raise UsageError("--distil_temperature is used by --loss kl only (margin_mse compares raw margins)")
-        if self.distil_temperature is not None and not self.distil_temperature > 0:
-            raise UsageError(f"--distil_temperature must be > 0, got {self.distil_temperature}")
+        for name in ("distil_temperature", "teacher_temperature"):
+            value = getattr(self, name)
+            if self.loss == "margin_mse" and value is not None:
+                raise UsageError(f"--{name} is used by --loss kl only (margin_mse compares raw margins)")
+            if value is not None and not value > 0:
+                raise UsageError(f"--{name} must be > 0, got {value}")
 
 
 @contextlib.contextmanager
