@@ -20,6 +20,7 @@ COMMANDS = {
     "search": ("dr.search.cli", "exact sharded FAISS search -> run file"),
     "bm25": ("dr.bm25.cli", "BM25 (bm25s) run of queries over any corpus dr encode reads; index reused"),
     "fuse": ("dr.fuse.cli", "reciprocal-rank or weighted linear fusion of several runs -> one run"),
+    "rerank": ("dr.rerank.cli", "rerank a run's top-K with a cross-encoder -> a new run (distributed, resumable)"),
     "quantize": ("dr.index.quantize_cli", "int8 / binary codes of passage shards for dr search --quantize"),
     "convert": ("dr.eval.convert_cli", "convert run files between tevatron, MS MARCO and TREC formats"),
     "eval": ("dr.eval.eval_cli", "MRR@10, nDCG@10, recall, MAP of a run against qrels"),

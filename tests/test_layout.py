@@ -54,6 +54,7 @@ HELP_FLAGS = {
     "quantize": "--output_dir",
     "bm25": "--index_dir",
     "fuse": "--rrf_k",
+    "rerank": "--input_run_format",
 }
 
 
@@ -76,6 +77,7 @@ REQUIRED = {
     "encode": ["--model_name_or_path", "m"],
     "score": ["--model_name_or_path", "m", "--teacher_type", "bi", "--dataset_name", "d", "--output", "o"],
     "quantize": ["--passage_reps", "p", "--quantize", "int8"],
+    "rerank": ["--model_name_or_path", "m", "--run", "r", "--corpus", "c", "--queries", "q", "--save_ranking_to", "o"],
 }
 
 
