@@ -178,6 +178,7 @@ def test_two_ranks_equal_one_process(cross_dir, inputs, tmp_path):
     one = tmp_path / "one.tsv"
     assert rerank(_flags(cross_dir, inputs, one)) == 0
     two = tmp_path / "two.tsv"
-    run(torchrun(2) + ["-m", "dr.rerank", *_flags(cross_dir, inputs, two)], timeout=300)
+    flags = ["--run_file" if f == "--run" else f for f in _flags(cross_dir, inputs, two)]  # torchrun: see dr rerank --help
+    run(torchrun(2) + ["-m", "dr.rerank", *flags], timeout=300)
     assert two.read_text() == one.read_text()
     assert len(list(Path(str(two) + ".parts").glob("rows-*"))) == 2

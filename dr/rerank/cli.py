@@ -4,7 +4,8 @@ Usage::
 
     dr rerank --model_name_or_path CE --run first_stage.tsv --corpus corpus.jsonl --queries queries.tsv \\
         --depth 100 --save_ranking_to reranked.tsv [--run_format tevatron|trec|marco]
-    torchrun --nproc_per_node 4 -m dr.rerank ...     (the queries split over the ranks)
+    torchrun --nproc_per_node 4 -m dr.rerank --run_file first_stage.tsv ...   (queries split over the ranks;
+        --run_file: torchrun's parser takes --run for an abbreviation of its own --run-path)
 
 Every rank sets up (inputs checked, model, parts folder) and reranks its own queries (`dr.rerank.run`);
 all ranks agree after each phase (a collective, so a failing rank cannot leave the others waiting), and
@@ -30,7 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model_name_or_path", required=True, help="the cross-encoder (dr train --model_type "
                    "cross_encoder, or any 1-label AutoModelForSequenceClassification folder)")  # fmt: skip
     p.add_argument("--tokenizer_name", default=None, help="tokenizer, if not the model's own")
-    p.add_argument("--run", required=True, help="the first-stage run to rerank")
+    p.add_argument("--run", "--run_file", dest="run", required=True,
+                   help="the first-stage run to rerank (spell it --run_file under torchrun, whose own "
+                   "--run-path makes --run ambiguous there)")  # fmt: skip
     p.add_argument(
         "--input_run_format", default="auto", choices=("auto", *FORMATS), help="format of --run (auto: detected)"
     )

@@ -15,10 +15,30 @@ from transformers import TrainingArguments
 from dr.errors import UsageError
 from dr.train.losses import LOSSES, loss_entry
 
+MODEL_TYPES = ("bi_encoder", "cross_encoder")
+CROSS_ENCODER_LOSSES = ("listwise", "kl", "margin_mse")  # kl / margin_mse: distilling into the cross-encoder
+
 
 @dataclass
 class DRTrainingArguments(TrainingArguments):
     """`transformers.TrainingArguments` plus the contrastive-training options."""
+
+    model_type: str = field(
+        default="bi_encoder",
+        metadata={
+            "help": "bi_encoder (vectors, in-batch + hard negatives) | cross_encoder (a 1-output "
+            "AutoModelForSequenceClassification scoring each (query, passage) pair; listwise softmax "
+            "cross-entropy over each query's group, positive first; docs/rerank.md).",
+            "choices": MODEL_TYPES,
+        },
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "cross_encoder: max tokens of a (query, passage) pair. Default: the starting folder's "
+            "dr_cross_encoder.json, else 256. Bi-encoders use --q_max_len / --p_max_len."
+        },
+    )
 
     negatives_x_device: bool = field(
         default=True,
@@ -89,6 +109,7 @@ class DRTrainingArguments(TrainingArguments):
             raise UsageError(
                 f"--gc_q_chunk_size and --gc_p_chunk_size must be >= 1, got {self.gc_q_chunk_size}, {self.gc_p_chunk_size}"
             )
+        self._check_model_type()
         self._resolve_loss()
         if self.report_to in (None, "all", ["all"]):
             self.report_to = "none"
@@ -101,10 +122,30 @@ class DRTrainingArguments(TrainingArguments):
         with _bf16_allowed_on_cpu() if cpu_deepspeed and self.bf16 else contextlib.nullcontext():
             super().__post_init__()
 
+    def _check_model_type(self) -> None:
+        """--model_type and the flags that only one model type has."""
+        if self.model_type not in MODEL_TYPES:
+            raise UsageError(f"--model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
+        if self.model_type == "bi_encoder":
+            if self.max_length is not None:
+                raise UsageError("--max_length is for --model_type cross_encoder (bi-encoders: --q_max_len/--p_max_len)")
+            if self.loss == "listwise":
+                raise UsageError("--loss listwise is for --model_type cross_encoder")
+            return
+        if self.grad_cache:
+            raise UsageError("--grad_cache caches representations, which a cross-encoder has none of: use "
+                             "--gradient_checkpointing to save memory")  # fmt: skip
+        if self.loss is not None and self.loss not in CROSS_ENCODER_LOSSES:
+            raise UsageError(f"--model_type cross_encoder trains with --loss {' | '.join(CROSS_ENCODER_LOSSES)}, "
+                             f"not {self.loss}")  # fmt: skip
+        if self.max_length is not None and self.max_length < 8:
+            raise UsageError(f"--max_length must be >= 8, got {self.max_length}")
+
     def _resolve_loss(self) -> None:
         """Fill --loss / --distill_weight defaults; refuse distillation flags a run would ignore."""
         if self.loss is None:
-            self.loss = "kl" if self.distil_temperature is not None else "contrastive"
+            plain = "listwise" if self.model_type == "cross_encoder" else "contrastive"
+            self.loss = "kl" if self.distil_temperature is not None else plain
         if not loss_entry(self.loss).needs_teacher_scores:
             given = [
                 f for f in ("distil_temperature", "teacher_temperature", "distill_weight") if getattr(self, f) is not None

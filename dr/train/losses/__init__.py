@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dr.errors import UsageError
-from dr.train.losses import contrastive, kl, margin_mse
+from dr.train.losses import contrastive, kl, listwise, margin_mse
 from dr.train.losses.base import LossOutput, LossSettings, TrainLoss
 
 
@@ -32,6 +32,7 @@ LOSSES: dict[str, LossEntry] = {
     "contrastive": LossEntry(contrastive.build),
     "kl": LossEntry(kl.build, needs_teacher_scores=True, min_group_size=2),
     "margin_mse": LossEntry(margin_mse.build, needs_teacher_scores=True, min_group_size=2),
+    "listwise": LossEntry(listwise.build, min_group_size=2),  # --model_type cross_encoder only
 }
 
 
