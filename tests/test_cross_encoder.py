@@ -177,3 +177,19 @@ def test_two_ranks_equal_one_process_on_the_global_batch(start_dir, data, tmp_pa
     run([sys.executable, "-m", "dr.train", *_flags(start_dir, data, half, PER_DEVICE, **lr)])
     with pytest.raises(AssertionError):
         _assert_same_weights(half, expected, start_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_equals_one_process(start_dir, data, tmp_path, stage):
+    """DeepSpeed ZeRO (2 ranks) == one process; ZeRO-3 also gathers the sharded weights to save them."""
+    from tests.helpers import REPO
+
+    lr = {"learning_rate": 50}
+    ref = tmp_path / "ref"
+    run([sys.executable, "-m", "dr.train", *_flags(start_dir, data, ref, WORLD * PER_DEVICE, **lr)])
+    out = tmp_path / f"zero{stage}"
+    config = str(REPO / "configs" / "deepspeed" / f"zero{stage}.json")
+    flags = _flags(start_dir, data, out, PER_DEVICE, **lr) + ["--deepspeed", config]
+    run(torchrun(WORLD) + ["-m", "dr.train", *flags], timeout=400)
+    _assert_same_weights(out, _weights(ref), start_dir)
