@@ -43,6 +43,9 @@ def test_listwise_loss_equals_hand_computation_values_and_gradients():
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
     torch.testing.assert_close(scores.grad.double(), torch.tensor(grads, dtype=torch.float64), rtol=1e-5, atol=1e-7)
     assert out.terms["listwise"].item() == pytest.approx(expected, rel=1e-6)
+    from dr.train.losses import LOSSES
+
+    assert [n for n, e in LOSSES.items() if e.pair_scores] == ["listwise"]  # its hand test is this one
 
 
 def test_distilling_into_a_cross_encoder_mixes_kl_over_the_logits():
