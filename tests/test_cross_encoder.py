@@ -119,28 +119,38 @@ def _assert_same_weights(got: Path, expected: dict[str, torch.Tensor], start: Pa
         torch.testing.assert_close(found[name], tensor, rtol=0, atol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_trained_folder_loads_everywhere_and_reranks(start_dir, data, tmp_path):
+def test_trained_folder_loads_everywhere_and_scores_as_trained(start_dir, data, tmp_path):
     out = tmp_path / "ce"
-    assert train(_flags(start_dir, data, out, 2, max_steps=2, learning_rate=1e-3)) == 0
+    assert train(_flags(start_dir, data, out, 2, max_steps=2, learning_rate=1e-3, query_prefix="query: ")) == 0
     saved = json.loads((out / "dr_cross_encoder.json").read_text())
-    assert saved["model_type"] == "cross_encoder" and saved["max_length"] == 40
+    assert (saved["model_type"], saved["max_length"], saved["query_prefix"]) == ("cross_encoder", 40, "query: ")
     from sentence_transformers import CrossEncoder as STCrossEncoder
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from dr.train.groups import passage_text
 
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     assert model.config.num_labels == 1
     tokenizer = AutoTokenizer.from_pretrained(out)
-    with torch.no_grad():
-        logit = model(**tokenizer("what about apple", "apple story", return_tensors="pt")).logits[0, 0].item()
+
+    def logit(query: str, passage: str) -> float:
+        with torch.no_grad():
+            enc = tokenizer(query, passage, truncation="longest_first", max_length=40, return_tensors="pt")
+            return model(**enc).logits[0, 0].item()
+
     st = STCrossEncoder(str(out), device="cpu")
-    assert st.predict([("what about apple", "apple story")], activation_fn=torch.nn.Identity())[0] == pytest.approx(logit, abs=1e-5)
+    pair = ("what about apple", "apple story")
+    assert st.predict([pair], activation_fn=torch.nn.Identity())[0] == pytest.approx(logit(*pair), abs=1e-5)
     state = json.loads((out / "trainer_state.json").read_text())
     assert [e for e in state["log_history"] if "loss_listwise" in e]
-    # the teacher path: dr score --teacher_type cross on the trained folder
+    # the teacher path: dr score --teacher_type cross tokenises pairs as training did (prefix, max length)
     scored = tmp_path / "scored.jsonl"
-    assert command("score")(["--model_name_or_path", str(out), "--teacher_type", "cross", "--dataset_name", str(data),
-                             "--output", str(scored), "--max_length", "40"]) == 0  # fmt: skip
+    score = command("score")
+    assert score(["--model_name_or_path", str(out), "--teacher_type", "cross", "--dataset_name", str(data),
+                  "--output", str(scored)]) == 0  # fmt: skip
     row = json.loads(scored.read_text().splitlines()[0])
+    positive = row["positive_passages"][0]
+    assert positive["score"] == pytest.approx(logit("query: " + row["query"], passage_text(positive)), abs=1e-5)
     assert all(isinstance(p["score"], float) for p in row["positive_passages"] + row["negative_passages"])
     # an existing cross-encoder folder is not silently trained over
     assert train(_flags(start_dir, data, out, 2)) == 2

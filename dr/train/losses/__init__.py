@@ -1,4 +1,4 @@
-"""Training losses, chosen by name (`--loss`): one small module per loss, all called the same way.
+"""Training losses, chosen by name (`--loss`): one small module per loss.
 
 The trainer, not the model, owns the loss: the `BiEncoder` returns representations, the trainer (plain
 step and GradCache alike) calls `loss_fn(q_reps, p_reps, group_size=..., teacher_scores=...,
