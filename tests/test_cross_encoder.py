@@ -156,6 +156,21 @@ def test_trained_folder_loads_everywhere_and_scores_as_trained(start_dir, data, 
     assert train(_flags(start_dir, data, out, 2)) == 2
 
 
+def test_distilling_a_teacher_into_a_cross_encoder_through_the_command(start_dir, tmp_path):
+    """`--loss kl` on a cross-encoder: teacher scores are read, the KL temperatures default to 1 (logits)."""
+    from tests.test_distill import scored_rows
+
+    data = write_jsonl(tmp_path / "scored.jsonl", scored_rows(4))
+    out = tmp_path / "distilled"
+    assert train(_flags(start_dir, data, out, 2, loss="kl", distill_weight=0.5, learning_rate=1e-3)) == 0
+    resolved = json.loads((out / "dr_train_args.json").read_text())
+    assert (resolved["loss"], resolved["distil_temperature"], resolved["teacher_temperature"]) == ("kl", 1.0, 1.0)
+    logged = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss_distill" in e]
+    assert logged and "loss_listwise" in logged[0]
+    unscored = write_jsonl(tmp_path / "unscored.jsonl", make_train_rows(4))
+    assert train(_flags(start_dir, unscored, tmp_path / "no", 2, loss="kl")) == 1  # scores needed, named
+
+
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(start_dir, data, tmp_path):
     steps = {"max_steps": 3, "learning_rate": 0.1}
     assert train(_flags(start_dir, data, tmp_path / "full", 1, **steps)) == 0

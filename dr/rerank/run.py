@@ -68,6 +68,18 @@ def read_candidates(path: str, fmt: str, depth: int) -> dict[str, list[str]]:
     return {qid: [docid for docid, _ in hits[:depth]] for qid, hits in run.rankings.items()}
 
 
+def candidate_rows(corpus: Any, wanted: set[str]) -> dict[str, int]:
+    """docid -> corpus row, for the `wanted` docids found in the corpus (the others are absent). Found in
+    Arrow, so a corpus of millions never becomes a Python dict of every docid on every rank."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    ids = corpus.ids(0, len(corpus))
+    found = pc.is_in(ids, value_set=pa.array(sorted(wanted), type=ids.type))
+    rows = pc.indices_nonzero(found).to_pylist()
+    return dict(zip(ids.filter(found).to_pylist(), rows))
+
+
 def load_inputs(args: argparse.Namespace) -> Inputs:
     """Read run, queries and corpus, and check that every candidate and query is known (before any part
     is written: a bad input leaves nothing behind)."""
@@ -85,7 +97,7 @@ def load_inputs(args: argparse.Namespace) -> Inputs:
     corpus = load_corpus(args.corpus, "passage")
     corpus.validate(0, len(corpus))
     corpus.check_unique(0, len(corpus))
-    row_of = {docid: row for row, docid in enumerate(corpus.ids(0, len(corpus)).to_pylist())}
+    row_of = candidate_rows(corpus, {d for docids in candidates.values() for d in docids})
     for qid, docids in candidates.items():
         unknown = next((d for d in docids if d not in row_of), None)
         if unknown is not None:
