@@ -4,6 +4,7 @@ rule; resume after a crash; 2 ranks == 1 process; bad inputs -> exit 1 naming th
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,37 @@ def test_two_ranks_equal_one_process(cross_dir, inputs, tmp_path):
     run(torchrun(2) + ["-m", "dr.rerank", *flags], timeout=300)
     assert two.read_text() == one.read_text()
     assert len(list(Path(str(two) + ".parts").glob("rows-*"))) == 2
+
+
+KILL_AT_THIRD_QUERY = """
+import os, signal, sys
+import dr.rerank.run as rerank_run
+from dr.cli import run_command
+
+real, calls = rerank_run.Reranker.rerank, [0]
+
+def rerank_then_die(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 3:
+        os.kill(os.getpid(), signal.SIGKILL)  # kill -9 part-way through the part
+    return real(self, *args, **kwargs)
+
+rerank_run.Reranker.rerank = rerank_then_die
+sys.exit(run_command("rerank", sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_part_way_then_resume_gives_the_same_run(cross_dir, inputs, tmp_path):
+    reference = tmp_path / "reference.tsv"
+    assert rerank(_flags(cross_dir, inputs, reference)) == 0
+    script = tmp_path / "kill_at_third_query.py"
+    script.write_text(KILL_AT_THIRD_QUERY)
+    out = tmp_path / "killed.tsv"
+    proc = run([sys.executable, str(script), *_flags(cross_dir, inputs, out)], timeout=120, check=False)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    parts = Path(str(out) + ".parts")
+    assert not out.exists() and not list(parts.glob("rows-*.tsv"))  # only a temporary file may be left
+    assert rerank(_flags(cross_dir, inputs, out)) == 0
+    assert out.read_text() == reference.read_text()
+    assert [p.name for p in parts.iterdir() if p.name != "rerank.json"] == ["rows-000000000-000000007.tsv"]
