@@ -21,6 +21,7 @@ COMMANDS = {
     "quantize": ("dr.index.quantize_cli", "int8 / binary codes of passage shards for dr search --quantize"),
     "search": ("dr.search.cli", "exact, quantized or approximate sharded search -> run file"),
     "bm25": ("dr.bm25.cli", "BM25 (bm25s) run of queries over any corpus dr encode reads; index reused"),
+    "rerank": ("dr.rerank.cli", "rerank a run's top-K with a cross-encoder -> a new run (distributed, resumable)"),
     "fuse": ("dr.fuse.cli", "reciprocal-rank or weighted linear fusion of several runs -> one run"),
     "convert": ("dr.eval.convert_cli", "convert run files between tevatron, MS MARCO and TREC formats"),
     "eval": ("dr.eval.eval_cli", "MRR@10, nDCG@10, recall, MAP of a run against qrels"),

@@ -55,6 +55,7 @@ HELP_FLAGS = {
     "bm25": "--index_dir",
     "fuse": "--rrf_k",
     "index": "--index_factory",
+    "rerank": "--input_run_format",
 }
 
 
@@ -77,6 +78,7 @@ REQUIRED = {
     "encode": ["--model_name_or_path", "m"],
     "score": ["--model_name_or_path", "m", "--teacher_type", "bi", "--dataset_name", "d", "--output", "o"],
     "quantize": ["--passage_reps", "p", "--quantize", "int8"],
+    "rerank": ["--model_name_or_path", "m", "--run", "r", "--corpus", "c", "--queries", "q", "--save_ranking_to", "o"],
 }
 
 

@@ -32,12 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=64,
         help="pairs per forward pass (cross-encoder); texts per forward pass (bi-encoder)",
     )
-    parser.add_argument("--max_length", type=int, default=512, help="cross: max tokens of query + passage")
+    parser.add_argument("--max_length", type=int, default=None,
+                        help="cross: max tokens of query + passage (default: the model's dr_cross_encoder.json, else 512)")  # fmt: skip
     parser.add_argument(
         "--truncation",
-        default="longest_first",
+        default=None,
         choices=["longest_first", "only_second"],
-        help="cross: what to cut when a pair is too long (only_second: the passage only)",
+        help="cross: what to cut when a pair is too long (only_second: the passage only); default: as the "
+        "model was trained (dr_cross_encoder.json), else longest_first",
     )
     parser.add_argument("--q_max_len", "--query_max_len", type=int, default=None, help="bi: query max tokens")
     parser.add_argument("--p_max_len", "--passage_max_len", type=int, default=None, help="bi: passage max tokens")
@@ -75,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from dr import distributed as dist
 
     for name in ("batch_size", "max_length", "window_rows"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ScoreUsageError(f"--{name} must be >= 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with dist.process_group():

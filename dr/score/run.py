@@ -1,6 +1,7 @@
 """Teacher scores for a training file -> the same rows with "score" on every passage (`dr score`: score_cli).
 
-The teacher is a cross-encoder (`--teacher_type cross`: any `AutoModelForSequenceClassification` folder;
+The teacher is a cross-encoder (`--teacher_type cross`: any `AutoModelForSequenceClassification` folder, e.g.
+one `dr train --model_type cross_encoder` wrote, whose `dr_cross_encoder.json` sets the pair defaults;
 score = its logit for the (query, passage) pair: the single logit of a 1-label head, the positive-class
 logit (label 1) of a 2-label head) or a bi-encoder (`--teacher_type bi`: any model `dr encode` takes;
 score = q.p with its pooling / normalisation / prefixes / max lengths, through `dr.model.encoder.BiEncoder`).
@@ -127,10 +128,19 @@ class CrossTeacher:
                 f"{args.model_name_or_path}: a cross-encoder teacher needs 1 or 2 labels, it has {labels}"
             )
         self.column = 0 if labels == 1 else 1
-        self.max_length = min(args.max_length, self.tokenizer.model_max_length or args.max_length)
-        self.truncation = args.truncation
+        # A folder `dr train --model_type cross_encoder` wrote says how its pairs were tokenised (length,
+        # truncation, prefixes): the defaults here, so its scores are those of the model as trained.
+        from dr.model.cross_encoder import CrossEncoderConfig
+
+        saved = CrossEncoderConfig.load(args.model_name_or_path) if Path(args.model_name_or_path).is_dir() else None
+        max_length = args.max_length or (saved.max_length if saved else 512)
+        self.max_length = min(max_length, self.tokenizer.model_max_length or max_length)
+        self.truncation = args.truncation or (saved.truncation if saved else "longest_first")
+        self.prefixes = (saved.query_prefix, saved.passage_prefix) if saved else ("", "")
         self.device = device
         self.settings = {"num_labels": labels, "max_length": self.max_length, "truncation": self.truncation}
+        if any(self.prefixes):
+            self.settings["prefixes"] = list(self.prefixes)
 
     def score_pairs(self, queries: list[str], passages: list[str], batch_size: int) -> list[float]:
         """Every pair's logit, in input order: pairs tokenised together (`--truncation` decides what is cut),
@@ -142,8 +152,8 @@ class CrossTeacher:
         if not queries:
             return []
         encoded = self.tokenizer(
-            queries,
-            passages,
+            [self.prefixes[0] + q for q in queries],
+            [self.prefixes[1] + p for p in passages],
             truncation=self.truncation,
             max_length=self.max_length,
             return_attention_mask=False,

@@ -15,10 +15,30 @@ from transformers import TrainingArguments
 from dr.errors import UsageError
 from dr.train.losses import LOSSES, loss_entry
 
+MODEL_TYPES = ("bi_encoder", "cross_encoder")
+CROSS_ENCODER_LOSSES = ("listwise", "kl", "margin_mse")  # kl / margin_mse: distilling into the cross-encoder
+
 
 @dataclass
 class DRTrainingArguments(TrainingArguments):
     """`transformers.TrainingArguments` plus the contrastive-training options."""
+
+    model_type: str = field(
+        default="bi_encoder",
+        metadata={
+            "help": "bi_encoder (vectors, in-batch + hard negatives) | cross_encoder (a 1-output "
+            "AutoModelForSequenceClassification scoring each (query, passage) pair; listwise softmax "
+            "cross-entropy over each query's group, positive first; docs/rerank.md).",
+            "choices": MODEL_TYPES,
+        },
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "cross_encoder: max tokens of a (query, passage) pair. Default: the starting folder's "
+            "dr_cross_encoder.json, else 256. Bi-encoders use --q_max_len / --p_max_len."
+        },
+    )
 
     negatives_x_device: bool = field(
         default=True,
@@ -59,6 +79,14 @@ class DRTrainingArguments(TrainingArguments):
             "aliases": ["--distill_temperature"],
         },
     )
+    teacher_temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "KL temperature of the teacher: its scores are divided by it, the student's by "
+            "--distil_temperature. Default: --distil_temperature (one temperature for both, Tevatron's "
+            "meaning). Cross-encoder logits want ~1, a cosine bi-encoder teacher the student's (docs/distill.md).",
+        },
+    )
     distill_weight: float | None = field(
         default=None,
         metadata={
@@ -81,6 +109,7 @@ class DRTrainingArguments(TrainingArguments):
             raise UsageError(
                 f"--gc_q_chunk_size and --gc_p_chunk_size must be >= 1, got {self.gc_q_chunk_size}, {self.gc_p_chunk_size}"
             )
+        self._check_model_type()
         self._resolve_loss()
         if self.report_to in (None, "all", ["all"]):
             self.report_to = "none"
@@ -93,12 +122,34 @@ class DRTrainingArguments(TrainingArguments):
         with _bf16_allowed_on_cpu() if cpu_deepspeed and self.bf16 else contextlib.nullcontext():
             super().__post_init__()
 
+    def _check_model_type(self) -> None:
+        """--model_type and the flags that only one model type has."""
+        if self.model_type not in MODEL_TYPES:
+            raise UsageError(f"--model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
+        if self.model_type == "bi_encoder":
+            if self.max_length is not None:
+                raise UsageError("--max_length is for --model_type cross_encoder (bi-encoders: --q_max_len/--p_max_len)")
+            if self.loss == "listwise":
+                raise UsageError("--loss listwise is for --model_type cross_encoder")
+            return
+        if self.grad_cache:
+            raise UsageError("--grad_cache caches representations, which a cross-encoder has none of: use "
+                             "--gradient_checkpointing to save memory")  # fmt: skip
+        if self.loss is not None and self.loss not in CROSS_ENCODER_LOSSES:
+            raise UsageError(f"--model_type cross_encoder trains with --loss {' | '.join(CROSS_ENCODER_LOSSES)}, "
+                             f"not {self.loss}")  # fmt: skip
+        if self.max_length is not None and self.max_length < 8:
+            raise UsageError(f"--max_length must be >= 8, got {self.max_length}")
+
     def _resolve_loss(self) -> None:
         """Fill --loss / --distill_weight defaults; refuse distillation flags a run would ignore."""
         if self.loss is None:
-            self.loss = "kl" if self.distil_temperature is not None else "contrastive"
+            plain = "listwise" if self.model_type == "cross_encoder" else "contrastive"
+            self.loss = "kl" if self.distil_temperature is not None else plain
         if not loss_entry(self.loss).needs_teacher_scores:
-            given = [f for f in ("distil_temperature", "distill_weight") if getattr(self, f) is not None]
+            given = [
+                f for f in ("distil_temperature", "teacher_temperature", "distill_weight") if getattr(self, f) is not None
+            ]
             if given:
                 raise UsageError(f"--{given[0]} needs a distillation loss (--loss kl or margin_mse)")
             return
@@ -106,10 +157,12 @@ class DRTrainingArguments(TrainingArguments):
             self.distill_weight = 1.0
         if not 0.0 <= self.distill_weight <= 1.0:
             raise UsageError(f"--distill_weight must be in [0, 1], got {self.distill_weight}")
-        if self.loss == "margin_mse" and self.distil_temperature is not None:
-            raise UsageError("--distil_temperature is used by --loss kl only (margin_mse compares raw margins)")
-        if self.distil_temperature is not None and not self.distil_temperature > 0:
-            raise UsageError(f"--distil_temperature must be > 0, got {self.distil_temperature}")
+        for name in ("distil_temperature", "teacher_temperature"):
+            value = getattr(self, name)
+            if self.loss == "margin_mse" and value is not None:
+                raise UsageError(f"--{name} is used by --loss kl only (margin_mse compares raw margins)")
+            if value is not None and not value > 0:
+                raise UsageError(f"--{name} must be > 0, got {value}")
 
 
 @contextlib.contextmanager

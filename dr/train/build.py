@@ -65,13 +65,18 @@ def load_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[An
 
 
 def make_loss(args: DRTrainingArguments, model: BiEncoder) -> TrainLoss:
-    """--loss from the registry. The KL temperature defaults to the model's --temperature and is written
-    back into `args`, so dr_train_args.json records the value used."""
+    """--loss from the registry. The KL temperatures default to the model's --temperature (student) and to
+    the student's (teacher), and are written back into `args`, so dr_train_args.json records the values used."""
     settings = LossSettings.from_args(args, model.encoder_config.temperature)
     if args.loss == "kl":
         args.distil_temperature = settings.distill_temperature = args.distil_temperature or settings.temperature
+        args.teacher_temperature = settings.teacher_temperature = args.teacher_temperature or args.distil_temperature
     if loss_entry(args.loss).needs_teacher_scores:
-        kl_temperature = f" (KL temperature {args.distil_temperature:g})" if args.loss == "kl" else ""
+        kl_temperature = (
+            f" (KL temperatures: student {args.distil_temperature:g}, teacher {args.teacher_temperature:g})"
+            if args.loss == "kl"
+            else ""
+        )
         weight = settings.distill_weight
         logger.info("loss: %.3g * contrastive + %.3g * %s%s", 1 - weight, weight, args.loss, kl_temperature)
     return build_loss(args.loss, settings)

@@ -1,4 +1,5 @@
-"""`dr train` / `python -m dr.train`: fine-tune a bi-encoder with in-batch + hard negatives.
+"""`dr train` / `python -m dr.train`: fine-tune a bi-encoder with in-batch + hard negatives, or a cross-encoder
+(`--model_type cross_encoder`: listwise over each query's group, `dr/train/cross.py`).
 
 Launch with plain `python` (one GPU or the CPU), `torchrun --nproc_per_node N` (DDP) or
 `deepspeed --num_gpus N ... --deepspeed configs/deepspeed/zero2.json`. Flags: Tevatron's, see README.
@@ -31,16 +32,24 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     set_seed(training_args.seed)
 
     source = build.load_data(model_args, data_args, training_args)
-    tokenizer, model = build.load_model(model_args, data_args)
-    loss_fn = build.make_loss(training_args, model)
-    dataset = build.make_dataset(source, model_args, data_args, training_args, model)
-    resolved = build.save_resolved_config(model_args, data_args, training_args, model)
-    trainer = BiEncoderTrainer(
+    if training_args.model_type == "cross_encoder":  # same data, trainer and checkpoints; other parts
+        from dr.train import cross as parts
+        from dr.train.cross import CrossEncoderTrainer as trainer_class
+
+        tokenizer, model = parts.load_model(model_args, data_args, training_args)
+        loss_fn = parts.make_loss(training_args)
+    else:
+        parts, trainer_class = build, BiEncoderTrainer
+        tokenizer, model = build.load_model(model_args, data_args)
+        loss_fn = build.make_loss(training_args, model)
+    dataset = parts.make_dataset(source, model_args, data_args, training_args, model)
+    resolved = parts.save_resolved_config(model_args, data_args, training_args, model)
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=dataset,
         processing_class=tokenizer,
-        data_collator=build.make_collator(tokenizer, data_args, training_args, model),
+        data_collator=parts.make_collator(tokenizer, data_args, training_args, model),
         loss_fn=loss_fn,
         resolved_config=resolved,
     )
@@ -48,9 +57,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
     trainer.save_model()
     if training_args.process_index == 0:
         trainer.state.save_to_json(str(Path(training_args.output_dir) / "trainer_state.json"))  # loss curve
-        from dr.model.card import write_training_card
+        if training_args.model_type == "bi_encoder":  # the card describes a sentence-embedding model
+            from dr.model.card import write_training_card
 
-        write_training_card(training_args.output_dir, model_args, data_args, resolved)  # README.md
+            write_training_card(training_args.output_dir, model_args, data_args, resolved)  # README.md
         logger.info("saved the trained model to %s", training_args.output_dir)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from dr.errors import InputError
 from dr.flags import ConfigError, DataArguments, ModelArguments
 from dr.model import DR_CONFIG_NAME
+from dr.model.cross_encoder import CROSS_CONFIG_NAME
 from dr.train.args import DRTrainingArguments
 from dr.train.checkpoints import wants_resume
 from dr.train.losses import loss_entry
@@ -49,7 +50,7 @@ def check_output_dir(args: DRTrainingArguments) -> None:
     check_writable(out)
     if not out.is_dir() or args.overwrite_output_dir or wants_resume(args.resume_from_checkpoint):
         return
-    if (out / DR_CONFIG_NAME).exists() or any(out.glob("checkpoint-*")):
+    if (out / DR_CONFIG_NAME).exists() or (out / CROSS_CONFIG_NAME).exists() or any(out.glob("checkpoint-*")):
         raise ConfigError(
             f"--output_dir {out} already holds a model or checkpoints: pass --overwrite_output_dir to replace "
             "it or --resume_from_checkpoint to continue"

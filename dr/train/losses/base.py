@@ -46,13 +46,15 @@ class LossSettings:
         temperature: contrastive scores are divided by it (the model's resolved `--temperature`).
         gather_across_devices: score local queries against every rank's passages (`--negatives_x_device`).
         distill_weight: w in (1 - w) * contrastive + w * distillation (`--distill_weight`).
-        distill_temperature: the KL temperature (`--distil_temperature`; None: `temperature`).
+        distill_temperature: the KL temperature of the student (`--distil_temperature`; None: `temperature`).
+        teacher_temperature: the KL temperature of the teacher (`--teacher_temperature`; None: the student's).
     """
 
     temperature: float = 1.0
     gather_across_devices: bool = False
     distill_weight: float = 1.0
     distill_temperature: float | None = None
+    teacher_temperature: float | None = None
 
     @classmethod
     def from_args(cls, args: Any, temperature: float) -> LossSettings:
@@ -62,6 +64,7 @@ class LossSettings:
             gather_across_devices=bool(args.negatives_x_device),
             distill_weight=1.0 if args.distill_weight is None else args.distill_weight,
             distill_temperature=args.distil_temperature,
+            teacher_temperature=getattr(args, "teacher_temperature", None),
         )
 
 
