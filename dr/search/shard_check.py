@@ -26,8 +26,8 @@ from pathlib import Path
 import pyarrow as pa
 from pyarrow import ipc
 
-from dr.search.shard_set import SearchError
 from dr.io.shards import file_sha256
+from dr.search.shard_set import SearchError
 
 logger = logging.getLogger("dr.search")
 
