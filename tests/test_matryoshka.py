@@ -323,3 +323,60 @@ def test_old_shards_without_truncate_dim_still_read(tmp_path):
     path = _shard(tmp_path / "a.arrow", 4)
     assert read_meta(path).truncate_dim is None
     assert b"dr.truncate_dim" not in ShardMeta("m", "cls", False, 4, "float32", 8, "query", 1).to_arrow()
+
+
+# ---- dr train end to end ------------------------------------------------------------------------------------
+def _train(model_dir, data, out, *extra: str) -> list[dict]:
+    from tests.test_train import _train as train
+
+    flags = [
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--train_n_passages",
+        "2",
+        "--pooling",
+        "mean",
+    ]
+    flags += [
+        "--normalize",
+        "--temperature",
+        "0.05",
+        "--matryoshka_dims",
+        "32,8",
+        "--matryoshka_weights",
+        "1,0.5",
+    ]
+    assert train(model_dir, data, out, *flags, *extra) == 0
+    return json.loads((out / "trainer_state.json").read_text())["log_history"]
+
+
+@pytest.mark.slow
+def test_train_saves_truncate_dim_and_logs_each_prefix_plain_and_gradcache(tiny_model_dir, tmp_path):
+    from tests.helpers import make_train_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", make_train_rows(8, n_negatives=3))
+    plain = _train(tiny_model_dir, data, tmp_path / "plain", "--truncate_dim", "8")
+    cached = _train(
+        tiny_model_dir,
+        data,
+        tmp_path / "gc",
+        "--grad_cache",
+        "--gc_q_chunk_size",
+        "1",
+        "--gc_p_chunk_size",
+        "2",
+    )
+    steps = [e for e in plain if "loss" in e]
+    assert steps and all("loss_dim_32" in e and "loss_dim_8" in e for e in steps)
+    first = steps[0]
+    assert first["loss"] == pytest.approx(first["loss_dim_32"] + 0.5 * first["loss_dim_8"], rel=1e-4)
+    gc_first = next(e for e in cached if "loss" in e)
+    assert gc_first["loss"] == pytest.approx(first["loss"], rel=1e-4)  # GradCache: the same loss
+    model = tmp_path / "plain"
+    assert json.loads((model / "dr_config.json").read_text())["truncate_dim"] == 8
+    assert json.loads((model / "config_sentence_transformers.json").read_text())["truncate_dim"] == 8
+    assert "truncate_dim" not in json.loads(
+        (tmp_path / "gc" / "config_sentence_transformers.json").read_text()
+    )
