@@ -20,16 +20,24 @@ from dr.train.losses.contrastive import ContrastiveLoss
 from tests.train.test_loss import make_global_batch, make_global_keys
 
 
-def main(model_dir: str, out_path: str, gather: str) -> None:
+def main(model_dir: str, out_path: str, gather: str, matryoshka_dims: str = "") -> None:
     with process_group():
-        _step(model_dir, out_path, gather)
+        _step(model_dir, out_path, gather, matryoshka_dims)
 
 
-def _step(model_dir: str, out_path: str, gather: str) -> None:
+def _step(model_dir: str, out_path: str, gather: str, matryoshka_dims: str = "") -> None:
+    """`matryoshka_dims` ('16,8,4'): the contrastive loss summed over renormalised prefixes of a
+    normalising model (tests/train/test_matryoshka.py), else the plain loss."""
     rank, world = dist.get_rank(), dist.get_world_size()
     tokenizer = load_tokenizer(model_dir)
-    model = BiEncoder.from_pretrained(model_dir, {"pooling": "mean", "temperature": 0.5})
+    settings = {"pooling": "mean", "temperature": 0.5, **({"normalize": True} if matryoshka_dims else {})}
+    model = BiEncoder.from_pretrained(model_dir, settings)
     loss_fn = ContrastiveLoss(temperature=0.5, gather_across_devices=gather == "gather")
+    if matryoshka_dims:
+        from dr.train.losses.matryoshka import MatryoshkaLoss, parse_dims
+
+        dims = parse_dims(matryoshka_dims)
+        loss_fn = MatryoshkaLoss(loss_fn, dims, [1.0 / (i + 1) for i in range(len(dims))], normalize=True)
     queries, passages, group = make_global_batch()
     per_rank = len(queries) // world
     local_q = queries[rank * per_rank : (rank + 1) * per_rank]
@@ -64,4 +72,4 @@ def _step(model_dir: str, out_path: str, gather: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

@@ -48,6 +48,7 @@ from dr.io.shards import (
 )
 from dr.model.precision import PRECISION_MODES, Precision, cast_for_inference, choose_precision, parse_bf16
 from dr.model.text import tokenize
+from dr.model.truncation import truncate
 from dr.row_ranges import Part, RowParts, RowPlan, ShardingError, listed_checksum_status
 
 logger = logging.getLogger("dr.encode")
@@ -139,6 +140,14 @@ class EncodeArguments:
     embedding_dtype: str = field(
         default="float32", metadata={"help": "Stored vector type: float32 | float16."}
     )
+    truncate_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the first D dimensions of every vector (renormalised when the model normalises; "
+            "for Matryoshka-trained models, docs/matryoshka.md); recorded in the shard metadata. Default: "
+            "the model's saved truncate_dim, else whole vectors; 0: whole vectors whatever the model says."
+        },
+    )
     overwrite: bool = field(default=False, metadata={"help": "Recompute and replace existing outputs."})
     id_field: str | None = field(
         default=None, metadata={"help": "Id field (default: docid/_id/query_id/qid/id)."}
@@ -194,6 +203,8 @@ class EncodeArguments:
                 raise EncodeError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.dataloader_num_workers < 0:
             raise EncodeError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+        if self.truncate_dim is not None and self.truncate_dim < 0:
+            raise EncodeError(f"--truncate_dim must be >= 1 (or 0: whole vectors), got {self.truncate_dim}")
         if self.max_rows is not None and self.max_rows < 1:
             raise EncodeError(f"--max_rows must be >= 1, got {self.max_rows}")
 
@@ -344,8 +355,25 @@ def set_threads(requested: int | None, device: torch.device, env: dict[str, str]
 
 
 def encode_fn(model: Any, side: str):
-    """The model's query or passage encoder, pooling and normalising in float32 (bf16/fp16 weights)."""
-    return partial(model.encode_query if side == "query" else model.encode_passage, float32=True)
+    """The model's query or passage encoder, pooling and normalising in float32 (bf16/fp16 weights); cut
+    to the first `encoder_config.truncate_dim` dimensions (renormalised when normalising) when set."""
+    encode = partial(model.encode_query if side == "query" else model.encode_passage, float32=True)
+    cfg = model.encoder_config
+    if not cfg.truncate_dim:
+        return encode
+    return lambda batch: truncate(encode(batch), cfg.truncate_dim, cfg.normalize)
+
+
+def resolve_truncate_dim(requested: int | None, saved: int | None, full_dim: int) -> int | None:
+    """The prefix length this run keeps, or None for whole vectors: --truncate_dim (0: whole) > the model's
+    saved truncate_dim > whole. Larger than the model's vectors is an `EncodeError`; equal is whole."""
+    dim = saved if requested is None else requested or None
+    if dim is None:
+        return None
+    if dim > full_dim:
+        source = "--truncate_dim" if requested is not None else "the model's saved truncate_dim"
+        raise EncodeError(f"{source} {dim} exceeds the model's vector size {full_dim}")
+    return None if dim == full_dim else dim
 
 
 def probe_dim(model: Any, tokenizer: Any, side: str, device: torch.device) -> int:
@@ -537,6 +565,7 @@ def write_manifest(plan: Plan, expected: list[ShardMeta], config: dict[str, Any]
             "pooling": meta.pooling,
             "normalize": meta.normalize,
             "dim": meta.dim,
+            "truncate_dim": meta.truncate_dim,
             "dtype": meta.dtype,
             "max_length": meta.max_length,
             "num_shards": plan.layout.num_shards,
@@ -584,17 +613,30 @@ def run_encode(model_args: ModelArguments, data_args: DataArguments, args: Encod
     corpus = open_input(data_args, args, prefix)
     plan = make_plan(args, len(corpus), rank, world)
     check_input(corpus, plan, args, log)
-    dim = probe_dim(model, tokenizer, args.side, device)
+    # The whole vectors' size first; then `encode_fn` cuts to the resolved truncate_dim (None: whole).
+    saved_truncate_dim, cfg.truncate_dim = cfg.truncate_dim, None
+    full_dim = probe_dim(model, tokenizer, args.side, device)
+    cfg.truncate_dim = resolve_truncate_dim(args.truncate_dim, saved_truncate_dim, full_dim)
+    dim = cfg.truncate_dim or full_dim
     identity = model_identity(model_args.model_name_or_path)
     expected = [
         ShardMeta(
-            identity, cfg.pooling, cfg.normalize, dim, args.embedding_dtype, max_length, args.side, b - a
+            identity,
+            cfg.pooling,
+            cfg.normalize,
+            dim,
+            args.embedding_dtype,
+            max_length,
+            args.side,
+            b - a,
+            truncate_dim=cfg.truncate_dim,
         )
         for a, b in (plan.rank_range(r) for r in range(world))
     ]
     start, stop = plan.own_range
     log(
-        f"model {expected[rank].model} (pooling {cfg.pooling}, normalize {cfg.normalize}, dim {dim}); "
+        f"model {expected[rank].model} (pooling {cfg.pooling}, normalize {cfg.normalize}, dim {dim}"
+        f"{f' of {full_dim}, truncated' if cfg.truncate_dim else ''}); "
         f"{args.side} input {corpus.spec.describe()}: {plan.total_rows} rows; shard {plan.layout.shard_index}/"
         f"{plan.layout.num_shards} rows [{plan.shard_range[0]}, {plan.shard_range[1]}); this rank rows "
         f"[{start}, {stop}) -> {plan.layout.rank_file(rank)}"
@@ -612,6 +654,7 @@ def run_encode(model_args: ModelArguments, data_args: DataArguments, args: Encod
             "max_length": max_length,
             "append_eos": cfg.append_eos,
             "dim": dim,
+            "truncate_dim": cfg.truncate_dim,
             "precision": precision.as_dict(),
             "torch_threads": threads,
         },

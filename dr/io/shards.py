@@ -16,6 +16,8 @@ and schema metadata (all values are UTF-8 strings, keys prefixed with ``dr.``):
     dr.max_length      tokenizer max length used, decimal digits, >= 1
     dr.side            query | passage
     dr.count           number of rows in the file, decimal digits
+    dr.truncate_dim    optional: the vectors are the first `dim` dimensions of the model's vectors
+                       (`dr encode --truncate_dim`, renormalised when dr.normalize); absent: whole vectors
 
 docs/formats.md is the full contract (with a recipe to write a shard with plain pyarrow); anything it does
 not allow is refused with a one-line `ShardError` naming the file and the field. It opens without `dr`:
@@ -45,7 +47,8 @@ from dr.model import POOLINGS  # a constant only: dr.model imports no torch
 FORMAT_VERSION = "1"
 # Vectors from shards that differ in these cannot be mixed; the encoder fields decide the vector space.
 ENCODER_FIELDS = ("model", "pooling", "normalize")
-VECTOR_FIELDS = (*ENCODER_FIELDS, "dim", "dtype")
+VECTOR_FIELDS = (*ENCODER_FIELDS, "dim", "dtype", "truncate_dim")
+OPTIONAL_FIELDS = ("truncate_dim",)  # may be absent from a shard's metadata (written only when set)
 _DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 SIDES = ("query", "passage")
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -68,6 +71,7 @@ class ShardMeta:
     max_length: int
     side: str  # "query" | "passage"
     count: int
+    truncate_dim: int | None = None  # set: the vectors are the model's first `dim` dims (== truncate_dim)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -76,9 +80,12 @@ class ShardMeta:
             raise ShardError(f"side must be 'query' or 'passage', got {self.side!r}")
         if self.dim <= 0 or self.count < 0:
             raise ShardError(f"dim must be > 0 and count >= 0, got dim={self.dim}, count={self.count}")
+        if self.truncate_dim is not None and self.truncate_dim != self.dim:
+            raise ShardError(f"truncate_dim {self.truncate_dim} differs from dim {self.dim}")
 
     def to_arrow(self) -> dict[bytes, bytes]:
         meta = {"format_version": FORMAT_VERSION, **asdict(self)}
+        meta = {k: v for k, v in meta.items() if not (k in OPTIONAL_FIELDS and v is None)}
         return {f"dr.{k}".encode(): _encode_value(v).encode() for k, v in meta.items()}
 
     @classmethod
@@ -88,7 +95,8 @@ class ShardMeta:
             raw = {k.decode(): v.decode() for k, v in (metadata or {}).items() if k.startswith(b"dr.")}
         except UnicodeDecodeError as err:
             raise ShardError(f"{source}: dr.* schema metadata is not UTF-8: {err}") from None
-        missing = [f"dr.{f}" for f in (*cls.__dataclass_fields__, "format_version") if f"dr.{f}" not in raw]
+        required = [f for f in (*cls.__dataclass_fields__, "format_version") if f not in OPTIONAL_FIELDS]
+        missing = [f"dr.{f}" for f in required if f"dr.{f}" not in raw]
         if missing:
             raise ShardError(f"{source}: not a dr embedding shard (schema metadata lacks {missing})")
         if raw["dr.format_version"] != FORMAT_VERSION:
@@ -107,6 +115,7 @@ class ShardMeta:
             max_length=_integer(raw, "max_length", 1, source),
             side=_choice(raw, "side", SIDES, source),
             count=_integer(raw, "count", 0, source),
+            truncate_dim=_integer(raw, "truncate_dim", 1, source) if "dr.truncate_dim" in raw else None,
         )
 
     def differences(

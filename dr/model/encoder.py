@@ -62,10 +62,15 @@ class EncoderConfig:
     # End every text with the EOS token (within the max length). None: decide from the tokenizer
     # (`resolve_append_eos`); `dr train` saves the decision, so encoding tokenises as training did.
     append_eos: bool | None = None
+    # Keep only the first truncate_dim dimensions of every vector (renormalised when normalising): the
+    # default of `dr encode --truncate_dim`, set by `dr train --truncate_dim` for Matryoshka models.
+    truncate_dim: int | None = None
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise InputError(f"{DR_CONFIG_NAME}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.truncate_dim is not None and (not isinstance(self.truncate_dim, int) or self.truncate_dim < 1):
+            raise InputError(f"{DR_CONFIG_NAME}: truncate_dim must be an integer >= 1, got {self.truncate_dim!r}")
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike) -> EncoderConfig | None:

@@ -5,13 +5,14 @@ folder so that `dr encode` encodes as `SentenceTransformer(path)` does.
 Out (`write_st_files`): `modules.json` (Transformer -> Pooling [-> Normalize]), `1_Pooling/config.json`,
 `2_Normalize/` when normalised, `sentence_bert_config.json` (max_seq_length = the passage max length),
 `config_sentence_transformers.json` (the query / passage prefixes as the prompts "query" / "document",
-which `encode_query` / `encode_document` apply; similarity "cosine" when normalised, else "dot").
+which `encode_query` / `encode_document` apply; similarity "cosine" when normalised, else "dot";
+`truncate_dim` when the model keeps a vector prefix).
 Untied encoders become a `Router` whose "query" and "document" routes are the `query_model/` and
 `passage_model/` folders (each gets a copy of the tokenizer files, as a Router route must hold its own).
 A model that appends EOS to every text gets no sentence-transformers files: the package does not append
 it, so its vectors would differ; `write_st_files` says so and removes stale ones.
 
-In (`read_st_settings`): pooling, normalisation and prompts of a folder that has `modules.json`, as
+In (`read_st_settings`): pooling, normalisation, prompts and truncate_dim of a folder that has `modules.json`, as
 `EncoderConfig` field values. Modules dr cannot reproduce (Dense, max pooling, ...) are an `InputError`.
 
 Pure JSON on both sides: no torch, no sentence-transformers needed (the tests check against the package).
@@ -138,15 +139,17 @@ def write_st_files(
     if config.normalize:
         modules.append({"idx": 2, "name": "2", "path": NORMALIZE_DIR, "type": _TYPE["Normalize"]})
         (folder / NORMALIZE_DIR).mkdir(exist_ok=True)
-    write_json_atomic(
-        folder / ST_CONFIG,
-        {
-            "model_type": "SentenceTransformer",
-            "prompts": {"query": config.query_prefix, "document": config.passage_prefix},
-            "default_prompt_name": None,
-            "similarity_fn_name": "cosine" if config.normalize else "dot",
-        },
-    )
+    st_config: dict[str, Any] = {
+        "model_type": "SentenceTransformer",
+        "prompts": {"query": config.query_prefix, "document": config.passage_prefix},
+        "default_prompt_name": None,
+        "similarity_fn_name": "cosine" if config.normalize else "dot",
+    }
+    if config.truncate_dim:
+        # sentence-transformers cuts after its Normalize module and does not renormalise: "cosine" scores
+        # (and encode(normalize_embeddings=True) vectors) equal dr's renormalised prefixes.
+        st_config["truncate_dim"] = config.truncate_dim
+    write_json_atomic(folder / ST_CONFIG, st_config)
     write_json_atomic(folder / MODULES, modules)  # last: modules.json is what makes it a ST folder
     return None
 
@@ -220,6 +223,11 @@ def read_st_settings(source: str | os.PathLike, cache_dir: str | None = None) ->
         document = next((prompts[name] for name in _DOCUMENT_PROMPTS if prompts.get(name)), None)
         if document:
             settings["passage_prefix"] = document
+    truncate_dim = st_config.get("truncate_dim")
+    if truncate_dim is not None:
+        if not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool) or truncate_dim < 1:
+            raise InputError(f"{where}/{ST_CONFIG}: truncate_dim must be an integer >= 1, got {truncate_dim!r}")
+        settings["truncate_dim"] = truncate_dim
     return settings
 
 

@@ -111,14 +111,27 @@ def read_metas(paths: list[str], side: str) -> list[ShardMeta]:
             raise SearchError(f"{path}: a {meta.side} shard where {side} reps are expected")
         diff = meta.differences(metas[0])
         if diff:
-            raise SearchError(f"{path}: metadata differs from {paths[0]}: {', '.join(diff)}")
+            hint = _MIXED_DIMS if (meta.dim, meta.truncate_dim) != (metas[0].dim, metas[0].truncate_dim) else ""
+            raise SearchError(f"{path}: metadata differs from {paths[0]}: {', '.join(diff)}{hint}")
     return metas
+
+
+# Said wherever vectors of two sizes meet: the usual cause is a `dr encode --truncate_dim` on some shards only.
+_MIXED_DIMS = (
+    "; vectors of different dimensions cannot be searched together (encode every shard, and the queries, "
+    "with the same --truncate_dim)"
+)
+
+
+def _dims(meta: ShardMeta) -> str:
+    """'dim 64 (truncated)' or 'dim 384'."""
+    return f"dim {meta.dim}" + (" (truncated, --truncate_dim)" if meta.truncate_dim is not None else "")
 
 
 def check_query_passage(qmeta: ShardMeta, pmeta: ShardMeta, allow_model_mismatch: bool = False) -> None:
     """Query and passage reps must live in the same space: same dim, and (unless allowed) same encoder."""
     if qmeta.dim != pmeta.dim:
-        raise SearchError(f"query reps have dim {qmeta.dim} but passage reps have dim {pmeta.dim}")
+        raise SearchError(f"query reps have {_dims(qmeta)} but passage reps have {_dims(pmeta)}{_MIXED_DIMS}")
     diff = qmeta.differences(pmeta, ENCODER_FIELDS, ("query", "passage"))
     if diff and not allow_model_mismatch:
         raise SearchError(

@@ -94,6 +94,26 @@ class DRTrainingArguments(TrainingArguments):
             "distillation alone, as Tevatron v2's train_distil."
         },
     )
+    matryoshka_dims: str | None = field(
+        default=None,
+        metadata={
+            "help": "Matryoshka training: comma-separated vector prefix lengths, e.g. 768,384,128,64; the "
+            "--loss is summed over the prefixes (renormalised when --normalize), from one gather of the "
+            "passages. Include the full size to keep training the whole vector. docs/matryoshka.md."
+        },
+    )
+    matryoshka_weights: str | None = field(
+        default=None,
+        metadata={"help": "One weight per --matryoshka_dims entry, comma-separated (default 1 each)."},
+    )
+    truncate_dim: int | None = field(
+        default=None,
+        metadata={
+            "help": "Save the model with this default vector size (dr_config.json and the "
+            "sentence-transformers config): dr encode and SentenceTransformer(path) then keep the first "
+            "D dimensions. One of --matryoshka_dims."
+        },
+    )
     gc_q_chunk_size: int = field(default=4, metadata={"help": "Queries per GradCache chunk."})
     gc_p_chunk_size: int = field(default=32, metadata={"help": "Passages per GradCache chunk."})
     overwrite_output_dir: bool = field(
@@ -111,6 +131,7 @@ class DRTrainingArguments(TrainingArguments):
             )
         self._check_model_type()
         self._resolve_loss()
+        self._check_matryoshka()
         if self.report_to in (None, "all", ["all"]):
             self.report_to = "none"
         import torch
@@ -163,6 +184,22 @@ class DRTrainingArguments(TrainingArguments):
                 raise UsageError(f"--{name} is used by --loss kl only (margin_mse compares raw margins)")
             if value is not None and not value > 0:
                 raise UsageError(f"--{name} must be > 0, got {value}")
+
+
+    def _check_matryoshka(self) -> None:
+        """Parse --matryoshka_dims / --matryoshka_weights now (a bad value is a UsageError before any
+        loading); --truncate_dim must name one of the trained prefixes."""
+        from dr.train.losses.matryoshka import parse_dims, parse_weights
+
+        dims = parse_dims(self.matryoshka_dims)
+        if self.matryoshka_weights and not dims:
+            raise UsageError("--matryoshka_weights needs --matryoshka_dims")
+        parse_weights(self.matryoshka_weights, len(dims))
+        if self.truncate_dim is not None and self.truncate_dim not in dims:
+            raise UsageError(
+                f"--truncate_dim {self.truncate_dim} must be one of --matryoshka_dims "
+                f"({self.matryoshka_dims or 'none given'}): only trained prefixes are good vectors alone"
+            )
 
 
 @contextlib.contextmanager

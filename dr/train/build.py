@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from dr.errors import UsageError
 from dr.flags import DataArguments, ModelArguments
 from dr.model.encoder import BiEncoder
 from dr.train.args import DRTrainingArguments
@@ -67,7 +68,7 @@ def load_model(model_args: ModelArguments, data_args: DataArguments) -> tuple[An
 def make_loss(args: DRTrainingArguments, model: BiEncoder) -> TrainLoss:
     """--loss from the registry. The KL temperatures default to the model's --temperature (student) and to
     the student's (teacher), and are written back into `args`, so dr_train_args.json records the values used."""
-    settings = LossSettings.from_args(args, model.encoder_config.temperature)
+    settings = LossSettings.from_args(args, model.encoder_config.temperature, model.encoder_config.normalize)
     if args.loss == "kl":
         args.distil_temperature = settings.distill_temperature = args.distil_temperature or settings.temperature
         args.teacher_temperature = settings.teacher_temperature = args.teacher_temperature or args.distil_temperature
@@ -79,7 +80,25 @@ def make_loss(args: DRTrainingArguments, model: BiEncoder) -> TrainLoss:
         )
         weight = settings.distill_weight
         logger.info("loss: %.3g * contrastive + %.3g * %s%s", 1 - weight, weight, args.loss, kl_temperature)
+    if settings.matryoshka_dims:
+        hidden = getattr(model.config, "hidden_size", None)
+        too_wide = [d for d in settings.matryoshka_dims if isinstance(hidden, int) and d > hidden]
+        if too_wide:
+            raise UsageError(f"--matryoshka_dims {too_wide} exceed the model's vector size {hidden}")
+        logger.info(
+            "Matryoshka: the loss summed over prefixes %s with weights %s%s",
+            list(settings.matryoshka_dims),
+            list(settings.matryoshka_weights),
+            " (each renormalised)" if settings.normalize else "",
+        )
     return build_loss(args.loss, settings)
+
+
+def set_truncate_dim(args: DRTrainingArguments, model: BiEncoder) -> None:
+    """--truncate_dim into the model's settings: saved in dr_config.json and the sentence-transformers
+    config, so encoding keeps that prefix by default (a starting model's saved value is kept otherwise)."""
+    if args.truncate_dim is not None:
+        model.encoder_config.truncate_dim = args.truncate_dim
 
 
 def make_dataset(

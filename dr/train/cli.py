@@ -42,6 +42,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: D
         parts, trainer_class = build, BiEncoderTrainer
         tokenizer, model = build.load_model(model_args, data_args)
         loss_fn = build.make_loss(training_args, model)
+        build.set_truncate_dim(training_args, model)
     dataset = parts.make_dataset(source, model_args, data_args, training_args, model)
     resolved = parts.save_resolved_config(model_args, data_args, training_args, model)
     trainer = trainer_class(

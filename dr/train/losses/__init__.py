@@ -8,6 +8,7 @@ pair scores instead, `loss_fn(scores, group_size=..., teacher_scores=...)` (`lis
 
 Adding a loss: a module with the loss class and a `build(settings: LossSettings)` function, and one
 `LOSSES` entry here; `--loss NAME` then selects it, and `dr train` checks the data it needs.
+`--matryoshka_dims` wraps the chosen loss (`matryoshka`: the sum over vector prefixes).
 """
 
 from __future__ import annotations
@@ -47,8 +48,14 @@ def loss_entry(name: str) -> LossEntry:
 
 
 def build_loss(name: str, settings: LossSettings) -> TrainLoss:
-    """The loss registered as `name`, built from `settings`."""
-    return loss_entry(name).build(settings)
+    """The loss registered as `name`, built from `settings`; summed over vector prefixes when
+    `settings.matryoshka_dims` is set (`matryoshka`)."""
+    loss = loss_entry(name).build(settings)
+    if settings.matryoshka_dims:
+        from dr.train.losses import matryoshka
+
+        loss = matryoshka.wrap(loss, settings, name)
+    return loss
 
 
 __all__ = ["LOSSES", "LossEntry", "LossOutput", "LossSettings", "TrainLoss", "build_loss", "loss_entry"]

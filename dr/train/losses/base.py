@@ -48,6 +48,9 @@ class LossSettings:
         distill_weight: w in (1 - w) * contrastive + w * distillation (`--distill_weight`).
         distill_temperature: the KL temperature of the student (`--distil_temperature`; None: `temperature`).
         teacher_temperature: the KL temperature of the teacher (`--teacher_temperature`; None: the student's).
+        matryoshka_dims: vector prefixes the loss is summed over (`--matryoshka_dims`; empty: none).
+        matryoshka_weights: one weight per prefix (`--matryoshka_weights`; empty: 1.0 each).
+        normalize: the model normalises its vectors (so prefixes are renormalised).
     """
 
     temperature: float = 1.0
@@ -55,16 +58,26 @@ class LossSettings:
     distill_weight: float = 1.0
     distill_temperature: float | None = None
     teacher_temperature: float | None = None
+    matryoshka_dims: tuple[int, ...] = ()
+    matryoshka_weights: tuple[float, ...] = ()
+    normalize: bool = False
 
     @classmethod
-    def from_args(cls, args: Any, temperature: float) -> LossSettings:
-        """From `DRTrainingArguments` (its --loss defaults already resolved) and the model's temperature."""
+    def from_args(cls, args: Any, temperature: float, normalize: bool = False) -> LossSettings:
+        """From `DRTrainingArguments` (its --loss defaults already resolved), the model's temperature and
+        whether it normalises."""
+        from dr.train.losses.matryoshka import parse_dims, parse_weights
+
+        dims = parse_dims(getattr(args, "matryoshka_dims", None))
         return cls(
             temperature=temperature,
             gather_across_devices=bool(args.negatives_x_device),
             distill_weight=1.0 if args.distill_weight is None else args.distill_weight,
             distill_temperature=args.distil_temperature,
             teacher_temperature=getattr(args, "teacher_temperature", None),
+            matryoshka_dims=dims,
+            matryoshka_weights=parse_weights(getattr(args, "matryoshka_weights", None), len(dims)) if dims else (),
+            normalize=normalize,
         )
 
 

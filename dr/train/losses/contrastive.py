@@ -11,6 +11,8 @@ are in fact positives of the query (same docid), which are masked out when docid
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -18,6 +20,20 @@ from dr.distributed import all_gather_tensor, all_gather_with_grad, get_rank, ge
 from dr.train.losses.base import LossOutput, LossSettings, TrainLoss, group_size_of
 
 MASKED = "masked_false_negatives"  # the count `LossOutput.counts` carries when docid keys are given
+
+
+@dataclass
+class Candidates:
+    """What the local queries are scored against, after the (one) gather.
+
+    `reps` (W*B*n, d) gathered passages (B*n local ones when not gathering), `keys` their docid keys or
+    None, `labels` (B,) the column of each local query's positive, `group_size` n passages per query.
+    """
+
+    reps: torch.Tensor
+    keys: torch.Tensor | None
+    labels: torch.Tensor
+    group_size: int
 
 
 class ContrastiveLoss(TrainLoss):
@@ -57,9 +73,51 @@ class ContrastiveLoss(TrainLoss):
         With `passage_keys` and `positive_keys`, in-batch passages that are positives of a query are
         masked from its negatives.
         """
-        scores, labels, passage_keys = self.similarities(q_reps, p_reps, group_size, passage_keys)
-        loss, masked = self.cross_entropy(scores, labels, passage_keys, positive_keys)
+        batch = self.gather(q_reps, p_reps, group_size, passage_keys)
+        return self.loss_on(q_reps, batch, teacher_scores, positive_keys)
+
+    def gather(
+        self,
+        q_reps: torch.Tensor,
+        p_reps: torch.Tensor,
+        group_size: int | None = None,
+        passage_keys: torch.Tensor | None = None,
+    ) -> Candidates:
+        """The passages (and keys) the local queries are scored against: every rank's when gathering.
+
+        The loss's only collective; a caller that scores several views of the same batch (the Matryoshka
+        prefixes) gathers once and calls `loss_on` per view.
+        """
+        n_local_queries = q_reps.shape[0]
+        group_size = group_size_of(q_reps, p_reps, group_size)
+        rank_offset = 0
+        if self.gather_across_devices and is_initialized() and get_world_size() > 1:
+            p_reps = all_gather_with_grad(p_reps)  # (W*B*n, d), rank-major
+            if passage_keys is not None:
+                passage_keys = all_gather_tensor(passage_keys)  # (W*B*n,)
+            rank_offset = get_rank() * n_local_queries
+        query_index = torch.arange(n_local_queries, device=q_reps.device) + rank_offset  # (B,) global
+        labels = query_index * group_size  # (B,) row of each query's positive in the global layout
+        return Candidates(p_reps, passage_keys, labels, group_size)
+
+    def loss_on(
+        self,
+        q_reps: torch.Tensor,
+        batch: Candidates,
+        teacher_scores: torch.Tensor | None = None,
+        positive_keys: torch.Tensor | None = None,
+    ) -> LossOutput:
+        """The loss of the local queries against `gather`'s candidates (no collective)."""
+        loss, masked = self.cross_entropy(self.scores(q_reps, batch.reps), batch.labels, batch.keys, positive_keys)
         return LossOutput(loss, counts={} if masked is None else {MASKED: masked})
+
+    @staticmethod
+    def scores(q_reps: torch.Tensor, p_reps: torch.Tensor) -> torch.Tensor:
+        """Raw float32 scores q.p (B, W*B*n), before the temperature."""
+        # Float32 even under fp16/bf16 autocast: softmax over thousands of candidates is sensitive to
+        # rounding, and GradCache (which scores cached float32 vectors) must agree exactly.
+        with torch.autocast(q_reps.device.type, enabled=False):
+            return q_reps.float() @ p_reps.float().T
 
     def similarities(
         self,
@@ -73,21 +131,8 @@ class ContrastiveLoss(TrainLoss):
         Returns (scores (B, W*B*n) before the temperature, labels (B,) = column of each query's own
         positive, i.e. the first column of its own group, passage_keys gathered like the passages).
         """
-        n_local_queries = q_reps.shape[0]
-        group_size = group_size_of(q_reps, p_reps, group_size)
-        rank_offset = 0
-        if self.gather_across_devices and is_initialized() and get_world_size() > 1:
-            p_reps = all_gather_with_grad(p_reps)  # (W*B*n, d), rank-major
-            if passage_keys is not None:
-                passage_keys = all_gather_tensor(passage_keys)  # (W*B*n,)
-            rank_offset = get_rank() * n_local_queries
-        # Scores in float32 even under fp16/bf16 autocast: softmax over thousands of candidates is
-        # sensitive to rounding, and GradCache (which scores cached float32 vectors) must agree exactly.
-        with torch.autocast(q_reps.device.type, enabled=False):
-            scores = q_reps.float() @ p_reps.float().T  # (B, W*B*n)
-        query_index = torch.arange(n_local_queries, device=q_reps.device) + rank_offset  # (B,) global
-        labels = query_index * group_size  # (B,) row of each query's positive in the global layout
-        return scores, labels, passage_keys
+        batch = self.gather(q_reps, p_reps, group_size, passage_keys)
+        return self.scores(q_reps, batch.reps), batch.labels, batch.keys
 
     def cross_entropy(
         self,

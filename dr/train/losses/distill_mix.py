@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from dr.train.losses.base import LossOutput, group_size_of
-from dr.train.losses.contrastive import MASKED, ContrastiveLoss
+from dr.train.losses.contrastive import MASKED, Candidates, ContrastiveLoss
 
 DistillTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student (B, n), teacher (B, n)) -> scalar
 
@@ -60,37 +60,49 @@ class DistillationLoss(ContrastiveLoss):
         self.term = term
         self.weight = weight
 
-    def forward(
+    def gather(
         self,
         q_reps: torch.Tensor,
         p_reps: torch.Tensor,
         group_size: int | None = None,
-        teacher_scores: torch.Tensor | None = None,
         passage_keys: torch.Tensor | None = None,
+    ) -> Candidates:
+        """`ContrastiveLoss.gather` when the contrastive term is used (w < 1); with w = 1 the local
+        passages as they are: each query's own group is on its own rank, nothing is gathered."""
+        if self.weight < 1.0:
+            return super().gather(q_reps, p_reps, group_size, passage_keys)
+        group_size = group_size_of(q_reps, p_reps, group_size)
+        labels = torch.arange(q_reps.shape[0], device=q_reps.device) * group_size
+        return Candidates(p_reps, passage_keys, labels, group_size)
+
+    def loss_on(
+        self,
+        q_reps: torch.Tensor,
+        batch: Candidates,
+        teacher_scores: torch.Tensor | None = None,
         positive_keys: torch.Tensor | None = None,
     ) -> LossOutput:
         """Mean over local queries; `teacher_scores` (B, n) are required, aligned with the groups."""
-        n_queries = q_reps.shape[0]
+        n_queries, group_size = q_reps.shape[0], batch.group_size
         if teacher_scores is None:
             raise ValueError(f"--loss {self.name} needs teacher scores in the batch ('score' on every passage)")
-        if p_reps.shape[0] != teacher_scores.numel() or teacher_scores.shape[0] != n_queries:
+        if tuple(teacher_scores.shape) != (n_queries, group_size):
             raise ValueError(
                 f"teacher scores of shape {tuple(teacher_scores.shape)} do not match {n_queries} queries x "
-                f"{p_reps.shape[0] // max(n_queries, 1)} passages"
+                f"{group_size} passages"
             )
-        group_size = group_size_of(q_reps, p_reps, group_size)
         out = LossOutput(torch.zeros((), device=q_reps.device))
         if self.weight < 1.0:
-            scores, labels, passage_keys = self.similarities(q_reps, p_reps, group_size, passage_keys)
-            columns = labels[:, None] + torch.arange(group_size, device=labels.device)  # (B, n) own group
+            scores = self.scores(q_reps, batch.reps)
+            columns = batch.labels[:, None] + torch.arange(group_size, device=batch.labels.device)  # (B, n)
             own = scores.gather(1, columns)  # (B, n): the same float32 scores as the contrastive term
-            contrastive, masked = self.cross_entropy(scores, labels, passage_keys, positive_keys)
+            contrastive, masked = self.cross_entropy(scores, batch.labels, batch.keys, positive_keys)
             out.terms["contrastive"] = contrastive.detach()
             if masked is not None:
                 out.counts[MASKED] = masked
         else:  # pure distillation: only each query's own group, nothing gathered
             with torch.autocast(q_reps.device.type, enabled=False):
-                groups = p_reps.float().view(n_queries, group_size, -1)  # (B, n, d)
+                groups = batch.reps.float().view(n_queries, group_size, -1)  # (B, n, d)
                 own = torch.einsum("bd,bnd->bn", q_reps.float(), groups)  # (B, n)
         distill = self.term(own, teacher_scores)
         out.terms["distill"] = distill.detach()
