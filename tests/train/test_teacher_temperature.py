@@ -85,7 +85,7 @@ def test_flag_defaults_are_written_back_and_misuse_is_refused(tmp_path):
     from dr.train.args import DRTrainingArguments
     from dr.train.build import make_loss
 
-    model = SimpleNamespace(encoder_config=SimpleNamespace(temperature=0.05))
+    model = SimpleNamespace(encoder_config=SimpleNamespace(temperature=0.05, normalize=True))
     args = DRTrainingArguments(output_dir=str(tmp_path), loss="kl", use_cpu=True)
     make_loss(args, model)
     assert (args.distil_temperature, args.teacher_temperature) == (0.05, 0.05)  # Tevatron's meaning
