@@ -105,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     passages, queries = write_synthetic(work, args.passages, args.dim, args.queries, args.shards)
     common = ["--query_reps", queries, "--depth", str(args.depth), "--quiet"]
-    seconds, rss, _ = _run(_dr("search", *common, "--passage_reps", passages, "--save_ranking_to", str(work / "exact.txt")))
+    seconds, rss, _ = _run(
+        _dr("search", *common, "--passage_reps", passages, "--save_ranking_to", str(work / "exact.txt"))
+    )
     exact: dict[str, set[str]] = {}
     for line in (work / "exact.txt").read_text().splitlines():
         q, d, _ = line.split("\t")
@@ -144,8 +146,11 @@ def main(argv: list[str] | None = None) -> int:
         build_s, search_s = (float(x) for x in out.split()[-2:])
         rows.append({"method": f"plain faiss {factory}", "qps": args.queries / search_s, "build_1_s": build_s,
                      "peak_rss": rss_plain})  # fmt: skip
-    print(f"{'method':<34} {'R@' + str(args.depth):>7} {'q/s':>9} {'build1 s':>9} {'build2 s':>9} {'index MB':>9} {'RSS MB':>8}")
+    print(
+        f"{'method':<34} {'R@' + str(args.depth):>7} {'q/s':>9} {'build1 s':>9} {'build2 s':>9} {'index MB':>9} {'RSS MB':>8}"
+    )
     for r in rows:
+
         def f(key, scale=1.0, spec=".2f", r=r):
             return format(r[key] / scale, spec) if r.get(key) is not None else "-"
 

@@ -17,7 +17,9 @@ import time
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="HF model folder (default: the offline all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--model", default=None, help="HF model folder (default: the offline all-MiniLM-L6-v2)"
+    )
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--lengths", default="256,224,192", help="comma-separated batch widths (tokens)")
     parser.add_argument("--rounds", type=int, default=3)
@@ -33,7 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     batches = []
     for width in (int(x) for x in opts.lengths.split(",")):
         mask = torch.ones(opts.batch_size, width, dtype=torch.long)
-        mask[: opts.batch_size // 2, width - width // 8 :] = 0  # half the rows padded, as length-sorted batches
+        mask[: opts.batch_size // 2, width - width // 8 :] = (
+            0  # half the rows padded, as length-sorted batches
+        )
         batches.append({"input_ids": torch.randint(1000, 20000, mask.shape), "attention_mask": mask})
 
     def forward(fn) -> tuple[float, list]:

@@ -66,7 +66,9 @@ DR_VARIANTS = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default=str(CORPUS), help="JSONL corpus (docid, title, text)")
-    parser.add_argument("--model", default=None, help="HF model folder (default: the offline all-MiniLM-L6-v2)")
+    parser.add_argument(
+        "--model", default=None, help="HF model folder (default: the offline all-MiniLM-L6-v2)"
+    )
     parser.add_argument("--rows", type=int, default=1500, help="passages to encode per run")
     parser.add_argument("--p_max_len", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=32)
@@ -79,7 +81,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--skip_single", action="store_true", help="only the multi-process comparison")
     parser.add_argument("--skip_tevatron", action="store_true")
     parser.add_argument("--tevatron_python", default=TEVATRON_PYTHON, help="python of the Tevatron venv")
-    parser.add_argument("--dr_variants", default="", help=f"comma-separated dr levers: {','.join(DR_VARIANTS)}")
+    parser.add_argument(
+        "--dr_variants", default="", help=f"comma-separated dr levers: {','.join(DR_VARIANTS)}"
+    )
     parser.add_argument("--quality", action="store_true", help="SciFact nDCG@10, dr vs ST (whole corpus)")
     parser.add_argument("--_worker", choices=["st", "tevatron"], help=argparse.SUPPRESS)
     parser.add_argument("--_texts", help=argparse.SUPPRESS)
@@ -97,7 +101,9 @@ def default_model() -> str:
 
 def _env(threads: int) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(max(1, threads)))
-    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"
+    )
     return env
 
 
@@ -191,7 +197,9 @@ def write_texts(opts: argparse.Namespace, workdir: Path, rows: int | None) -> tu
     with plain.open("w", encoding="utf-8") as f, tokenized.open("w", encoding="utf-8") as g:
         for i, text in zip(ids, texts):
             f.write(json.dumps({"id": i, "text": text}) + "\n")
-            tokens = tok(text, add_special_tokens=False, truncation=True, max_length=opts.p_max_len)["input_ids"]
+            tokens = tok(text, add_special_tokens=False, truncation=True, max_length=opts.p_max_len)[
+                "input_ids"
+            ]
             g.write(json.dumps({"text_id": i, "text": tokens}) + "\n")
     return plain, tokenized
 
@@ -255,11 +263,20 @@ def systems(opts: argparse.Namespace, texts: Path, tokens: Path) -> list[tuple[s
     for precision in ([] if opts.no_fp32 else ["fp32"]) + (["bf16"] if opts.bf16 else []):
         flags = ["--bf16", "true"] if precision == "bf16" else []
 
-        def dr(label: str, procs: int = 1, extra: tuple[str, ...] = (), f: list[str] = flags, p: str = precision):
+        def dr(
+            label: str, procs: int = 1, extra: tuple[str, ...] = (), f: list[str] = flags, p: str = precision
+        ):
             out.append((label, p, procs, partial(run_dr, opts, procs=procs, extra=f + list(extra))))
 
         def st(procs: int = 1, p: str = precision) -> None:
-            out.append(("st", p, procs, partial(run_worker, opts, worker="st", texts=texts, precision=p, procs=procs)))
+            out.append(
+                (
+                    "st",
+                    p,
+                    procs,
+                    partial(run_worker, opts, worker="st", texts=texts, precision=p, procs=procs),
+                )
+            )
 
         if not opts.skip_single:
             dr("dr")
@@ -283,7 +300,9 @@ def tevatron_available(opts: argparse.Namespace) -> str:
         return f"{opts.tevatron_python} not found (see the module docstring)"
     probe = subprocess.run([opts.tevatron_python, "-c", "import tevatron.driver.encode"], capture_output=True,
                            text=True, check=False, env=_env(1))  # fmt: skip
-    return "" if probe.returncode == 0 else f"tevatron does not import: {probe.stderr.strip().splitlines()[-1]}"
+    return (
+        "" if probe.returncode == 0 else f"tevatron does not import: {probe.stderr.strip().splitlines()[-1]}"
+    )
 
 
 def compare(vectors, reference) -> tuple[float, float]:
@@ -387,9 +406,13 @@ def run_quality(opts: argparse.Namespace, workdir: Path) -> dict[tuple[str, str]
     qrels = read_qrels(DATA / "qrels.test.trec")
     corpus_texts, _ = write_texts(opts, workdir, None)
     doc_ids, _ = _read_texts(str(corpus_texts))
-    queries = [line.split("\t", 1) for line in (DATA / "queries.test.tsv").read_text(encoding="utf-8").splitlines()]
+    queries = [
+        line.split("\t", 1) for line in (DATA / "queries.test.tsv").read_text(encoding="utf-8").splitlines()
+    ]
     query_file = workdir / "queries.jsonl"
-    query_file.write_text("".join(json.dumps({"id": q, "text": t}) + "\n" for q, t in queries), encoding="utf-8")
+    query_file.write_text(
+        "".join(json.dumps({"id": q, "text": t}) + "\n" for q, t in queries), encoding="utf-8"
+    )
     scores = {}
     for precision in (["fp32"] if not opts.no_fp32 else []) + (["bf16"] if opts.bf16 else []):
         flags = ["--bf16", "true"] if precision == "bf16" else []
@@ -422,7 +445,9 @@ def print_table(opts, results: dict, note: str, quality: dict | None) -> None:
     print("| system | precision | processes | passages/s (mean, runs) | CPU s / 1k passages | dr / ST passages/s "
           "| model GFLOP/s (of GEMM) | max abs diff vs ST fp32 | min cosine vs ST fp32 |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|")
-    reference = (results.get(("st", "fp32", 1)) or results.get(("st", "fp32", opts.procs)) or [{}])[0].get("vectors")
+    reference = (results.get(("st", "fp32", 1)) or results.get(("st", "fp32", opts.procs)) or [{}])[0].get(
+        "vectors"
+    )
 
     def rate(key):
         runs = results.get(key, [])
@@ -432,7 +457,9 @@ def print_table(opts, results: dict, note: str, quality: dict | None) -> None:
         rates = [r["rows"] / r["seconds"] for r in runs]
         cpu = sum(1000 * r["cpu"] / r["rows"] for r in runs) / len(runs)
         st_rate = rate(("st", precision, procs))
-        ratio = f"{rate((label, precision, procs)) / st_rate:.2f}x" if label.startswith("dr") and st_rate else ""
+        ratio = (
+            f"{rate((label, precision, procs)) / st_rate:.2f}x" if label.startswith("dr") and st_rate else ""
+        )
         diff = cos = "—"
         if reference is not None and "vectors" in runs[0]:
             d, c = compare(runs[0]["vectors"], reference)
@@ -445,15 +472,19 @@ def print_table(opts, results: dict, note: str, quality: dict | None) -> None:
     if note:
         print(f"\nTevatron skipped: {note}")
     elif not opts.skip_tevatron:
-        print("\nTevatron: v1 (PyPI 0.1.0), pads to the max length, CLS pooling (vectors not comparable), "
-              "no bf16 on CPU; input pre-tokenized (its preprocessing step, not timed).")
+        print(
+            "\nTevatron: v1 (PyPI 0.1.0), pads to the max length, CLS pooling (vectors not comparable), "
+            "no bf16 on CPU; input pre-tokenized (its preprocessing step, not timed)."
+        )
     if quality:
         print("\nSciFact test nDCG@10 (whole corpus, exact search):")
         for (label, precision), value in quality.items():
             print(f"- {label} {precision}: {value:.4f}")
         for precision in {p for _, p in quality}:
             delta = quality[("dr", precision)] - quality[("st", precision)]
-            print(f"- dr - st ({precision}): {delta:+.4f} ({'within' if abs(delta) <= 0.002 else 'OUTSIDE'} ±0.002)")
+            print(
+                f"- dr - st ({precision}): {delta:+.4f} ({'within' if abs(delta) <= 0.002 else 'OUTSIDE'} ±0.002)"
+            )
 
 
 if __name__ == "__main__":

@@ -75,7 +75,11 @@ def score_from_vectors(source: str, query_reps: str, passage_reps: str, output: 
     without encoding every pair again (12.9k SciFact pairs: ~45 min on 2 CPU cores without AVX-512).
     """
     queries, passages = read_vectors(query_reps), read_vectors(passage_reps)
-    with open(source, encoding="utf-8") as src, atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as dst:
+    with (
+        open(source, encoding="utf-8") as src,
+        atomic_path(output) as tmp,
+        open(tmp, "w", encoding="utf-8") as dst,
+    ):
         for line in src:
             row = json.loads(line)
             q = queries[str(row["query_id"])]
@@ -87,7 +91,11 @@ def score_from_vectors(source: str, query_reps: str, passage_reps: str, output: 
 def fuse_training_file(scored: str, corpus: str, output: str, weight: float) -> None:
     """Rewrite every passage's `score` in a `dr score` output as the hybrid score; atomic output."""
     lexical = LexicalScorer(corpus)
-    with open(scored, encoding="utf-8") as src, atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as dst:
+    with (
+        open(scored, encoding="utf-8") as src,
+        atomic_path(output) as tmp,
+        open(tmp, "w", encoding="utf-8") as dst,
+    ):
         for line in src:
             row = json.loads(line)
             passages = row["positive_passages"] + row["negative_passages"]

@@ -21,13 +21,19 @@ COMMANDS = {
     "quantize": ("dr.index.quantize_cli", "int8 / binary codes of passage shards for dr search --quantize"),
     "search": ("dr.search.cli", "exact, quantized or approximate sharded search -> run file"),
     "bm25": ("dr.bm25.cli", "BM25 (bm25s) run of queries over any corpus dr encode reads; index reused"),
-    "rerank": ("dr.rerank.cli", "rerank a run's top-K with a cross-encoder -> a new run (distributed, resumable)"),
+    "rerank": (
+        "dr.rerank.cli",
+        "rerank a run's top-K with a cross-encoder -> a new run (distributed, resumable)",
+    ),
     "fuse": ("dr.fuse.cli", "reciprocal-rank or weighted linear fusion of several runs -> one run"),
     "convert": ("dr.eval.convert_cli", "convert run files between tevatron, MS MARCO and TREC formats"),
     "eval": ("dr.eval.eval_cli", "MRR@10, nDCG@10, recall, MAP of a run against qrels"),
     "mine": ("dr.mine.cli", "hard negatives from a run of the training queries -> a new training file"),
     "score": ("dr.score.cli", "teacher scores (cross- or bi-encoder) on every passage of a training file"),
-    "pipeline": ("dr.pipeline.cli", "train -> encode -> search -> convert -> eval from one config, resumable"),
+    "pipeline": (
+        "dr.pipeline.cli",
+        "train -> encode -> search -> convert -> eval from one config, resumable",
+    ),
     "demo": ("dr.demo.cli", "the offline end-to-end demo on an embedded dataset (CPU, a few minutes)"),
 }
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -95,7 +101,9 @@ def run_command(command: str, argv: list[str] | None = None) -> int:
     except OSError as err:  # unreadable / unwritable paths named by the flags
         if isinstance(err, BrokenPipeError):
             raise
-        report(command, f"{err.filename + ': ' if getattr(err, 'filename', None) else ''}{err.strerror or err}")
+        report(
+            command, f"{err.filename + ': ' if getattr(err, 'filename', None) else ''}{err.strerror or err}"
+        )
         return 1
 
 

@@ -222,7 +222,9 @@ def _all_gather_function() -> Any:
             dist.all_gather(sizes, torch.tensor([tensor.shape[0]], dtype=torch.long, device=tensor.device))
             ctx.sizes = [int(s.item()) for s in sizes]
             if len(set(ctx.sizes)) != 1:
-                raise ValueError(f"all ranks must contribute the same number of rows to gather, got {ctx.sizes}")
+                raise ValueError(
+                    f"all ranks must contribute the same number of rows to gather, got {ctx.sizes}"
+                )
             out = [torch.empty_like(tensor) for _ in range(world)]
             dist.all_gather(out, tensor.contiguous())
             return torch.cat(out, dim=0)

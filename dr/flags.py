@@ -248,12 +248,16 @@ def bool_choice(value: bool, choices: Any) -> str | None:
     return next((w for w in words if w in names), None)
 
 
-def add_bool(parser: argparse.ArgumentParser | Any, *names: str, default: bool = False, help: str = "") -> None:
+def add_bool(
+    parser: argparse.ArgumentParser | Any, *names: str, default: bool = False, help: str = ""
+) -> None:
     """A boolean flag in the one spelling every command accepts: `--flag`, `--flag true|false`."""
     parser.add_argument(*names, type=str_to_bool, nargs="?", const=True, default=default, help=help)
 
 
-def dataclass_parser(dataclass_types: tuple[type, ...], prog: str, description: str = "") -> argparse.ArgumentParser:
+def dataclass_parser(
+    dataclass_types: tuple[type, ...], prog: str, description: str = ""
+) -> argparse.ArgumentParser:
     """An `HfArgumentParser` over flag dataclasses (imported here: transformers is heavy)."""
     from transformers import HfArgumentParser
 
@@ -306,7 +310,9 @@ def parse_flags(parser: argparse.ArgumentParser, argv: list[str] | None = None) 
     return expand_home(parsed)
 
 
-def to_dataclasses(args: argparse.Namespace, dataclass_types: tuple[type, ...], **extra: Any) -> tuple[Any, ...]:
+def to_dataclasses(
+    args: argparse.Namespace, dataclass_types: tuple[type, ...], **extra: Any
+) -> tuple[Any, ...]:
     """Build each flag dataclass from the parsed namespace (their `__post_init__` validates the values).
 
     `extra` are values for fields that are not flags (e.g. what `dr.distributed.prepare_launch` decided).
@@ -320,7 +326,9 @@ def to_dataclasses(args: argparse.Namespace, dataclass_types: tuple[type, ...], 
     return tuple(outputs)
 
 
-def parse_dataclasses(dataclass_types: tuple[type, ...], argv: list[str] | None = None, prog: str = "dr") -> tuple[Any, ...]:
+def parse_dataclasses(
+    dataclass_types: tuple[type, ...], argv: list[str] | None = None, prog: str = "dr"
+) -> tuple[Any, ...]:
     """argv (and `--config FILE`) -> one instance of each flag dataclass: `parse_flags` + `to_dataclasses`,
     for library callers that want the argument objects of `dr train` / `dr encode` without running them."""
     return to_dataclasses(parse_flags(dataclass_parser(dataclass_types, prog), argv), dataclass_types)

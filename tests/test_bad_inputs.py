@@ -285,7 +285,9 @@ def test_resume_latest_skips_a_checkpoint_cut_short(tiny_model_dir, train_file, 
     weights.write_bytes(weights.read_bytes()[:1000])
     (out / "checkpoint-2" / COMPLETE_MARKER).unlink()
     with caplog.at_level(logging.INFO):
-        rc = _train(tiny_model_dir, train_file, out, "--max_steps", "3", "--resume_from_checkpoint", "latest", *flags)
+        rc = _train(
+            tiny_model_dir, train_file, out, "--max_steps", "3", "--resume_from_checkpoint", "latest", *flags
+        )
     assert rc == 0, capsys.readouterr().err
     assert "resuming from checkpoint-1; skipped newer incomplete checkpoints" in caplog.text
     assert "checkpoint-2" in caplog.text
@@ -294,7 +296,9 @@ def test_resume_latest_skips_a_checkpoint_cut_short(tiny_model_dir, train_file, 
 # ---- item 3: shards checked against their manifest ---------------------------------------------------------
 @pytest.fixture
 def encoded(tiny_model_dir, corpus, tmp_path) -> dict[str, Path]:
-    queries = write_jsonl(tmp_path / "q.jsonl", [{"query_id": "q1", "query": "apple"}, {"query_id": "q2", "query": "river"}])
+    queries = write_jsonl(
+        tmp_path / "q.jsonl", [{"query_id": "q1", "query": "apple"}, {"query_id": "q2", "query": "river"}]
+    )
     assert _encode(tiny_model_dir, corpus, tmp_path / "emb" / "corpus") == 0
     assert _encode(tiny_model_dir, queries, tmp_path / "emb" / "q", "--encode_is_qry") == 0
     return {"passages": tmp_path / "emb" / "corpus.arrow", "queries": tmp_path / "emb" / "q.arrow"}

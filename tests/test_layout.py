@@ -36,7 +36,9 @@ def test_shards_search_eval_and_the_cli_import_no_torch():
     """`python -c "import dr.io.shards"` (and the CPU search, eval, pipeline, the CLI) never import torch."""
     modules = "dr.io.shards, dr.search.cli, dr.search.shard_set, dr.eval.eval_cli, dr.pipeline.cli, dr.cli"
     code = f"import sys, {modules}; print('torch' in sys.modules)"
-    proc = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, env=subprocess_env(), check=True)
+    proc = subprocess.run(
+        [PYTHON, "-c", code], capture_output=True, text=True, env=subprocess_env(), check=True
+    )
     assert proc.stdout.strip() == "False", proc.stderr
 
 
@@ -63,7 +65,11 @@ HELP_FLAGS = {
 def test_every_command_help_shows_its_flags(name):
     proc = subprocess.run(
         [PYTHON, "-m", "dr.cli", name, "--help"],
-        capture_output=True, text=True, env=subprocess_env(), timeout=120, check=False,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert HELP_FLAGS[name] in proc.stdout and f"dr {name}" in proc.stdout
@@ -78,7 +84,18 @@ REQUIRED = {
     "encode": ["--model_name_or_path", "m"],
     "score": ["--model_name_or_path", "m", "--teacher_type", "bi", "--dataset_name", "d", "--output", "o"],
     "quantize": ["--passage_reps", "p", "--quantize", "int8"],
-    "rerank": ["--model_name_or_path", "m", "--run", "r", "--corpus", "c", "--queries", "q", "--save_ranking_to", "o"],
+    "rerank": [
+        "--model_name_or_path",
+        "m",
+        "--run",
+        "r",
+        "--corpus",
+        "c",
+        "--queries",
+        "q",
+        "--save_ranking_to",
+        "o",
+    ],
 }
 
 
@@ -95,10 +112,17 @@ def test_bad_files_exit_1_and_bad_flags_exit_2_in_every_stage(tmp_path, tiny_mod
     assert command("train")([*train, "--dataset_name", missing]) == 1
     encode = ["--model_name_or_path", str(tiny_model_dir), "--encoded_save_path", str(tmp_path / "e")]
     assert command("encode")([*encode, "--dataset_name", missing]) == 1
-    assert command("search")(["--query_reps", missing, "--passage_reps", missing, "--save_ranking_to", "r"]) == 1
+    assert (
+        command("search")(["--query_reps", missing, "--passage_reps", missing, "--save_ranking_to", "r"]) == 1
+    )
     assert command("train")([*train, "--dataset_name", missing, "--pooling", "max"]) == 2
     assert command("encode")([*encode, "--dataset_name", missing, "--embedding_dtype", "int4"]) == 2
-    assert command("search")(["--query_reps", missing, "--save_ranking_to", "r", "--depth", "0", "--passage_reps", "x"]) == 2
+    assert (
+        command("search")(
+            ["--query_reps", missing, "--save_ranking_to", "r", "--depth", "0", "--passage_reps", "x"]
+        )
+        == 2
+    )
     assert command("demo")(["--config", str(tmp_path / "no.yaml")]) == 2
     assert "Traceback" not in capsys.readouterr().err
     assert issubclass(DataError, InputError) and issubclass(CorpusError, InputError)
@@ -111,9 +135,13 @@ def test_booleans_and_config_files_work_the_same_for_argparse_commands(tmp_path)
 
     config = tmp_path / "search.yaml"
     config.write_text("query_reps: q.arrow\npassage_reps: p.arrow\ndepth: 7\nformat: trec\n")
-    args = parse_flags(build_parser(), ["--config", str(config), "--save_ranking_to", "r", "--save_text", "false"])
+    args = parse_flags(
+        build_parser(), ["--config", str(config), "--save_ranking_to", "r", "--save_text", "false"]
+    )
     assert (args.depth, args.run_format, args.save_text) == (7, "trec", False)  # old spelling `format` works
-    args = parse_flags(build_parser(), ["--query_reps", "q", "--save_ranking_to", "r", "--quiet", "--run_format", "marco"])
+    args = parse_flags(
+        build_parser(), ["--query_reps", "q", "--save_ranking_to", "r", "--quiet", "--run_format", "marco"]
+    )
     assert args.quiet is True and args.run_format == "marco"
     with pytest.raises(UsageError, match="boolean"):
         parse_flags(build_parser(), ["--query_reps", "q", "--save_ranking_to", "r", "--quiet", "maybe"])
@@ -141,7 +169,9 @@ def test_training_reads_gzipped_jsonl_and_arrow_as_encode_does(tmp_path):
 
 def _beir_folder(folder: Path, queries: dict[str, str]) -> Path:
     folder.mkdir()
-    write_jsonl(folder / "corpus.jsonl", [{"_id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(20)])
+    write_jsonl(
+        folder / "corpus.jsonl", [{"_id": f"d{i}", "title": "", "text": f"doc {i}"} for i in range(20)]
+    )
     (folder / "qrels.test.trec").write_text("q1 0 d1 1\n")
     (folder / "qrels.train.trec").write_text("q0 0 d0 1\n")
     for name, text in queries.items():
@@ -151,7 +181,9 @@ def _beir_folder(folder: Path, queries: dict[str, str]) -> Path:
 
 def test_a_queries_file_without_the_split_names_the_split(tmp_path):
     """Bug 4: a queries.jsonl whose split column lacks the split failed with 'not enough values to unpack'."""
-    folder = _beir_folder(tmp_path / "beir", {"queries.jsonl": '{"_id": "q0", "text": "zero", "split": "train"}\n'})
+    folder = _beir_folder(
+        tmp_path / "beir", {"queries.jsonl": '{"_id": "q0", "text": "zero", "split": "train"}\n'}
+    )
     with pytest.raises(DataError, match=r"no query of split 'test' \(its splits: \['train'\]\)"):
         load_train_groups(str(folder), split="test", group_size=2)
     with pytest.raises(CorpusError, match="no query of split 'test'"):
@@ -194,20 +226,37 @@ def test_dr_config_is_written_atomically(tmp_path, monkeypatch):
 def test_fine_tuning_keeps_saved_prefixes_and_encode_can_clear_them(tiny_model_dir, tmp_path):
     """Bug 9: prefixes saved in a dr folder were dropped when fine-tuning from it; encode could not clear one."""
     start = tmp_path / "start"
-    model = BiEncoder.from_pretrained(str(tiny_model_dir), {"query_prefix": "query: ", "passage_prefix": "passage: "})
+    model = BiEncoder.from_pretrained(
+        str(tiny_model_dir), {"query_prefix": "query: ", "passage_prefix": "passage: "}
+    )
     from dr.model.text import load_tokenizer
 
     model.save(start, tokenizer=load_tokenizer(str(tiny_model_dir)))
     data = write_jsonl(tmp_path / "train.jsonl", make_train_rows(4, n_negatives=2))
     out = tmp_path / "tuned"
-    flags = as_flags(model_name_or_path=start, dataset_name=data, output_dir=out, max_steps=1,
-                     per_device_train_batch_size=2, train_n_passages=2, save_strategy="no", report_to="none")
+    flags = as_flags(
+        model_name_or_path=start,
+        dataset_name=data,
+        output_dir=out,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        train_n_passages=2,
+        save_strategy="no",
+        report_to="none",
+    )
     assert command("train")(flags) == 0
     saved = json.loads((out / "dr_config.json").read_text())
     assert (saved["query_prefix"], saved["passage_prefix"]) == ("query: ", "passage: ")
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"docid": "a", "text": "apple"}])
     base = tmp_path / "emb" / "corpus"
-    encode = ["--model_name_or_path", str(out), "--dataset_name", str(corpus), "--encoded_save_path", str(base)]
+    encode = [
+        "--model_name_or_path",
+        str(out),
+        "--dataset_name",
+        str(corpus),
+        "--encoded_save_path",
+        str(base),
+    ]
     assert command("encode")([*encode, "--passage_prefix", ""]) == 0
     assert json.loads(Path(f"{base}.config.json").read_text())["resolved"]["prefix"] == ""
     assert command("encode")([*encode, "--overwrite"]) == 0
@@ -261,15 +310,33 @@ def test_multi_rank_index_build_does_not_hold_other_ranks_in_a_collective(tmp_pa
     from dr.io.shards import ShardMeta, write_shard
 
     rng = np.random.default_rng(0)
-    write_shard(tmp_path / "corpus.arrow", ShardMeta("m", "cls", False, 8, "float32", 8, "passage", 64),
-                [f"d{i}" for i in range(64)], rng.standard_normal((64, 8)))
-    write_shard(tmp_path / "q.arrow", ShardMeta("m", "cls", False, 8, "float32", 8, "query", 3),
-                ["q0", "q1", "q2"], rng.standard_normal((3, 8)))
+    write_shard(
+        tmp_path / "corpus.arrow",
+        ShardMeta("m", "cls", False, 8, "float32", 8, "passage", 64),
+        [f"d{i}" for i in range(64)],
+        rng.standard_normal((64, 8)),
+    )
+    write_shard(
+        tmp_path / "q.arrow",
+        ShardMeta("m", "cls", False, 8, "float32", 8, "query", 3),
+        ["q0", "q1", "q2"],
+        rng.standard_normal((3, 8)),
+    )
     script = tmp_path / "slow_search.py"
     script.write_text(SLOW_INDEX_BUILD)
     run_file = tmp_path / "run.txt"
-    argv = ["--query_reps", str(tmp_path / "q.arrow"), "--passage_reps", str(tmp_path / "corpus.arrow"),
-            "--index_factory", "Flat", "--depth", "5", "--save_ranking_to", str(run_file)]
+    argv = [
+        "--query_reps",
+        str(tmp_path / "q.arrow"),
+        "--passage_reps",
+        str(tmp_path / "corpus.arrow"),
+        "--index_factory",
+        "Flat",
+        "--depth",
+        "5",
+        "--save_ranking_to",
+        str(run_file),
+    ]
     run(torchrun(2) + [str(script), *argv], timeout=240, DR_PROCESS_GROUP_TIMEOUT_S="3")
     assert len(run_file.read_text().splitlines()) == 15
 
@@ -289,9 +356,18 @@ def test_logged_false_negative_count_is_global(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", rows)
 
     def flags(out: Path, batch: int) -> list[str]:
-        return as_flags(model_name_or_path=tiny_model_dir, dataset_name=data, output_dir=out, max_steps=1,
-                        per_device_train_batch_size=batch, train_n_passages=3, save_strategy="no",
-                        logging_steps=1, report_to="none", seed=3)
+        return as_flags(
+            model_name_or_path=tiny_model_dir,
+            dataset_name=data,
+            output_dir=out,
+            max_steps=1,
+            per_device_train_batch_size=batch,
+            train_n_passages=3,
+            save_strategy="no",
+            logging_steps=1,
+            report_to="none",
+            seed=3,
+        )
 
     run([PYTHON, "-m", "dr.train", *flags(tmp_path / "one", 4)])
     run(torchrun(2) + ["-m", "dr.train", *flags(tmp_path / "two", 2)], timeout=400)
@@ -306,5 +382,11 @@ def test_gathered_sum_needs_no_group():
 
 
 def test_repository_entry_points_exist():
-    for module in ("dr/train/__main__.py", "dr/encode/__main__.py", "dr/search/__main__.py", "dr/convert.py", "dr/evaluate.py"):
+    for module in (
+        "dr/train/__main__.py",
+        "dr/encode/__main__.py",
+        "dr/search/__main__.py",
+        "dr/convert.py",
+        "dr/evaluate.py",
+    ):
         assert (REPO / module).is_file()

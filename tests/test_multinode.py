@@ -12,7 +12,7 @@ import pytest
 
 from dr.io.runs import read_run
 from dr.io.shards import read_manifest, read_shard
-from tests.encode.test_encode import N_ROWS, corpus_file, encode, read_all  # noqa: F401 - corpus_file: a fixture
+from tests.encode.test_encode import N_ROWS, encode, read_all
 from tests.helpers import as_flags, launch_two_nodes
 from tests.search.test_search import brute_force, cli, make_corpus, random_data, write_queries
 from tests.train.test_train_distributed import PER_DEVICE, _assert_same_weights, _flags, reference  # noqa: F401
@@ -29,7 +29,7 @@ def test_two_nodes_train_equals_single_process(tiny_model_dir, reference):  # no
 
 
 @pytest.mark.parametrize("per_node", [1, 2], ids=["1-per-node", "2-per-node"])
-def test_two_nodes_encode_equals_one_process(tiny_model_dir, corpus_file, tmp_path, per_node):  # noqa: F811
+def test_two_nodes_encode_equals_one_process(tiny_model_dir, corpus_file, tmp_path, per_node):
     """Every global rank writes its own file and the manifest lists them by global rank, whatever the local
     ranks (with 1 per node both workers are local rank 0; with 2, local ranks 0 and 1 on both nodes)."""
     world = 2 * per_node

@@ -189,7 +189,9 @@ class EncodeArguments:
         if self.fp16 and self.bf16 != "false":
             raise EncodeError("--fp16 and --bf16 are mutually exclusive")
         if self.precision_mode not in PRECISION_MODES:
-            raise EncodeError(f"--precision_mode must be one of {PRECISION_MODES}, got {self.precision_mode!r}")
+            raise EncodeError(
+                f"--precision_mode must be one of {PRECISION_MODES}, got {self.precision_mode!r}"
+            )
         if self.num_threads is not None and self.num_threads < 1:
             raise EncodeError(f"--num_threads must be >= 1, got {self.num_threads}")
         if self.embedding_dtype not in ("float32", "float16"):
@@ -223,7 +225,10 @@ def resolve_sharding(args: EncodeArguments, env: dict[str, str] | None = None) -
 
     try:
         return resolve(
-            args.encode_num_shard, args.encode_shard_index, env, ("--encode_num_shard", "--encode_shard_index")
+            args.encode_num_shard,
+            args.encode_shard_index,
+            env,
+            ("--encode_num_shard", "--encode_shard_index"),
         )
     except ShardingError as err:
         raise EncodeError(str(err)) from None
@@ -449,7 +454,9 @@ def shard_check(expected: list[ShardMeta], corpus: TextCorpus) -> Callable[[Part
                 return f"{found.count} rows, expected {want.count}"
             first, last = edge_ids(path)
             a, b = part.range
-            ids = (corpus.ids(a, a + 1)[0].as_py(), corpus.ids(b - 1, b)[0].as_py()) if b > a else (None, None)
+            ids = (
+                (corpus.ids(a, a + 1)[0].as_py(), corpus.ids(b - 1, b)[0].as_py()) if b > a else (None, None)
+            )
             if (first, last) != ids:
                 return f"ids {first!r}..{last!r} differ from the input's {ids[0]!r}..{ids[1]!r}"
         except ShardError as err:
@@ -690,7 +697,9 @@ def encode_own(
 
     def write(tmp: Path) -> None:
         with bar as progress, ShardWriter(tmp, meta) as writer:
-            encode_range(model, loader, writer, meta.side, device, amp, progress, corpus.spec.describe(), start)
+            encode_range(
+                model, loader, writer, meta.side, device, amp, progress, corpus.spec.describe(), start
+            )
 
     path = RowParts(plan.rows, lambda p: plan.layout.rank_file(p.index)).write_part(part, write)
     seconds, cpu = time.perf_counter() - began, _cpu_seconds() - cpu_began

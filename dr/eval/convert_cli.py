@@ -28,11 +28,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, help="run file to read")
     parser.add_argument("--output", required=True, help="run file to write (atomically)")
     parser.add_argument(
-        "--input_run_format", "--from", dest="src_format", default="auto", choices=("auto", *FORMATS),
+        "--input_run_format",
+        "--from",
+        dest="src_format",
+        default="auto",
+        choices=("auto", *FORMATS),
         help="format of --input (default: detected from its content where it is unambiguous)",
     )
     parser.add_argument(
-        "--run_format", "--to", dest="dst_format", default=None, choices=FORMATS,
+        "--run_format",
+        "--to",
+        dest="dst_format",
+        default=None,
+        choices=FORMATS,
         help="format of --output (default: by its suffix)",
     )
     parser.add_argument("--run_tag", default=DEFAULT_TAG, help="tag column of TREC output")

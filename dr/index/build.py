@@ -124,7 +124,9 @@ def train(sample: np.ndarray, dim: int, factory: str):
         try:
             index.train(sample)
         except RuntimeError as err:
-            raise SearchError(f"--index_factory {factory!r}: training on {len(sample)} rows failed: {err}") from None
+            raise SearchError(
+                f"--index_factory {factory!r}: training on {len(sample)} rows failed: {err}"
+            ) from None
     return index
 
 
@@ -202,7 +204,11 @@ def _threads() -> int:
 
 
 def build_index(
-    spec: BuildSpec, folder: Path, max_rows: int, num_shards: int | None = None, shard_index: int | None = None,
+    spec: BuildSpec,
+    folder: Path,
+    max_rows: int,
+    num_shards: int | None = None,
+    shard_index: int | None = None,
     overwrite: bool = False,
 ) -> dict | None:
     """Build this process's shards of the index in `folder`; return the manifest once all are complete.
@@ -224,7 +230,9 @@ def build_index(
     sample_info: dict = {}
     try:
         if rank == 0 and not trained_path.is_file():
-            faiss.omp_set_num_threads(max(1, _threads() * max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+            faiss.omp_set_num_threads(
+                max(1, _threads() * max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+            )
             sample = training_sample(spec.paths, spec.counts, spec.train_size, spec.seed, max_rows)
             sample_info = {"train_rows": len(sample), "train_sha256": _array_sha(sample)}
             write_json_atomic(folder / "trained.json", sample_info)  # same content from every writer
@@ -286,7 +294,13 @@ def _array_sha(array: np.ndarray) -> str:
 
 
 def _add_shard(
-    spec: BuildSpec, folder: Path, parts: RowParts, part: Part, trained_path: Path, trained_sha: str, max_rows: int
+    spec: BuildSpec,
+    folder: Path,
+    parts: RowParts,
+    part: Part,
+    trained_path: Path,
+    trained_sha: str,
+    max_rows: int,
 ) -> None:
     """Add passage shard ``part.start`` to a copy of the trained index; write its index, then its record."""
     import faiss
@@ -352,7 +366,9 @@ def read_manifest(folder: str | os.PathLike) -> dict:
     """The manifest of a complete index folder (`SearchError` when there is none or it is unreadable)."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise SearchError(f"{folder}: no {MANIFEST}: not an index folder, or its build is unfinished (run dr index)")
+        raise SearchError(
+            f"{folder}: no {MANIFEST}: not an index folder, or its build is unfinished (run dr index)"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:

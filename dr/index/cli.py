@@ -34,8 +34,12 @@ logger = logging.getLogger("dr.index")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dr index", description="Build a sharded faiss index of passage shards.")
     p.add_argument("--passage_reps", required=True, help="passage shard glob (quote it)")
-    p.add_argument("--index_factory", required=True, help="any faiss factory: IVF4096,Flat, IVF4096,PQ64, HNSW32")
-    p.add_argument("--output_dir", required=True, help="index folder (one index + record file per passage shard)")
+    p.add_argument(
+        "--index_factory", required=True, help="any faiss factory: IVF4096,Flat, IVF4096,PQ64, HNSW32"
+    )
+    p.add_argument(
+        "--output_dir", required=True, help="index folder (one index + record file per passage shard)"
+    )
     p.add_argument("--train_size", type=int, default=200_000, help="rows sampled across all shards to train")
     p.add_argument("--seed", type=int, default=0, help="seed of the training sample")
     p.add_argument("--num_shards", type=int, default=None, help="split the passage shards over array tasks")
@@ -73,6 +77,10 @@ def run(args: argparse.Namespace) -> int:
         size = sum(s["index_bytes"] for s in manifest["shards"])
         logger.info(
             "dr index: %s: %d shards, %d passages, %.1f MB of index, %.1f s",
-            args.output_dir, len(manifest["shards"]), manifest["num_passages"], size / 1e6, time.perf_counter() - t0,
+            args.output_dir,
+            len(manifest["shards"]),
+            manifest["num_passages"],
+            size / 1e6,
+            time.perf_counter() - t0,
         )
     return 0

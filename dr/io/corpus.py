@@ -181,7 +181,9 @@ def load_dataset(spec: InputSpec, cache_dir: str | None = None):
             cache_dir=cache_dir,
         )
     with quiet_json_loader():  # its own error line would precede ours, which names the line
-        return datasets.load_dataset(spec.kind, data_files=list(spec.files), split="train", cache_dir=cache_dir)
+        return datasets.load_dataset(
+            spec.kind, data_files=list(spec.files), split="train", cache_dir=cache_dir
+        )
 
 
 def check_text_files(spec: InputSpec) -> None:
@@ -231,7 +233,9 @@ def _pick(
 
 def _as_strings(column: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
     """A column as Arrow strings: numbers are cast; mixed-type JSON values arrive JSON-encoded and are decoded."""
-    if isinstance(column.type, pa.BaseExtensionType):  # datasets' arrow.json: mixed types, each value JSON text
+    if isinstance(
+        column.type, pa.BaseExtensionType
+    ):  # datasets' arrow.json: mixed types, each value JSON text
         values = [
             None if v is None else json.loads(v) for v in column.cast(column.type.storage_type).to_pylist()
         ]
@@ -272,7 +276,9 @@ class TextCorpus:
     prefix: str = ""
     limit: int | None = None
     _table: pa.Table | None = field(default=None, repr=False, compare=False)
-    _batches: list[pa.RecordBatch] | None = field(default=None, repr=False, compare=False)  # records_at's index
+    _batches: list[pa.RecordBatch] | None = field(
+        default=None, repr=False, compare=False
+    )  # records_at's index
     _batch_starts: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -376,7 +382,9 @@ class TextCorpus:
             self._batches = self.table.to_batches()  # zero-copy views, one per record batch
             self._batch_starts = np.cumsum([0] + [b.num_rows for b in self._batches])
         found = np.searchsorted(self._batch_starts, rows, side="right") - 1
-        slices = [self._batches[b].slice(row - self._batch_starts[b], 1) for b, row in zip(found.tolist(), rows)]
+        slices = [
+            self._batches[b].slice(row - self._batch_starts[b], 1) for b, row in zip(found.tolist(), rows)
+        ]
         return self._records(pa.Table.from_batches(slices, schema=self.table.schema))
 
     def _records(self, table: pa.Table) -> tuple[list[str], list[str]]:

@@ -99,7 +99,9 @@ def mine(args: argparse.Namespace) -> dict[str, int]:
             f"{args.run}: query id {unknown[0]!r} is not in {args.queries} ({len(unknown)} unknown)"
         )
     if args.keep_scores and not run.scored:
-        raise UsageError(f"{args.run}: --keep_scores needs a scored run (tevatron or TREC format), not ranks only")
+        raise UsageError(
+            f"{args.run}: --keep_scores needs a scored run (tevatron or TREC format), not ranks only"
+        )
     counts = {"queries_in_run": len(run), "written": 0, "no_positive": 0, "no_negative": 0, "short": 0}
     if args.keep_scores:
         counts["positives_without_score"] = 0

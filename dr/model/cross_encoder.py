@@ -63,7 +63,9 @@ class CrossEncoderConfig:
         return cls(**base)
 
     def save(self, model_dir: str | os.PathLike) -> None:
-        write_json_atomic(Path(model_dir) / CROSS_CONFIG_NAME, {"model_type": "cross_encoder", **asdict(self)})
+        write_json_atomic(
+            Path(model_dir) / CROSS_CONFIG_NAME, {"model_type": "cross_encoder", **asdict(self)}
+        )
 
 
 def load_classifier(source: str, cache_dir: str | None = None, **kwargs: Any) -> nn.Module:
@@ -73,10 +75,16 @@ def load_classifier(source: str, cache_dir: str | None = None, **kwargs: Any) ->
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(source, cache_dir=cache_dir)
-    has_head = any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+    has_head = any(
+        a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or [])
+    )
     if has_head and config.num_labels != 1:
-        raise UsageError(f"{source}: a cross-encoder needs a 1-label classifier, this one has {config.num_labels}")
-    return AutoModelForSequenceClassification.from_pretrained(source, num_labels=1, cache_dir=cache_dir, **kwargs)
+        raise UsageError(
+            f"{source}: a cross-encoder needs a 1-label classifier, this one has {config.num_labels}"
+        )
+    return AutoModelForSequenceClassification.from_pretrained(
+        source, num_labels=1, cache_dir=cache_dir, **kwargs
+    )
 
 
 class CrossEncoder(nn.Module):
@@ -95,7 +103,9 @@ class CrossEncoder(nn.Module):
     def from_pretrained(
         cls, source: str, overrides: dict[str, Any] | None = None, cache_dir: str | None = None, **kwargs: Any
     ) -> CrossEncoder:
-        return cls(load_classifier(source, cache_dir, **kwargs), CrossEncoderConfig.resolve(source, overrides or {}))
+        return cls(
+            load_classifier(source, cache_dir, **kwargs), CrossEncoderConfig.resolve(source, overrides or {})
+        )
 
     @property
     def config(self) -> Any:
@@ -119,7 +129,10 @@ class CrossEncoder(nn.Module):
 
     # ---- saving / loading weights -------------------------------------------------------------------
     def save(
-        self, output_dir: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None, tokenizer: Any = None
+        self,
+        output_dir: str | os.PathLike,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        tokenizer: Any = None,
     ) -> None:
         """The classifier folder + tokenizer, staged in `<output_dir>/.saving` and moved into place, then
         `dr_cross_encoder.json` last. `state_dict` (keys prefixed `model.`: what DeepSpeed ZeRO-3 gathers)

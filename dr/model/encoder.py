@@ -69,8 +69,12 @@ class EncoderConfig:
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
             raise InputError(f"{DR_CONFIG_NAME}: pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.truncate_dim is not None and (not isinstance(self.truncate_dim, int) or self.truncate_dim < 1):
-            raise InputError(f"{DR_CONFIG_NAME}: truncate_dim must be an integer >= 1, got {self.truncate_dim!r}")
+        if self.truncate_dim is not None and (
+            not isinstance(self.truncate_dim, int) or self.truncate_dim < 1
+        ):
+            raise InputError(
+                f"{DR_CONFIG_NAME}: truncate_dim must be an integer >= 1, got {self.truncate_dim!r}"
+            )
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike) -> EncoderConfig | None:
@@ -243,7 +247,9 @@ class BiEncoder(nn.Module):
         return self.passage_encoder if self.passage_encoder is not None else self.query_encoder
 
     # ---- encoding -----------------------------------------------------------------------------------
-    def _encode(self, encoder: nn.Module, batch: dict[str, torch.Tensor], float32: bool = False) -> torch.Tensor:
+    def _encode(
+        self, encoder: nn.Module, batch: dict[str, torch.Tensor], float32: bool = False
+    ) -> torch.Tensor:
         hidden = encoder(**batch, return_dict=True).last_hidden_state  # (B, L, d)
         if float32:  # a model cast to bf16/fp16 for encoding: pool and normalise at full precision
             hidden = hidden.float()

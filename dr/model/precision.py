@@ -82,7 +82,9 @@ class Precision:
         return getattr(torch, self.dtype)
 
     def describe(self) -> str:
-        how = {"weights": f"{self.dtype} weights", "autocast": f"{self.dtype} autocast"}.get(self.mode, "float32")
+        how = {"weights": f"{self.dtype} weights", "autocast": f"{self.dtype} autocast"}.get(
+            self.mode, "float32"
+        )
         return f"{how} ({self.reason})"
 
     def as_dict(self) -> dict[str, str]:

@@ -226,7 +226,9 @@ def read_st_settings(source: str | os.PathLike, cache_dir: str | None = None) ->
     truncate_dim = st_config.get("truncate_dim")
     if truncate_dim is not None:
         if not isinstance(truncate_dim, int) or isinstance(truncate_dim, bool) or truncate_dim < 1:
-            raise InputError(f"{where}/{ST_CONFIG}: truncate_dim must be an integer >= 1, got {truncate_dim!r}")
+            raise InputError(
+                f"{where}/{ST_CONFIG}: truncate_dim must be an integer >= 1, got {truncate_dim!r}"
+            )
         settings["truncate_dim"] = truncate_dim
     return settings
 

@@ -35,11 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the first-stage run to rerank (spell it --run_file under torchrun, whose own "
                    "--run-path makes --run ambiguous there)")  # fmt: skip
     p.add_argument(
-        "--input_run_format", default="auto", choices=("auto", *FORMATS), help="format of --run (auto: detected)"
+        "--input_run_format",
+        default="auto",
+        choices=("auto", *FORMATS),
+        help="format of --run (auto: detected)",
     )
     p.add_argument("--corpus", required=True, help="passages: file, glob (quote it), folder or BEIR folder")
     p.add_argument("--queries", required=True, help="queries: file, glob, folder or BEIR folder")
-    p.add_argument("--query_split", default="test", help="split of a BEIR folder's queries (queries.<split>.tsv)")
+    p.add_argument(
+        "--query_split", default="test", help="split of a BEIR folder's queries (queries.<split>.tsv)"
+    )
     p.add_argument("--depth", type=int, default=100, help="candidates reranked per query: the run's first K")
     p.add_argument("--save_ranking_to", required=True, help="run file to write")
     p.add_argument(
@@ -47,14 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="format of the written run (marco drops the scores)",
     )  # fmt: skip
     p.add_argument("--run_tag", default="dr-rerank", help="tag column of TREC runs")
-    p.add_argument("--batch_size", "--per_device_eval_batch_size", type=int, default=64, help="pairs per forward")
+    p.add_argument(
+        "--batch_size", "--per_device_eval_batch_size", type=int, default=64, help="pairs per forward"
+    )
     p.add_argument("--max_length", type=int, default=None,
                    help="max tokens of query + passage (default: the model's dr_cross_encoder.json, else 256)")  # fmt: skip
     p.add_argument("--truncation", default=None, choices=TRUNCATIONS,
                    help="what a too-long pair loses (default: as trained, else longest_first)")  # fmt: skip
     p.add_argument("--bf16", default="auto", type=str.lower, choices=BF16_CHOICES, nargs="?", const="true",
                    help="bf16 autocast: true, false, auto (bf16 where the GPU/CPU has it in hardware)")  # fmt: skip
-    p.add_argument("--num_shards", type=int, default=None, help="contiguous shards of the queries (SLURM array)")
+    p.add_argument(
+        "--num_shards", type=int, default=None, help="contiguous shards of the queries (SLURM array)"
+    )
     p.add_argument("--shard_index", type=int, default=None)
     p.add_argument("--overwrite", action="store_true", help="drop existing parts and rerank everything")
     return p

@@ -177,7 +177,9 @@ def make_part_check(qids: list[str]):
     def check(part: Part, path: Path) -> str:
         found = part_qids(path)
         expected = qids[part.start : part.stop]
-        return "" if found == expected else f"{len(found)} queries, expected {len(expected)} ({expected[:1]}...)"
+        return (
+            "" if found == expected else f"{len(found)} queries, expected {len(expected)} ({expected[:1]}...)"
+        )
 
     return check
 
@@ -307,5 +309,7 @@ def publish(args: argparse.Namespace, plan: Plan) -> bool:
             "parts": [{"path": p.name, "range": [a, b]} for a, b, p in parts],
         },
     )
-    print(f"dr rerank: wrote {total} queries ({run.num_hits()} hits) to {args.save_ranking_to}", file=sys.stderr)
+    print(
+        f"dr rerank: wrote {total} queries ({run.num_hits()} hits) to {args.save_ranking_to}", file=sys.stderr
+    )
     return True

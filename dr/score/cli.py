@@ -17,8 +17,12 @@ from dr.score.run import ScoreUsageError, publish, score_own_part, setup_rank
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dr score", description="Teacher scores on every passage of a training file.")
-    parser.add_argument("--model_name_or_path", required=True, help="the teacher (a local folder or hub name)")
+    parser = argparse.ArgumentParser(
+        prog="dr score", description="Teacher scores on every passage of a training file."
+    )
+    parser.add_argument(
+        "--model_name_or_path", required=True, help="the teacher (a local folder or hub name)"
+    )
     parser.add_argument("--teacher_type", required=True, choices=["cross", "bi"])
     parser.add_argument(
         "--dataset_name", "--train_file", "--input", required=True, help="Tevatron-format training JSONL"
@@ -42,8 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         "model was trained (dr_cross_encoder.json), else longest_first",
     )
     parser.add_argument("--q_max_len", "--query_max_len", type=int, default=None, help="bi: query max tokens")
-    parser.add_argument("--p_max_len", "--passage_max_len", type=int, default=None, help="bi: passage max tokens")
-    parser.add_argument("--pooling", default=None, choices=["cls", "mean", "last"], help="bi: override pooling")
+    parser.add_argument(
+        "--p_max_len", "--passage_max_len", type=int, default=None, help="bi: passage max tokens"
+    )
+    parser.add_argument(
+        "--pooling", default=None, choices=["cls", "mean", "last"], help="bi: override pooling"
+    )
     parser.add_argument(
         "--normalize", default=None, type=lambda v: v.lower() in ("1", "true", "yes"), nargs="?", const=True
     )
@@ -96,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from dr.cli import run_command
 
     return run_command("score", argv)
+
 
 if __name__ == "__main__":
     from dr.cli import module_main

@@ -121,7 +121,9 @@ class CrossTeacher:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path).to(device).eval()
+        self.model = (
+            AutoModelForSequenceClassification.from_pretrained(args.model_name_or_path).to(device).eval()
+        )
         labels = self.model.config.num_labels
         if labels not in (1, 2):
             raise ScoreUsageError(
@@ -132,7 +134,11 @@ class CrossTeacher:
         # truncation, prefixes): the defaults here, so its scores are those of the model as trained.
         from dr.model.cross_encoder import CrossEncoderConfig
 
-        saved = CrossEncoderConfig.load(args.model_name_or_path) if Path(args.model_name_or_path).is_dir() else None
+        saved = (
+            CrossEncoderConfig.load(args.model_name_or_path)
+            if Path(args.model_name_or_path).is_dir()
+            else None
+        )
         max_length = args.max_length or (saved.max_length if saved else 512)
         self.max_length = min(max_length, self.tokenizer.model_max_length or max_length)
         self.truncation = args.truncation or (saved.truncation if saved else "longest_first")
@@ -159,7 +165,9 @@ class CrossTeacher:
             return_attention_mask=False,
         )
         scores = [0.0] * len(queries)
-        for positions, batch in sort_and_batch(encoded, self.tokenizer, BatchSettings(self.max_length, batch_size)):
+        for positions, batch in sort_and_batch(
+            encoded, self.tokenizer, BatchSettings(self.max_length, batch_size)
+        ):
             with torch.inference_mode():
                 logits = self.model(**{k: v.to(self.device) for k, v in batch.items()}).logits  # (B, labels)
             for i, value in zip(positions.tolist(), logits[:, self.column].float().cpu().tolist()):
@@ -250,10 +258,7 @@ def score_rows(rows: list[dict[str, Any]], teacher: CrossTeacher | BiTeacher, ba
     from dr.train.groups import passage_text
 
     pairs = [
-        (row["query"], passage)
-        for row in rows
-        for name in PASSAGE_FIELDS
-        for passage in row.get(name) or []
+        (row["query"], passage) for row in rows for name in PASSAGE_FIELDS for passage in row.get(name) or []
     ]
     scores = teacher.score_pairs([q for q, _ in pairs], [passage_text(p) for _, p in pairs], batch_size)
     for (_, passage), value in zip(pairs, scores):
@@ -309,8 +314,15 @@ def setup_rank(args: argparse.Namespace, rank: int, world: int) -> SimpleNamespa
     tag = f"dr score [rank {rank}/{world}]" if world > 1 else "dr score"
     parts = RowParts(rows, lambda part: range_part_path(parts_dir, part, PART_SUFFIX), _check_part)
     return SimpleNamespace(
-        source=source, total=total, start=rows.own.start, stop=rows.own.stop, parts_dir=parts_dir,
-        parts=parts, teacher=teacher, identity=expected["teacher"], tag=tag,
+        source=source,
+        total=total,
+        start=rows.own.start,
+        stop=rows.own.stop,
+        parts_dir=parts_dir,
+        parts=parts,
+        teacher=teacher,
+        identity=expected["teacher"],
+        tag=tag,
         progress=rank == 0,  # one bar (rank 0's), as dr encode
     )
 

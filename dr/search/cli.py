@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_size", type=int, default=200_000, help="rows sampled to train --index_factory")
     p.add_argument("--seed", type=int, default=0, help="seed of the --index_factory training sample")
     p.add_argument(
-        "--save_index", default=None, help="keep the --index_factory index in this folder (as dr index writes)"
+        "--save_index",
+        default=None,
+        help="keep the --index_factory index in this folder (as dr index writes)",
     )
     p.add_argument(
         "--index_dir", default=None, help="search a sharded index built by dr index (ranks split its shards)"
@@ -114,8 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize", default=None, choices=QUANTIZE_KINDS, help="first pass over the codes dr quantize wrote"
     )
     p.add_argument(
-        "--rescore", type=_positive_int, default=None,
-        help="with --quantize or an index: rescore the top K*depth exactly from the float shards"
+        "--rescore",
+        type=_positive_int,
+        default=None,
+        help="with --quantize or an index: rescore the top K*depth exactly from the float shards",
     )
     p.add_argument("--quantized_dir", default=None, help="the codes' folder (default: <shards>/<kind>/)")
     add_bool(p, "--allow_model_mismatch", help="query/passage reps from different models")
@@ -236,7 +240,8 @@ def _approximate(args, query_vecs: np.ndarray, qmeta: ShardMeta) -> Outcome | No
         if args.depth > manifest["num_passages"] and D.is_main_process():
             logger.warning(
                 "dr search: --depth %d exceeds the %d passages; returning all of them",
-                args.depth, manifest["num_passages"],
+                args.depth,
+                manifest["num_passages"],
             )
         timings["index_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -304,13 +309,17 @@ def run_search(args: argparse.Namespace) -> None:
     if args.save_index and not args.index_factory:
         raise UsageError("--save_index needs --index_factory")
     if args.index_factory and index_dir:
-        raise UsageError("--index_factory builds an index; --index_dir/--load_index search a built one: not both")
+        raise UsageError(
+            "--index_factory builds an index; --index_dir/--load_index search a built one: not both"
+        )
     if args.depth < 1:
         raise UsageError(f"--depth must be >= 1, got {args.depth}")
     if args.rescore is not None and not (args.quantize or args.index_factory or index_dir):
         raise UsageError("--rescore needs --quantize int8|binary, --index_factory or --index_dir")
     if args.quantize and (args.index_factory or index_dir or args.use_gpu):
-        raise UsageError("--quantize runs on the CPU without an index: drop --index_factory/--index_dir/--use_gpu")
+        raise UsageError(
+            "--quantize runs on the CPU without an index: drop --index_factory/--index_dir/--use_gpu"
+        )
     parse_bytes(args.max_memory)
     backend = choose_backend(args.use_gpu)
     query_paths = expand_paths(args.query_reps, "--query_reps")
@@ -321,7 +330,9 @@ def run_search(args: argparse.Namespace) -> None:
         # Built on rank 0 (dr index builds in parallel). The other ranks have nothing to do: all leave the
         # group now, without a barrier, so none waits in a collective while rank 0 builds.
         if D.is_main_process():
-            logger.warning("dr search: --index_factory/--quantize run on rank 0 only (use dr index + --index_dir)")
+            logger.warning(
+                "dr search: --index_factory/--quantize run on rank 0 only (use dr index + --index_dir)"
+            )
         D.leave_process_group()
     if approximate:
         outcome = _approximate(args, query_vecs, qmeta) if D.get_rank() == 0 or index_dir else None
@@ -333,7 +344,10 @@ def run_search(args: argparse.Namespace) -> None:
         return
     t0 = time.perf_counter()
     write_run(
-        args.save_ranking_to, _to_run(query_ids, outcome.scores, outcome.docids), args.run_format, args.run_tag
+        args.save_ranking_to,
+        _to_run(query_ids, outcome.scores, outcome.docids),
+        args.run_format,
+        args.run_tag,
     )
     outcome.info["timings"]["write_s"] = time.perf_counter() - t0
     outcome.info["timings"]["total_s"] = time.perf_counter() - t_start

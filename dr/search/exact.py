@@ -191,7 +191,9 @@ class BlockScorer:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(parts, thread_name_prefix="dr-search-convert")
         bounds = np.linspace(0, len(src), parts + 1).astype(int)
-        jobs = [self._pool.submit(np.copyto, dst[a:b], src[a:b]) for a, b in itertools.pairwise(bounds) if b > a]
+        jobs = [
+            self._pool.submit(np.copyto, dst[a:b], src[a:b]) for a, b in itertools.pairwise(bounds) if b > a
+        ]
         for job in jobs:  # wait for every job before the buffers are reused
             job.result()
 

@@ -204,7 +204,9 @@ class RowReader:
         return out
 
 
-def exact_scores(queries: np.ndarray, rows: np.ndarray, reader: RowReader, max_memory_bytes: int) -> np.ndarray:
+def exact_scores(
+    queries: np.ndarray, rows: np.ndarray, reader: RowReader, max_memory_bytes: int
+) -> np.ndarray:
     """Exact float scores (nq, c) of each query's candidate `rows` (global passage rows; -1: none -> -inf).
 
     Candidate vectors are read from the float shards a group of queries at a time (within

@@ -54,7 +54,9 @@ class VerifyReport:
         return "; ".join(parts) + f" in {self.seconds:.2f}s"
 
 
-def _manifest_entries(folder: Path, cache: dict[Path, dict[str, tuple[Path, dict]]]) -> dict[str, tuple[Path, dict]]:
+def _manifest_entries(
+    folder: Path, cache: dict[Path, dict[str, tuple[Path, dict]]]
+) -> dict[str, tuple[Path, dict]]:
     """{file name: (manifest path, its entry)} over every manifest in `folder` (read once per folder)."""
     if folder not in cache:
         entries: dict[str, tuple[Path, dict]] = {}

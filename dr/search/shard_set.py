@@ -111,7 +111,9 @@ def read_metas(paths: list[str], side: str) -> list[ShardMeta]:
             raise SearchError(f"{path}: a {meta.side} shard where {side} reps are expected")
         diff = meta.differences(metas[0])
         if diff:
-            hint = _MIXED_DIMS if (meta.dim, meta.truncate_dim) != (metas[0].dim, metas[0].truncate_dim) else ""
+            hint = (
+                _MIXED_DIMS if (meta.dim, meta.truncate_dim) != (metas[0].dim, metas[0].truncate_dim) else ""
+            )
             raise SearchError(f"{path}: metadata differs from {paths[0]}: {', '.join(diff)}{hint}")
     return metas
 

@@ -149,7 +149,9 @@ class DRTrainingArguments(TrainingArguments):
             raise UsageError(f"--model_type must be one of {', '.join(MODEL_TYPES)}, got {self.model_type!r}")
         if self.model_type == "bi_encoder":
             if self.max_length is not None:
-                raise UsageError("--max_length is for --model_type cross_encoder (bi-encoders: --q_max_len/--p_max_len)")
+                raise UsageError(
+                    "--max_length is for --model_type cross_encoder (bi-encoders: --q_max_len/--p_max_len)"
+                )
             if self.loss == "listwise":
                 raise UsageError("--loss listwise is for --model_type cross_encoder")
             return
@@ -169,7 +171,9 @@ class DRTrainingArguments(TrainingArguments):
             self.loss = "kl" if self.distil_temperature is not None else plain
         if not loss_entry(self.loss).needs_teacher_scores:
             given = [
-                f for f in ("distil_temperature", "teacher_temperature", "distill_weight") if getattr(self, f) is not None
+                f
+                for f in ("distil_temperature", "teacher_temperature", "distill_weight")
+                if getattr(self, f) is not None
             ]
             if given:
                 raise UsageError(f"--{given[0]} needs a distillation loss (--loss kl or margin_mse)")
@@ -184,7 +188,6 @@ class DRTrainingArguments(TrainingArguments):
                 raise UsageError(f"--{name} is used by --loss kl only (margin_mse compares raw margins)")
             if value is not None and not value > 0:
                 raise UsageError(f"--{name} must be > 0, got {value}")
-
 
     def _check_matryoshka(self) -> None:
         """Parse --matryoshka_dims / --matryoshka_weights now (a bad value is a UsageError before any

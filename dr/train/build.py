@@ -70,8 +70,12 @@ def make_loss(args: DRTrainingArguments, model: BiEncoder) -> TrainLoss:
     the student's (teacher), and are written back into `args`, so dr_train_args.json records the values used."""
     settings = LossSettings.from_args(args, model.encoder_config.temperature, model.encoder_config.normalize)
     if args.loss == "kl":
-        args.distil_temperature = settings.distill_temperature = args.distil_temperature or settings.temperature
-        args.teacher_temperature = settings.teacher_temperature = args.teacher_temperature or args.distil_temperature
+        args.distil_temperature = settings.distill_temperature = (
+            args.distil_temperature or settings.temperature
+        )
+        args.teacher_temperature = settings.teacher_temperature = (
+            args.teacher_temperature or args.distil_temperature
+        )
     if loss_entry(args.loss).needs_teacher_scores:
         kl_temperature = (
             f" (KL temperatures: student {args.distil_temperature:g}, teacher {args.teacher_temperature:g})"
@@ -102,7 +106,11 @@ def set_truncate_dim(args: DRTrainingArguments, model: BiEncoder) -> None:
 
 
 def make_dataset(
-    source: Any, model_args: ModelArguments, data_args: DataArguments, args: DRTrainingArguments, model: BiEncoder
+    source: Any,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: DRTrainingArguments,
+    model: BiEncoder,
 ) -> TrainGroups:
     """Items with the prefixes as resolved (flag > the starting dr folder's dr_config.json > none)."""
     dataset = TrainGroups(

@@ -86,5 +86,7 @@ def resolve_resume(value: str | None, output_dir: str) -> str | None:
     if not Path(value).is_dir():
         raise ConfigError(f"--resume_from_checkpoint {value}: no such checkpoint folder")
     if not is_complete(value):
-        logger.warning("%s has no %s: it may be incomplete (resuming from it as asked)", value, COMPLETE_MARKER)
+        logger.warning(
+            "%s has no %s: it may be incomplete (resuming from it as asked)", value, COMPLETE_MARKER
+        )
     return value

@@ -58,5 +58,7 @@ class TrainCollator:
         if self.teacher_scores:
             if any(item.teacher_scores is None for item in items):
                 raise ValueError("a training group has no teacher scores (validation should have caught it)")
-            batch["teacher_scores"] = torch.tensor([item.teacher_scores for item in items], dtype=torch.float32)
+            batch["teacher_scores"] = torch.tensor(
+                [item.teacher_scores for item in items], dtype=torch.float32
+            )
         return batch

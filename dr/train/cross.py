@@ -60,7 +60,9 @@ class CrossCollator:
         if self.teacher_scores:
             if any(item.teacher_scores is None for item in items):
                 raise ValueError("a training group has no teacher scores (validation should have caught it)")
-            batch["teacher_scores"] = torch.tensor([item.teacher_scores for item in items], dtype=torch.float32)
+            batch["teacher_scores"] = torch.tensor(
+                [item.teacher_scores for item in items], dtype=torch.float32
+            )
         return batch
 
 
@@ -72,7 +74,9 @@ class CrossEncoderTrainer(BiEncoderTrainer):
     ) -> Any:
         """Pair logits through the DDP / DeepSpeed wrapper, then the listwise (or distillation) loss."""
         out = model(pairs=inputs["pairs"])
-        result = self.loss_fn(out["scores"], group_size=inputs["group_size"], teacher_scores=inputs.get("teacher_scores"))
+        result = self.loss_fn(
+            out["scores"], group_size=inputs["group_size"], teacher_scores=inputs.get("teacher_scores")
+        )
         self.loss_log.add(result)
         return (result.loss, out) if return_outputs else result.loss
 
@@ -93,7 +97,9 @@ def load_model(
         "passage_prefix": data_args.passage_prefix,
     }
     extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
-    model = CrossEncoder.from_pretrained(model_args.model_name_or_path, overrides, model_args.cache_dir, **extra)
+    model = CrossEncoder.from_pretrained(
+        model_args.model_name_or_path, overrides, model_args.cache_dir, **extra
+    )
     limit = getattr(model.config, "max_position_embeddings", None)
     if isinstance(limit, int) and model.cross_config.max_length > limit:
         model.cross_config.max_length = limit  # positions beyond the model's table would fail in the forward
@@ -108,7 +114,9 @@ def make_loss(args: DRTrainingArguments) -> ListwiseLoss:
     if args.loss == "kl":
         args.distil_temperature = args.distil_temperature or 1.0
         args.teacher_temperature = args.teacher_temperature or args.distil_temperature
-        term = functools.partial(kl, temperature=args.distil_temperature, teacher_temperature=args.teacher_temperature)
+        term = functools.partial(
+            kl, temperature=args.distil_temperature, teacher_temperature=args.teacher_temperature
+        )
     else:
         term = margin_mse
     weight = 1.0 if args.distill_weight is None else args.distill_weight
@@ -117,7 +125,11 @@ def make_loss(args: DRTrainingArguments) -> ListwiseLoss:
 
 
 def make_dataset(
-    source: Any, model_args: ModelArguments, data_args: DataArguments, args: DRTrainingArguments, model: CrossEncoder
+    source: Any,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    args: DRTrainingArguments,
+    model: CrossEncoder,
 ) -> TrainGroups:
     """The training groups as text without prefixes: the collator adds the model's (`tokenize_pairs`)."""
     dataset = TrainGroups(source, data_args.train_n_passages, args.seed, "", "")
@@ -132,11 +144,16 @@ def make_dataset(
     return dataset
 
 
-def make_collator(tokenizer: Any, data_args: DataArguments, args: DRTrainingArguments, model: CrossEncoder) -> CrossCollator:
+def make_collator(
+    tokenizer: Any, data_args: DataArguments, args: DRTrainingArguments, model: CrossEncoder
+) -> CrossCollator:
     from dr.train.losses import loss_entry
 
     return CrossCollator(
-        tokenizer, model.cross_config, data_args.pad_to_multiple_of, loss_entry(args.loss).needs_teacher_scores
+        tokenizer,
+        model.cross_config,
+        data_args.pad_to_multiple_of,
+        loss_entry(args.loss).needs_teacher_scores,
     )
 
 

@@ -200,7 +200,9 @@ class GradCacheMixin:
                 for i in unit:
                     with rng_states[i].replay():
                         chunk_reps = encode(jobs[i])  # (chunk rows, d)
-                    surrogate = surrogate + (chunk_reps.float() * cached[i]).sum()  # d/d(chunk_reps) = cached[i]
+                    surrogate = (
+                        surrogate + (chunk_reps.float() * cached[i]).sum()
+                    )  # d/d(chunk_reps) = cached[i]
                 if engine is not None and not last:
                     # Accumulate without ending the window: ZeRO 0/1 reduce nothing yet, ZeRO 2/3 add this
                     # backward's reduced partition to the accumulated one; no optimizer step.

@@ -43,7 +43,6 @@ from dr.io.paths import expand_tilde
 logger = logging.getLogger(__name__)
 
 
-
 class DataError(InputError):
     """Training data is missing, malformed or inconsistent; the message names file, row and field."""
 
@@ -264,7 +263,8 @@ def load_train_groups(
     import datasets
 
     parts = [
-        _load_local_file(InputSpec(f, spec.kind, (f,)), group_size, cache_dir, need_scores) for f in spec.files
+        _load_local_file(InputSpec(f, spec.kind, (f,)), group_size, cache_dir, need_scores)
+        for f in spec.files
     ]
     return TevatronGroups(parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts))
 
@@ -278,7 +278,9 @@ def _load_hub(spec: InputSpec, group_size: int, cache_dir: str | None, need_scor
     return ds
 
 
-def _load_local_file(spec: InputSpec, group_size: int, cache_dir: str | None, need_scores: bool = False) -> Any:
+def _load_local_file(
+    spec: InputSpec, group_size: int, cache_dir: str | None, need_scores: bool = False
+) -> Any:
     path = Path(spec.files[0])
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")

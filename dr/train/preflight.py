@@ -38,9 +38,7 @@ def check_loss_data(data_args: DataArguments, args: DRTrainingArguments) -> None
     entry = loss_entry(args.loss)
     if data_args.train_n_passages < entry.min_group_size:
         what = "negatives to distil over" if entry.needs_teacher_scores else "larger groups"
-        raise ConfigError(
-            f"--loss {args.loss} needs {what}: --train_n_passages >= {entry.min_group_size}"
-        )
+        raise ConfigError(f"--loss {args.loss} needs {what}: --train_n_passages >= {entry.min_group_size}")
 
 
 def check_output_dir(args: DRTrainingArguments) -> None:

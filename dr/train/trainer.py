@@ -114,7 +114,9 @@ class BiEncoderTrainer(GradCacheMixin, Trainer):
         self.resolved_config = resolved_config or {}
         if loss_fn is None:
             config = self.accelerator.unwrap_model(self.model).encoder_config
-            loss_fn = build_loss(self.args.loss, LossSettings.from_args(self.args, config.temperature, config.normalize))
+            loss_fn = build_loss(
+                self.args.loss, LossSettings.from_args(self.args, config.temperature, config.normalize)
+            )
         self.loss_fn = loss_fn
         # Our loss is a per-batch mean: let the Trainer divide by the accumulation steps, and never rescale
         # it by the number of processes (the gathered loss needs no world-size factor: losses/contrastive.py).

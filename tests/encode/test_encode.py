@@ -35,11 +35,6 @@ def make_rows(n: int = N_ROWS, seed: int = 0) -> list[dict]:
     ]
 
 
-@pytest.fixture
-def corpus_file(tmp_path: Path) -> Path:
-    return write_jsonl(tmp_path / "corpus.jsonl", make_rows())
-
-
 def encode(model: Path, data: Path, out: Path, *extra: str) -> int:
     """In-process `dr encode` with small, fast settings."""
     argv = [
@@ -352,8 +347,15 @@ def test_empty_input_unknown_pooling_fp16_cpu_and_missing_file(tiny_model_dir, t
     shutil.copytree(tiny_model_dir, bad_model)
     (bad_model / "dr_config.json").write_text(json.dumps({"pooling": "max"}))
     _fails(capsys, encode(bad_model, corpus, tmp_path / "o" / "c"), "dr_config.json", "pooling", "'max'")
-    _fails(capsys, encode(tiny_model_dir, corpus, tmp_path / "o" / "c", "--pooling", "max"), "--pooling", code=2)
-    _fails(capsys, encode(tiny_model_dir, corpus, tmp_path / "o" / "c", "--fp16"), "--fp16 needs a CUDA GPU", code=2)
+    _fails(
+        capsys, encode(tiny_model_dir, corpus, tmp_path / "o" / "c", "--pooling", "max"), "--pooling", code=2
+    )
+    _fails(
+        capsys,
+        encode(tiny_model_dir, corpus, tmp_path / "o" / "c", "--fp16"),
+        "--fp16 needs a CUDA GPU",
+        code=2,
+    )
     _fails(
         capsys, encode(tiny_model_dir, tmp_path / "nope.jsonl", tmp_path / "o" / "c"), "nope.jsonl", "no such"
     )

@@ -11,7 +11,7 @@ import pytest
 from dr.io.shards import read_shard
 from dr.model import precision
 from dr.model.precision import choose_precision, cpu_has_native_bf16, parse_bf16
-from tests.encode.test_encode import corpus_file, encode  # noqa: F401 - the fixture is used by name
+from tests.encode.test_encode import encode
 from tests.helpers import command
 
 main = command("encode")
@@ -29,7 +29,7 @@ def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min())
 
 
-def test_bf16_weights_and_autocast_stay_close_to_float32(tiny_model_dir, corpus_file, tmp_path):  # noqa: F811
+def test_bf16_weights_and_autocast_stay_close_to_float32(tiny_model_dir, corpus_file, tmp_path):
     runs = {
         "fp32": (),
         "weights": ("--bf16",),
@@ -49,7 +49,7 @@ def test_bf16_weights_and_autocast_stay_close_to_float32(tiny_model_dir, corpus_
 
 
 @pytest.mark.parametrize(("native", "dtype"), [(True, "bfloat16"), (False, "float32")])
-def test_bf16_auto_follows_the_cpu(tiny_model_dir, corpus_file, tmp_path, monkeypatch, native, dtype):  # noqa: F811
+def test_bf16_auto_follows_the_cpu(tiny_model_dir, corpus_file, tmp_path, monkeypatch, native, dtype):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     out = tmp_path / "o" / "c"
     assert encode(tiny_model_dir, corpus_file, out, "--bf16", "auto") == 0
@@ -59,7 +59,7 @@ def test_bf16_auto_follows_the_cpu(tiny_model_dir, corpus_file, tmp_path, monkey
     assert saved["bf16"] == "auto" and saved["precision_mode"] == "weights"
 
 
-def test_bf16_auto_in_a_config_file_and_yaml_booleans(tiny_model_dir, corpus_file, tmp_path, monkeypatch):  # noqa: F811
+def test_bf16_auto_in_a_config_file_and_yaml_booleans(tiny_model_dir, corpus_file, tmp_path, monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     for value, dtype in (("auto", "float32"), ("true", "bfloat16"), ("false", "float32")):
         config = tmp_path / f"{value}.yaml"
@@ -78,7 +78,14 @@ def test_bf16_auto_in_a_config_file_and_yaml_booleans(tiny_model_dir, corpus_fil
         (("--num_threads", "0"), "--num_threads must be >= 1"),
     ],
 )
-def test_bad_precision_flags_are_one_line_usage_errors(tiny_model_dir, corpus_file, tmp_path, capsys, flags, message):  # noqa: F811
+def test_bad_precision_flags_are_one_line_usage_errors(
+    tiny_model_dir,
+    corpus_file,
+    tmp_path,
+    capsys,
+    flags,
+    message,
+):
     assert encode(tiny_model_dir, corpus_file, tmp_path / "o" / "c", *flags) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if "error" in line]
@@ -123,7 +130,9 @@ def test_threads_per_rank(monkeypatch):
         assert set_threads(None, cpu, {"LOCAL_WORLD_SIZE": "4"}) == 2
         assert set_threads(3, cpu, {"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}) == 3  # the flag wins
         torch.set_num_threads(1)
-        assert set_threads(None, cpu, {"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "3"}) == 1  # the user's: kept
+        assert (
+            set_threads(None, cpu, {"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "3"}) == 1
+        )  # the user's: kept
         assert set_threads(None, cpu, {}) == 1  # one process: torch's own setting
     finally:
         torch.set_num_threads(before)

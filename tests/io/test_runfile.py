@@ -125,7 +125,9 @@ def test_malformed_lines_name_file_and_line(tmp_path, capsys, text, fmt, message
         read_run(path, fmt)
     assert message in str(err.value)
     out = tmp_path / "out.marco"
-    assert convert(["--input", str(path), "--output", str(out), "--from", fmt]) == 1  # bad file content: exit status 1
+    assert (
+        convert(["--input", str(path), "--output", str(out), "--from", fmt]) == 1
+    )  # bad file content: exit status 1
     captured = capsys.readouterr().err
     assert message in captured and "Traceback" not in captured
     assert not out.exists() and not list(tmp_path.glob("out.marco*"))

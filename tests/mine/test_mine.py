@@ -133,7 +133,9 @@ def test_keep_scores_writes_run_scores_and_null_for_unretrieved_positives(inputs
 def test_keep_scores_needs_a_scored_run(inputs, capsys):
     lines = inputs["run"].read_text().splitlines()
     marco = inputs["run"].with_name("run.marco")
-    marco.write_text("".join(f"{q}\t{d}\t{i % 30 + 1}\n" for i, (q, d, _) in enumerate(l.split("\t") for l in lines)))
+    marco.write_text(
+        "".join(f"{q}\t{d}\t{i % 30 + 1}\n" for i, (q, d, _) in enumerate(l.split("\t") for l in lines))
+    )
     inputs["run"] = marco
     assert _mine(inputs, "--run_format", "marco", "--keep_scores") == 2
     assert "needs a scored run" in capsys.readouterr().err

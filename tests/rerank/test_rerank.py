@@ -59,7 +59,9 @@ def inputs(tmp_path) -> dict[str, Path]:
     for i in range(N_QUERIES):
         hits = 3 if i == 3 else DEPTH + 2
         for r in range(hits):
-            lines.append(f"q{i}\td{(i * 3 + r) % N_DOCS}\t{10.0 - r if r != 2 else 9.0}\n")  # r=1,2 tie at 9.0
+            lines.append(
+                f"q{i}\td{(i * 3 + r) % N_DOCS}\t{10.0 - r if r != 2 else 9.0}\n"
+            )  # r=1,2 tie at 9.0
     run_file = tmp_path / "first.tsv"
     run_file.write_text("".join(lines))
     return {"corpus": corpus, "queries": queries, "run": run_file}
@@ -88,7 +90,13 @@ def _expected(cross_dir: Path, inputs: dict[str, Path]) -> dict[str, list[tuple[
         scored = []
         for docid, _ in hits[:DEPTH]:
             with torch.no_grad():
-                enc = tokenizer(queries[qid], texts[docid], truncation="longest_first", max_length=256, return_tensors="pt")
+                enc = tokenizer(
+                    queries[qid],
+                    texts[docid],
+                    truncation="longest_first",
+                    max_length=256,
+                    return_tensors="pt",
+                )
                 scored.append((docid, model(**enc).logits[0, 0].item()))
         out[qid] = sorted(scored, key=lambda h: (h[1], h[0]), reverse=True)
     return out
@@ -157,7 +165,9 @@ def test_crash_between_parts_then_resume_gives_the_same_run(cross_dir, inputs, t
 
 
 @pytest.mark.parametrize("what", ["docid", "query"])
-def test_missing_docid_or_query_exits_1_naming_it_and_writes_nothing(cross_dir, inputs, tmp_path, capsys, what):
+def test_missing_docid_or_query_exits_1_naming_it_and_writes_nothing(
+    cross_dir, inputs, tmp_path, capsys, what
+):
     if what == "docid":
         inputs["run"].write_text(inputs["run"].read_text() + "q2\tnope-42\t99.0\n")  # q2's best hit
     else:
@@ -179,7 +189,9 @@ def test_two_ranks_equal_one_process(cross_dir, inputs, tmp_path):
     one = tmp_path / "one.tsv"
     assert rerank(_flags(cross_dir, inputs, one)) == 0
     two = tmp_path / "two.tsv"
-    flags = ["--run_file" if f == "--run" else f for f in _flags(cross_dir, inputs, two)]  # torchrun: see dr rerank --help
+    flags = [
+        "--run_file" if f == "--run" else f for f in _flags(cross_dir, inputs, two)
+    ]  # torchrun: see dr rerank --help
     run(torchrun(2) + ["-m", "dr.rerank", *flags], timeout=300)
     assert two.read_text() == one.read_text()
     assert len(list(Path(str(two) + ".parts").glob("rows-*"))) == 2

@@ -24,7 +24,9 @@ __all__ = ["corpus"]  # the fixture, shared with test_index_build
 
 def test_changed_passage_shard_is_refused(corpus, capsys):
     assert index_main(index_argv(corpus, "idx")) == 0
-    make_corpus(corpus, clustered(sum(SIZES), seed=7), [f"p{j}" for j in range(sum(SIZES))], SIZES)  # re-encoded
+    make_corpus(
+        corpus, clustered(sum(SIZES), seed=7), [f"p{j}" for j in range(sum(SIZES))], SIZES
+    )  # re-encoded
     assert search_main(search_argv(corpus, "idx", "run.txt")) == 1
     err = capsys.readouterr().err
     assert "corpus.00.arrow: passage shard changed since the index was built" in err, err
@@ -99,7 +101,9 @@ def test_int8_first_pass_equals_the_old_faiss_knn_pass(tmp_path):
     write_queries(tmp_path / "q.arrow", queries)
     assert quantize(["--passage_reps", str(tmp_path / "corpus.*.arrow"), "--quantize", "int8"]) == 0
     tables = [pa.ipc.open_file(str(tmp_path / "int8" / f"corpus.0{i}.arrow")).read_all() for i in range(2)]
-    codes = np.concatenate([t.column("code").combine_chunks().flatten().to_numpy().reshape(-1, 24) for t in tables])
+    codes = np.concatenate(
+        [t.column("code").combine_chunks().flatten().to_numpy().reshape(-1, 24) for t in tables]
+    )
     raw = {k.decode(): v.decode() for k, v in tables[0].schema.metadata.items()}
     cal = Int8Calibration.from_metadata(raw, 24, "int8")
     qscaled = np.ascontiguousarray(queries * cal.scale, dtype=np.float32)

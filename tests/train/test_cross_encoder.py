@@ -41,7 +41,9 @@ def test_listwise_loss_equals_hand_computation_values_and_gradients():
         p = [math.exp(x - log_z) for x in group]
         grads += [(pj - (j == 0)) / 2 for j, pj in enumerate(p)]
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
-    torch.testing.assert_close(scores.grad.double(), torch.tensor(grads, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(
+        scores.grad.double(), torch.tensor(grads, dtype=torch.float64), rtol=1e-5, atol=1e-7
+    )
     assert out.terms["listwise"].item() == pytest.approx(expected, rel=1e-6)
     from dr.train.losses import LOSSES
 
@@ -54,7 +56,9 @@ def test_distilling_into_a_cross_encoder_mixes_kl_over_the_logits():
     term = lambda s, t: kl(s, t, 1.0, teacher_temperature=2.0)
     mixed = ListwiseLoss(term, 0.25, name="kl")(scores, group_size=GROUP, teacher_scores=teacher).loss
     plain = ListwiseLoss()(scores, group_size=GROUP).loss
-    assert mixed.item() == pytest.approx(0.75 * plain.item() + 0.25 * term(scores.view(2, GROUP), teacher).item(), rel=1e-6)
+    assert mixed.item() == pytest.approx(
+        0.75 * plain.item() + 0.25 * term(scores.view(2, GROUP), teacher).item(), rel=1e-6
+    )
     with pytest.raises(ValueError, match="teacher scores"):
         ListwiseLoss(term, 0.25, name="kl")(scores, group_size=GROUP)
 
@@ -121,9 +125,15 @@ def _assert_same_weights(got: Path, expected: dict[str, torch.Tensor], start: Pa
 
 def test_trained_folder_loads_everywhere_and_scores_as_trained(start_dir, data, tmp_path):
     out = tmp_path / "ce"
-    assert train(_flags(start_dir, data, out, 2, max_steps=2, learning_rate=1e-3, query_prefix="query: ")) == 0
+    assert (
+        train(_flags(start_dir, data, out, 2, max_steps=2, learning_rate=1e-3, query_prefix="query: ")) == 0
+    )
     saved = json.loads((out / "dr_cross_encoder.json").read_text())
-    assert (saved["model_type"], saved["max_length"], saved["query_prefix"]) == ("cross_encoder", 40, "query: ")
+    assert (saved["model_type"], saved["max_length"], saved["query_prefix"]) == (
+        "cross_encoder",
+        40,
+        "query: ",
+    )
     from sentence_transformers import CrossEncoder as STCrossEncoder
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -150,7 +160,9 @@ def test_trained_folder_loads_everywhere_and_scores_as_trained(start_dir, data, 
                   "--output", str(scored)]) == 0  # fmt: skip
     row = json.loads(scored.read_text().splitlines()[0])
     positive = row["positive_passages"][0]
-    assert positive["score"] == pytest.approx(logit("query: " + row["query"], passage_text(positive)), abs=1e-5)
+    assert positive["score"] == pytest.approx(
+        logit("query: " + row["query"], passage_text(positive)), abs=1e-5
+    )
     assert all(isinstance(p["score"], float) for p in row["positive_passages"] + row["negative_passages"])
     # an existing cross-encoder folder is not silently trained over
     assert train(_flags(start_dir, data, out, 2)) == 2
@@ -164,8 +176,14 @@ def test_distilling_a_teacher_into_a_cross_encoder_through_the_command(start_dir
     out = tmp_path / "distilled"
     assert train(_flags(start_dir, data, out, 2, loss="kl", distill_weight=0.5, learning_rate=1e-3)) == 0
     resolved = json.loads((out / "dr_train_args.json").read_text())
-    assert (resolved["loss"], resolved["distil_temperature"], resolved["teacher_temperature"]) == ("kl", 1.0, 1.0)
-    logged = [e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss_distill" in e]
+    assert (resolved["loss"], resolved["distil_temperature"], resolved["teacher_temperature"]) == (
+        "kl",
+        1.0,
+        1.0,
+    )
+    logged = [
+        e for e in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss_distill" in e
+    ]
     assert logged and "loss_listwise" in logged[0]
     unscored = write_jsonl(tmp_path / "unscored.jsonl", make_train_rows(4))
     assert train(_flags(start_dir, unscored, tmp_path / "no", 2, loss="kl")) == 1  # scores needed, named
@@ -182,7 +200,9 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(start_dir, data, 
     for item in partial.iterdir():  # keep only the checkpoint, as after a kill at step 2
         if item.name != "checkpoint-2":
             shutil.rmtree(item) if item.is_dir() else item.unlink()
-    resumed = _flags(start_dir, data, partial, 1, save_strategy="no", resume_from_checkpoint="latest", **steps)
+    resumed = _flags(
+        start_dir, data, partial, 1, save_strategy="no", resume_from_checkpoint="latest", **steps
+    )
     assert train(resumed) == 0
     expected = _weights(tmp_path / "full")
     got = _weights(partial)

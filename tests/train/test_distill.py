@@ -105,14 +105,18 @@ def test_mix_is_weighted_sum_with_the_contrastive_loss_on_in_batch_negatives(kin
     out = mixed(q, p, teacher_scores=teacher, passage_keys=passage_keys, positive_keys=positive_keys)
     loss = out.loss
     grads = torch.autograd.grad(loss, (q, p))
-    contrastive = ContrastiveLoss(temperature=0.5)(q, p, passage_keys=passage_keys, positive_keys=positive_keys).loss
+    contrastive = ContrastiveLoss(temperature=0.5)(
+        q, p, passage_keys=passage_keys, positive_keys=positive_keys
+    ).loss
     own = torch.stack([q[i] @ p[i * N : (i + 1) * N].T for i in range(B)])  # (B, N)
     distill = kl(own, teacher, 0.7) if kind == "kl" else margin_mse(own, teacher)
     reference = 0.6 * contrastive + 0.4 * distill
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
     for got, want in zip(grads, torch.autograd.grad(reference, (q, p))):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    assert int(out.counts["masked_false_negatives"]) == 1  # the contrastive part still masks the false negative
+    assert (
+        int(out.counts["masked_false_negatives"]) == 1
+    )  # the contrastive part still masks the false negative
     assert out.terms["distill"].item() == pytest.approx(distill.item(), rel=1e-6)
     assert out.terms["contrastive"].item() == pytest.approx(contrastive.item(), rel=1e-6)
 
@@ -124,7 +128,9 @@ def test_own_group_duplicate_of_a_positive_keeps_the_distillation_finite():
     passage_keys = torch.arange(B * N)
     passage_keys[1] = 0  # query 0's first negative is its own positive document
     positive_keys = torch.tensor([[0], [N], [2 * N]])
-    out = _loss("kl", weight=0.5)(q, p, teacher_scores=teacher, passage_keys=passage_keys, positive_keys=positive_keys)
+    out = _loss("kl", weight=0.5)(
+        q, p, teacher_scores=teacher, passage_keys=passage_keys, positive_keys=positive_keys
+    )
     assert torch.isfinite(out.loss)
 
 
@@ -197,7 +203,9 @@ def test_bad_teacher_scores_are_one_line_errors_naming_row_and_field(tiny_model_
 def test_bad_score_exits_1_without_traceback(tiny_model_dir, tmp_path):
     rows, _ = _corrupt(scored_rows(4), "nan")
     data = write_jsonl(tmp_path / "train.jsonl", rows)
-    proc = run([sys.executable, "-m", "dr.train", *_train_flags(tiny_model_dir, data, tmp_path / "o")], check=False)
+    proc = run(
+        [sys.executable, "-m", "dr.train", *_train_flags(tiny_model_dir, data, tmp_path / "o")], check=False
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "must be finite" in proc.stderr
 
@@ -206,7 +214,9 @@ def test_contrastive_training_ignores_scores_and_refuses_distillation_flags(tiny
     from dr.train.cli import main
 
     data = write_jsonl(tmp_path / "train.jsonl", scored_rows(4))
-    assert main(_train_flags(tiny_model_dir, data, tmp_path / "o", loss="contrastive", distill_weight=0.5)) == 2
+    assert (
+        main(_train_flags(tiny_model_dir, data, tmp_path / "o", loss="contrastive", distill_weight=0.5)) == 2
+    )
     assert main(_train_flags(tiny_model_dir, data, tmp_path / "o", distill_weight=1.5)) == 2
     assert main(_train_flags(tiny_model_dir, data, tmp_path / "o", train_n_passages=1)) == 2
 
@@ -233,10 +243,17 @@ def test_tevatron_train_distil_command_parses_to_its_objective(tmp_path):
     argv = [a.replace("OUT", str(tmp_path)).replace(":_", ": ") for a in TEVATRON_TRAIN_DISTIL.split()]
     model, data, train = parse(argv)
     assert (train.loss, train.distill_weight, train.distil_temperature) == ("kl", 1.0, 0.02)
-    assert (model.attn_implementation, model.pooling, model.normalize, model.temperature) == ("eager", "mean", True, 0.01)
+    assert (model.attn_implementation, model.pooling, model.normalize, model.temperature) == (
+        "eager",
+        "mean",
+        True,
+        0.01,
+    )
     assert (data.train_n_passages, data.q_max_len, data.query_prefix) == (16, 350, "query: ")
     assert DRTrainingArguments(output_dir=str(tmp_path)).loss == "contrastive"
-    *_, other = parse(["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--distill_temperature", "0.5"])
+    *_, other = parse(
+        ["--model_name_or_path", "m", "--output_dir", str(tmp_path), "--distill_temperature", "0.5"]
+    )
     assert (other.loss, other.distil_temperature) == ("kl", 0.5)  # the alias spelling
     with pytest.raises(ValueError, match="kl only"):  # margin_mse has no temperature: not silently ignored
         DRTrainingArguments(output_dir=str(tmp_path), loss="margin_mse", distil_temperature=0.5)
@@ -349,7 +366,9 @@ def make_cross_encoder(folder: Path, tiny_model_dir: Path, num_labels: int = 1) 
 
 
 def _score_cmd(teacher: Path, kind: str, data: Path, out: Path, *extra: str) -> list[str]:
-    flags = as_flags(model_name_or_path=teacher, teacher_type=kind, dataset_name=data, output=out, batch_size=5)
+    flags = as_flags(
+        model_name_or_path=teacher, teacher_type=kind, dataset_name=data, output=out, batch_size=5
+    )
     return ["-m", "dr.score.cli", *flags, "--window_rows", "2", *extra]
 
 
@@ -441,8 +460,17 @@ def test_score_bad_rows_exit_1_and_publish_nothing(tiny_model_dir, tmp_path):
     rows = make_train_rows(3)
     del rows[1]["positive_passages"][0]["text"]
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
-    assert main(as_flags(model_name_or_path=tiny_model_dir, teacher_type="bi", dataset_name=data,
-                         output=tmp_path / "out.jsonl")) == 1
+    assert (
+        main(
+            as_flags(
+                model_name_or_path=tiny_model_dir,
+                teacher_type="bi",
+                dataset_name=data,
+                output=tmp_path / "out.jsonl",
+            )
+        )
+        == 1
+    )
     assert not (tmp_path / "out.jsonl").exists()
 
 
@@ -467,10 +495,19 @@ def _noisy_label_rows(seed: int = 0) -> list[dict]:
     for i in range(60):
         topic = TOPICS[i % 30]
         true = passage(topic, f"{i}p", 10.0)
-        others = [passage(t, f"{i}n{j}", 0.0) for j, t in enumerate(rng.sample([t for t in TOPICS if t != topic], 3))]
+        others = [
+            passage(t, f"{i}n{j}", 0.0)
+            for j, t in enumerate(rng.sample([t for t in TOPICS if t != topic], 3))
+        ]
         positive, negatives = ([true], others) if i < 30 else ([others[0]], [true, *others[1:]])
-        rows.append({"query_id": str(i), "query": f"what about {topic}", "positive_passages": positive,
-                     "negative_passages": negatives})
+        rows.append(
+            {
+                "query_id": str(i),
+                "query": f"what about {topic}",
+                "positive_passages": positive,
+                "negative_passages": negatives,
+            }
+        )
     return rows
 
 
@@ -491,7 +528,9 @@ def _top1_accuracy(model_dir: Path) -> float:
             docs.append((topic, " ".join(words)))
     tokenizer, model = load_tokenizer(str(model_dir)), BiEncoder.from_pretrained(str(model_dir)).eval()
     with torch.no_grad():
-        q = model.encode_query(dict(tokenizer([f"what about {t}" for t in TOPICS], padding=True, return_tensors="pt")))
+        q = model.encode_query(
+            dict(tokenizer([f"what about {t}" for t in TOPICS], padding=True, return_tensors="pt"))
+        )
         p = model.encode_passage(dict(tokenizer([d for _, d in docs], padding=True, return_tensors="pt")))
     best = (q @ p.T).argmax(1).tolist()
     return sum(docs[j][0] == topic for j, topic in zip(best, TOPICS)) / len(TOPICS)
@@ -505,9 +544,21 @@ def test_student_distilled_from_a_perfect_teacher_beats_contrastive_only(tiny_mo
     for loss in ("contrastive", "kl"):
         out = tmp_path / loss
         flags = _train_flags(
-            tiny_model_dir, data, out, loss=loss, per_device_train_batch_size=4, train_n_passages=4,
-            max_steps=-1, num_train_epochs=3, learning_rate=3e-3, normalize="true", temperature=0.05,
-            pooling="mean", seed=3, q_max_len=16, p_max_len=16,
+            tiny_model_dir,
+            data,
+            out,
+            loss=loss,
+            per_device_train_batch_size=4,
+            train_n_passages=4,
+            max_steps=-1,
+            num_train_epochs=3,
+            learning_rate=3e-3,
+            normalize="true",
+            temperature=0.05,
+            pooling="mean",
+            seed=3,
+            q_max_len=16,
+            p_max_len=16,
         )
         run([sys.executable, "-m", "dr.train", *flags])
         accuracy[loss] = _top1_accuracy(out)

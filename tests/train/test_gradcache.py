@@ -157,7 +157,9 @@ def test_dropout_single_chunk_equals_plain_step(tiny_model_dir, tmp_path):
     assert_same(run_step(trainer, batch, False, seed=3), run_step(trainer, batch, True, seed=3))
 
 
-def _chunked_reference(trainer: BiEncoderTrainer, batch: dict, q_chunk: int, p_chunk: int, seed: int) -> tuple:
+def _chunked_reference(
+    trainer: BiEncoderTrainer, batch: dict, q_chunk: int, p_chunk: int, seed: int
+) -> tuple:
     """The plain loss with the forward done chunk by chunk (with a graph), in GradCache's order.
 
     Under one seed this draws the dropout masks GradCache's first pass draws, so it is the objective
@@ -168,8 +170,12 @@ def _chunked_reference(trainer: BiEncoderTrainer, batch: dict, q_chunk: int, p_c
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     q = torch.cat([model.encode_query(c) for c in dr.train.gradcache.split_batch(batch["query"], q_chunk)])
-    p = torch.cat([model.encode_passage(c) for c in dr.train.gradcache.split_batch(batch["passage"], p_chunk)])
-    loss = trainer.loss_fn(q, p, passage_keys=batch["passage_keys"], positive_keys=batch["positive_keys"]).loss
+    p = torch.cat(
+        [model.encode_passage(c) for c in dr.train.gradcache.split_batch(batch["passage"], p_chunk)]
+    )
+    loss = trainer.loss_fn(
+        q, p, passage_keys=batch["passage_keys"], positive_keys=batch["positive_keys"]
+    ).loss
     loss.backward()
     return loss.detach(), {n: prm.grad.clone() for n, prm in model.named_parameters() if prm.grad is not None}
 

@@ -159,13 +159,13 @@ def _hand_kl(own: list[list[float]], teacher: list[list[float]], temperature: fl
 
 def _hand_margin_mse(own: list[list[float]], teacher: list[list[float]]) -> float:
     """Mean over (query, negative) pairs of ((s+ - s-) - (t+ - t-))^2."""
-    errors = [
-        ((s[0] - s[j]) - (t[0] - t[j])) ** 2 for s, t in zip(own, teacher) for j in range(1, len(s))
-    ]
+    errors = [((s[0] - s[j]) - (t[0] - t[j])) ** 2 for s, t in zip(own, teacher) for j in range(1, len(s))]
     return sum(errors) / len(errors)
 
 
-SETTINGS = LossSettings(temperature=0.5, gather_across_devices=False, distill_weight=0.3, distill_temperature=0.7)
+SETTINGS = LossSettings(
+    temperature=0.5, gather_across_devices=False, distill_weight=0.3, distill_temperature=0.7
+)
 
 
 def _hand(name: str, s: list[list[float]], teacher: list[list[float]], n: int) -> float:
@@ -210,6 +210,8 @@ def test_loss_log_sums_counts_and_averages_terms_between_lines():
 
     log = LossLog()
     for masked, distill in ((2, 1.0), (3, 2.0)):
-        log.add(LossOutput(torch.zeros(()), {"distill": torch.tensor(distill)}, {"masked": torch.tensor(masked)}))
+        log.add(
+            LossOutput(torch.zeros(()), {"distill": torch.tensor(distill)}, {"masked": torch.tensor(masked)})
+        )
     assert log.flush(torch.device("cpu")) == {"masked": 5, "loss_distill": 1.5}
     assert log.flush(torch.device("cpu")) == {}  # started over

@@ -25,7 +25,9 @@ def _softmax(xs: list[float]) -> list[float]:
     return [v / sum(e) for v in e]
 
 
-def _hand_kl(s: list[list[float]], t: list[list[float]], t_student: float, t_teacher: float) -> tuple[float, list]:
+def _hand_kl(
+    s: list[list[float]], t: list[list[float]], t_student: float, t_teacher: float
+) -> tuple[float, list]:
     """(KL(teacher || student) mean over queries, dKL/ds) in float64, by the formula in docs/distill.md."""
     total, grads = 0.0, []
     for si, ti in zip(s, t):
@@ -46,7 +48,9 @@ def test_kl_target_uses_the_teacher_temperature_values_and_gradients(t_student, 
     s = student.detach().double().tolist()
     expected, grads = _hand_kl(s, teacher.double().tolist(), t_student, t_teacher)
     assert loss.item() == pytest.approx(expected, rel=1e-4, abs=1e-6)
-    torch.testing.assert_close(student.grad.double(), torch.tensor(grads, dtype=torch.float64), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        student.grad.double(), torch.tensor(grads, dtype=torch.float64), rtol=1e-4, atol=1e-6
+    )
     # the student's own temperature on the teacher would be another objective
     other, _ = _hand_kl(s, teacher.double().tolist(), t_student, t_student)
     assert abs(other - expected) > 1e-3
@@ -57,9 +61,15 @@ def test_default_teacher_temperature_is_the_students():
     student, teacher = torch.randn(B, N), torch.randn(B, N)
     assert kl(student, teacher, 0.3).item() == kl(student, teacher, 0.3, teacher_temperature=0.3).item()
     q, p = torch.randn(B, D), torch.randn(B * N, D)
-    one = build_loss("kl", LossSettings(0.7, False, 1.0, 0.3))(q, p, group_size=N, teacher_scores=teacher).loss
-    both = build_loss("kl", LossSettings(0.7, False, 1.0, 0.3, 0.3))(q, p, group_size=N, teacher_scores=teacher).loss
-    apart = build_loss("kl", LossSettings(0.7, False, 1.0, 0.3, 3.0))(q, p, group_size=N, teacher_scores=teacher).loss
+    one = build_loss("kl", LossSettings(0.7, False, 1.0, 0.3))(
+        q, p, group_size=N, teacher_scores=teacher
+    ).loss
+    both = build_loss("kl", LossSettings(0.7, False, 1.0, 0.3, 0.3))(
+        q, p, group_size=N, teacher_scores=teacher
+    ).loss
+    apart = build_loss("kl", LossSettings(0.7, False, 1.0, 0.3, 3.0))(
+        q, p, group_size=N, teacher_scores=teacher
+    ).loss
     assert one.item() == both.item()
     assert abs(apart.item() - one.item()) > 1e-3
 
@@ -89,13 +99,17 @@ def test_flag_defaults_are_written_back_and_misuse_is_refused(tmp_path):
     args = DRTrainingArguments(output_dir=str(tmp_path), loss="kl", use_cpu=True)
     make_loss(args, model)
     assert (args.distil_temperature, args.teacher_temperature) == (0.05, 0.05)  # Tevatron's meaning
-    args = DRTrainingArguments(output_dir=str(tmp_path), distil_temperature=0.02, teacher_temperature=1.0, use_cpu=True)
+    args = DRTrainingArguments(
+        output_dir=str(tmp_path), distil_temperature=0.02, teacher_temperature=1.0, use_cpu=True
+    )
     loss = make_loss(args, model)
     assert (args.loss, args.distil_temperature, args.teacher_temperature) == ("kl", 0.02, 1.0)
     assert loss.term.keywords == {"temperature": 0.02, "teacher_temperature": 1.0}
     with pytest.raises(UsageError, match="teacher_temperature"):
         DRTrainingArguments(output_dir=str(tmp_path), teacher_temperature=1.0, use_cpu=True)  # contrastive
     with pytest.raises(UsageError, match="kl only"):
-        DRTrainingArguments(output_dir=str(tmp_path), loss="margin_mse", teacher_temperature=1.0, use_cpu=True)
+        DRTrainingArguments(
+            output_dir=str(tmp_path), loss="margin_mse", teacher_temperature=1.0, use_cpu=True
+        )
     with pytest.raises(UsageError, match="> 0"):
         DRTrainingArguments(output_dir=str(tmp_path), loss="kl", teacher_temperature=0.0, use_cpu=True)

@@ -488,7 +488,11 @@ def test_bf16_deepspeed_on_cpu_still_needs_the_patch(tmp_path):
     config = str(REPO / "configs" / "deepspeed" / "zero2.json")
     proc = subprocess.run(
         [sys.executable, "-c", BF16_DEEPSPEED_ARGS, str(tmp_path), config],
-        capture_output=True, text=True, env=subprocess_env(), timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])

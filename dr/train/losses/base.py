@@ -76,7 +76,9 @@ class LossSettings:
             distill_temperature=args.distil_temperature,
             teacher_temperature=getattr(args, "teacher_temperature", None),
             matryoshka_dims=dims,
-            matryoshka_weights=parse_weights(getattr(args, "matryoshka_weights", None), len(dims)) if dims else (),
+            matryoshka_weights=parse_weights(getattr(args, "matryoshka_weights", None), len(dims))
+            if dims
+            else (),
             normalize=normalize,
         )
 

@@ -108,7 +108,9 @@ class ContrastiveLoss(TrainLoss):
         positive_keys: torch.Tensor | None = None,
     ) -> LossOutput:
         """The loss of the local queries against `gather`'s candidates (no collective)."""
-        loss, masked = self.cross_entropy(self.scores(q_reps, batch.reps), batch.labels, batch.keys, positive_keys)
+        loss, masked = self.cross_entropy(
+            self.scores(q_reps, batch.reps), batch.labels, batch.keys, positive_keys
+        )
         return LossOutput(loss, counts={} if masked is None else {MASKED: masked})
 
     @staticmethod

@@ -30,7 +30,9 @@ import torch
 from dr.train.losses.base import LossOutput, group_size_of
 from dr.train.losses.contrastive import MASKED, Candidates, ContrastiveLoss
 
-DistillTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student (B, n), teacher (B, n)) -> scalar
+DistillTerm = Callable[
+    [torch.Tensor, torch.Tensor], torch.Tensor
+]  # (student (B, n), teacher (B, n)) -> scalar
 
 
 class DistillationLoss(ContrastiveLoss):
@@ -85,7 +87,9 @@ class DistillationLoss(ContrastiveLoss):
         """Mean over local queries; `teacher_scores` (B, n) are required, aligned with the groups."""
         n_queries, group_size = q_reps.shape[0], batch.group_size
         if teacher_scores is None:
-            raise ValueError(f"--loss {self.name} needs teacher scores in the batch ('score' on every passage)")
+            raise ValueError(
+                f"--loss {self.name} needs teacher scores in the batch ('score' on every passage)"
+            )
         if tuple(teacher_scores.shape) != (n_queries, group_size):
             raise ValueError(
                 f"teacher scores of shape {tuple(teacher_scores.shape)} do not match {n_queries} queries x "
@@ -106,5 +110,7 @@ class DistillationLoss(ContrastiveLoss):
                 own = torch.einsum("bd,bnd->bn", q_reps.float(), groups)  # (B, n)
         distill = self.term(own, teacher_scores)
         out.terms["distill"] = distill.detach()
-        out.loss = distill if self.weight == 1.0 else (1.0 - self.weight) * contrastive + self.weight * distill
+        out.loss = (
+            distill if self.weight == 1.0 else (1.0 - self.weight) * contrastive + self.weight * distill
+        )
         return out

@@ -25,7 +25,9 @@ from torch import nn
 
 from dr.train.losses.base import LossOutput, LossSettings, TrainLoss
 
-DistillTerm = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student (B, n), teacher (B, n)) -> scalar
+DistillTerm = Callable[
+    [torch.Tensor, torch.Tensor], torch.Tensor
+]  # (student (B, n), teacher (B, n)) -> scalar
 
 
 def listwise_cross_entropy(scores: torch.Tensor) -> torch.Tensor:
@@ -68,7 +70,9 @@ class ListwiseLoss(TrainLoss):
             return out
         if teacher_scores is None or teacher_scores.shape != groups.shape:
             got = None if teacher_scores is None else tuple(teacher_scores.shape)
-            raise ValueError(f"--loss {self.name} needs teacher scores of shape {tuple(groups.shape)}, got {got}")
+            raise ValueError(
+                f"--loss {self.name} needs teacher scores of shape {tuple(groups.shape)}, got {got}"
+            )
         distill = self.term(groups, teacher_scores)
         out.terms["distill"] = distill.detach()
         out.loss = distill if self.weight == 1.0 else (1.0 - self.weight) * listwise + self.weight * distill
