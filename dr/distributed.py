@@ -3,7 +3,7 @@
 Works unlaunched (plain `python`: rank 0 of 1), under `torchrun`, under the `deepspeed` launcher and under
 SLURM `srun` (the launch scripts set RANK/WORLD_SIZE). torch is imported only when a process group is
 needed (a launched multi-process job) or a tensor collective is called: a single-process CPU search never
-imports it (see `dr.index`), which keeps `dr search` start-up at a plain faiss script's.
+imports it (see `dr.search`), which keeps `dr search` start-up at a plain faiss script's.
 
 Commands use one context manager, `process_group()`: join the launcher's group, run, then leave it with a
 barrier after success and without one after a failure (see there), and `exit_status` at the very end.
@@ -20,12 +20,13 @@ import os
 import socket
 import sys
 import threading
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from dr.errors import PeerFailed
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _torch_dist() -> Any | None:
@@ -188,6 +189,20 @@ def raise_if_any_failed(error: BaseException | None) -> None:
         raise error
     if not ok:
         raise PeerFailed("another rank failed (see its message); nothing was published")
+
+
+def agreed(step: Callable[[], T]) -> T:
+    """Collective: run `step` on this rank, then agree with every rank (`raise_if_any_failed`: this rank's
+    error is re-raised, `PeerFailed` where another rank failed); returns the step's result. The phases
+    of a distributed command (set up, work, publish) are each wrapped so no rank runs ahead of a failure."""
+    error: Exception | None = None
+    result = None
+    try:
+        result = step()
+    except Exception as err:  # noqa: BLE001 - every rank must reach the agreement, then it is raised
+        error = err
+    raise_if_any_failed(error)
+    return result  # type: ignore[return-value]
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:

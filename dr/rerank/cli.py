@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
-from typing import Any
 
 from dr.errors import UsageError
 from dr.io.runs import FORMATS, RunFormatError, check_tag
@@ -69,21 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _agreed(step: Callable[[], Any]) -> Any:
-    """Run `step` on this rank, then agree with every rank (re-raising this rank's error, or `PeerFailed`
-    where another rank failed); returns the step's result."""
-    from dr import distributed as dist
-
-    error: Exception | None = None
-    result = None
-    try:
-        result = step()
-    except Exception as err:  # noqa: BLE001 - every rank must reach the agreement, then it is raised
-        error = err
-    dist.raise_if_any_failed(error)
-    return result
-
-
 def check_flags(args: argparse.Namespace) -> None:
     for name in ("depth", "batch_size"):
         if getattr(args, name) < 1:
@@ -106,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with dist.process_group():
         rank, world = dist.get_rank(), dist.get_world_size()
-        plan = _agreed(lambda: setup_rank(args, rank, world))
-        _agreed(lambda: rerank_own_part(args, plan))
+        plan = dist.agreed(lambda: setup_rank(args, rank, world))
+        dist.agreed(lambda: rerank_own_part(args, plan))
         if rank == 0:
             publish(args, plan)
     return 0

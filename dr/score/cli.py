@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
-from typing import Any
 
 from dr.flags import add_bool
 from dr.score.run import ScoreUsageError, publish, score_own_part, setup_rank
@@ -65,21 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _agreed(step: Callable[[], Any]) -> Any:
-    """Run `step` on this rank, then agree with every rank (re-raising this rank's error, or `PeerFailed`
-    where another rank failed); returns the step's result."""
-    from dr import distributed as dist
-
-    error: Exception | None = None
-    result = None
-    try:
-        result = step()
-    except Exception as err:  # noqa: BLE001 - every rank must reach the agreement, then it is raised
-        error = err
-    dist.raise_if_any_failed(error)
-    return result
-
-
 def run(args: argparse.Namespace) -> int:
     """Every rank sets up and scores its part; all agree after each phase; rank 0 then publishes."""
     from dr import distributed as dist
@@ -92,8 +75,8 @@ def run(args: argparse.Namespace) -> int:
         rank, world = dist.get_rank(), dist.get_world_size()
         # Two phases, each ended by a collective every rank reaches (so a failing rank never leaves its
         # peers waiting): set up (input, teacher, parts folder), then score.
-        plan = _agreed(lambda: setup_rank(args, rank, world))
-        _agreed(lambda: score_own_part(args, plan))
+        plan = dist.agreed(lambda: setup_rank(args, rank, world))
+        dist.agreed(lambda: score_own_part(args, plan))
         if rank == 0:
             publish(args, plan)
     return 0

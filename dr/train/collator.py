@@ -56,9 +56,12 @@ class TrainCollator:
             "positive_keys": positive_keys,
         }
         if self.teacher_scores:
-            if any(item.teacher_scores is None for item in items):
-                raise ValueError("a training group has no teacher scores (validation should have caught it)")
-            batch["teacher_scores"] = torch.tensor(
-                [item.teacher_scores for item in items], dtype=torch.float32
-            )
+            batch["teacher_scores"] = teacher_scores_tensor(items)
         return batch
+
+
+def teacher_scores_tensor(items: list[TrainItem]) -> torch.Tensor:
+    """(B, n) float32 teacher scores of the batch's groups, aligned with their passages (distillation)."""
+    if any(item.teacher_scores is None for item in items):
+        raise ValueError("a training group has no teacher scores (validation should have caught it)")
+    return torch.tensor([item.teacher_scores for item in items], dtype=torch.float32)

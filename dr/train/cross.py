@@ -20,12 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from dr.flags import DataArguments, ModelArguments
 from dr.model.cross_encoder import CrossEncoder, CrossEncoderConfig, tokenize_pairs
 from dr.model.text import pad_rows
 from dr.train.args import DRTrainingArguments
+from dr.train.collator import teacher_scores_tensor
 from dr.train.groups import TrainGroups, TrainItem
 from dr.train.losses.kl import kl
 from dr.train.losses.listwise import ListwiseLoss
@@ -58,11 +57,7 @@ class CrossCollator:
             "group_size": group_size,
         }
         if self.teacher_scores:
-            if any(item.teacher_scores is None for item in items):
-                raise ValueError("a training group has no teacher scores (validation should have caught it)")
-            batch["teacher_scores"] = torch.tensor(
-                [item.teacher_scores for item in items], dtype=torch.float32
-            )
+            batch["teacher_scores"] = teacher_scores_tensor(items)
         return batch
 
 
