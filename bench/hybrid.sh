@@ -31,15 +31,15 @@ if [[ ! -f "$out/dense.run" ]]; then
 fi
 step "$py" -m dr.bm25 --corpus "$data/corpus.jsonl" --queries "$queries" --depth 1000 \
   --index_dir "$out/bm25_index" --save_ranking_to "$out/bm25.run"
-step "$py" -m dr.cli fuse --runs "$out/dense.run" "$out/bm25.run" --method rrf --depth 1000 \
+step "$py" -m dr.fuse --runs "$out/dense.run" "$out/bm25.run" --method rrf --depth 1000 \
   --save_ranking_to "$out/rrf.run"
-step "$py" -m dr.cli fuse --runs "$out/dense.run" "$out/bm25.run" --method linear --weights 0.5 0.5 \
+step "$py" -m dr.fuse --runs "$out/dense.run" "$out/bm25.run" --method linear --weights 0.5 0.5 \
   --normalize minmax --depth 1000 --save_ranking_to "$out/linear.run"
 
 echo "| $name ($(cut -f1 "$queries" | sort -u | wc -l) queries) | ${metrics[*]} |"
 echo "|---|---|"
 for run in bm25 dense rrf linear; do
-  "$py" -m dr.cli eval --qrels "$qrels" --run "$out/$run.run" --metrics "${metrics[@]}" \
+  "$py" -m dr.evaluate --qrels "$qrels" --run "$out/$run.run" --metrics "${metrics[@]}" \
     --output "$out/$run.metrics.json" > /dev/null
   "$py" - "$out/$run.metrics.json" "$run" "${metrics[@]}" <<'PY'
 import json, sys
