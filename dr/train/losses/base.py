@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from dr.errors import UsageError
+
 
 @dataclass
 class LossOutput:
@@ -66,8 +68,6 @@ class LossSettings:
     def from_args(cls, args: Any, temperature: float, normalize: bool = False) -> LossSettings:
         """From `DRTrainingArguments` (its --loss defaults already resolved), the model's temperature and
         whether it normalises."""
-        from dr.train.losses.matryoshka import parse_dims, parse_weights
-
         dims = parse_dims(getattr(args, "matryoshka_dims", None))
         return cls(
             temperature=temperature,
@@ -110,3 +110,33 @@ class TrainLoss(nn.Module):
         positive_keys: torch.Tensor | None = None,
     ) -> LossOutput:
         raise NotImplementedError
+
+
+def parse_dims(text: str | None, flag: str = "--matryoshka_dims") -> tuple[int, ...]:
+    """'384,256,128' -> (384, 256, 128); None or '' -> (). Each must be an integer >= 1, none repeated."""
+    if not text:
+        return ()
+    try:
+        dims = tuple(int(part) for part in str(text).split(","))
+    except ValueError:
+        raise UsageError(
+            f"{flag} must be comma-separated integers, e.g. 384,256,128,64; got {text!r}"
+        ) from None
+    if any(d < 1 for d in dims) or len(set(dims)) != len(dims):
+        raise UsageError(f"{flag} must be distinct integers >= 1, got {text!r}")
+    return dims
+
+
+def parse_weights(text: str | None, n_dims: int, flag: str = "--matryoshka_weights") -> tuple[float, ...]:
+    """'1,0.5,0.5' -> one weight >= 0 per Matryoshka dim; None or '' -> 1.0 each."""
+    if not text:
+        return (1.0,) * n_dims
+    try:
+        weights = tuple(float(part) for part in str(text).split(","))
+    except ValueError:
+        raise UsageError(f"{flag} must be comma-separated numbers, got {text!r}") from None
+    if len(weights) != n_dims:
+        raise UsageError(f"{flag} gives {len(weights)} weights for {n_dims} --matryoshka_dims")
+    if any(not w >= 0 for w in weights) or not sum(weights) > 0:
+        raise UsageError(f"{flag} must be numbers >= 0, not all 0; got {text!r}")
+    return weights

@@ -21,7 +21,7 @@ import torch
 
 from dr.errors import UsageError
 from dr.model.truncation import truncate
-from dr.train.losses.base import LossOutput, LossSettings, TrainLoss
+from dr.train.losses.base import LossOutput, LossSettings, TrainLoss, parse_dims, parse_weights  # noqa: F401 - re-exported
 from dr.train.losses.contrastive import ContrastiveLoss
 
 
@@ -83,36 +83,6 @@ class MatryoshkaLoss(TrainLoss):
             if i == 0:
                 out.counts.update(part.counts)
         return out
-
-
-def parse_dims(text: str | None, flag: str = "--matryoshka_dims") -> tuple[int, ...]:
-    """'384,256,128' -> (384, 256, 128); None or '' -> (). Each must be an integer >= 1, none repeated."""
-    if not text:
-        return ()
-    try:
-        dims = tuple(int(part) for part in str(text).split(","))
-    except ValueError:
-        raise UsageError(
-            f"{flag} must be comma-separated integers, e.g. 384,256,128,64; got {text!r}"
-        ) from None
-    if any(d < 1 for d in dims) or len(set(dims)) != len(dims):
-        raise UsageError(f"{flag} must be distinct integers >= 1, got {text!r}")
-    return dims
-
-
-def parse_weights(text: str | None, n_dims: int, flag: str = "--matryoshka_weights") -> tuple[float, ...]:
-    """'1,0.5,0.5' -> one weight >= 0 per Matryoshka dim; None or '' -> 1.0 each."""
-    if not text:
-        return (1.0,) * n_dims
-    try:
-        weights = tuple(float(part) for part in str(text).split(","))
-    except ValueError:
-        raise UsageError(f"{flag} must be comma-separated numbers, got {text!r}") from None
-    if len(weights) != n_dims:
-        raise UsageError(f"{flag} gives {len(weights)} weights for {n_dims} --matryoshka_dims")
-    if any(not w >= 0 for w in weights) or not sum(weights) > 0:
-        raise UsageError(f"{flag} must be numbers >= 0, not all 0; got {text!r}")
-    return weights
 
 
 def wrap(inner: TrainLoss, settings: LossSettings, name: str) -> MatryoshkaLoss:
