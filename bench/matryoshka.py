@@ -1,26 +1,40 @@
 """Benchmark: retrieval quality against vector size, plain vs Matryoshka-trained models (docs/matryoshka.md).
 
-For each model (a plain one and one trained with `dr train --matryoshka_dims`) and each dimension D, the
-corpus and the test queries are encoded with `dr encode --truncate_dim D`, then searched three ways:
-exact (float32), binary codes alone (`dr quantize --quantize binary`, 1 bit per dimension), and binary +
-exact rescoring of the top `--rescore` x depth; each run is scored with nDCG@10 against the qrels.
-Prints a markdown table (model, dim, search, index bytes, nDCG@10, and the ratio to the same model's
-exact search at full size) and writes a PNG: nDCG@10 against the dimension, and against the index bytes.
+For each model (plain ones, and ones trained with `dr train --matryoshka_dims`; one per seed) the corpus and
+the test queries are encoded ONCE at full size, and each smaller size D is derived from those vectors: the
+first D coordinates, renormalised when the model normalises (`dr.model.truncation.truncate`, the rule
+`dr encode --truncate_dim D` applies to the model's vectors; the derived shards carry the same metadata).
+`--verify_rows N` re-encodes the first N passages with `dr encode --truncate_dim` at the smallest D and
+checks they match the derived ones (it exits non-zero if they do not), so the shortcut is measured, not
+assumed: encoding SciFact once costs ~10 min on 2 cores, four times per model would cost 40.
 
-    python -m bench.matryoshka --plain runs/plain --matryoshka runs/mrl            # SciFact, 384..64
+Each size is searched three ways: exact (float32), binary codes alone (`dr quantize --quantize binary`,
+1 bit per dimension), and binary + exact rescoring of the top `--rescore` x depth. Prints a markdown table
+per seed and a summary (mean over seeds, ratio to the same model's exact search at full size), writes
+`<work>/matryoshka.json` and a PNG: nDCG@10 against the dimension and against the index bytes.
+
+    python -m bench.matryoshka --plain runs/p42 runs/p43 --matryoshka runs/m42 runs/m43      # SciFact
     python -m bench.matryoshka --plain A --matryoshka B --dims 32,16,8 --max_rows 40 --work /tmp/m   # smoke
 
-Every encode, quantize and search is the `dr` command in a child process; outputs already in `--work` are
-reused (delete the folder to start over). The PNG needs matplotlib (`pip install -e .[bench]`).
+A model is a `dr pipeline` run directory (its `model/` and `embeddings/{corpus,queries}*.arrow` are used)
+or a model folder (encoded into `--work`). Every encode, quantize and search is the `dr` command in a
+child process; outputs already in `--work` are reused (delete the folder to start over). The PNG needs
+matplotlib (`pip install -e .[bench]`).
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
+import statistics
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
+
+import numpy as np
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCHES = ("exact", "binary", "binary+rescore")
@@ -32,12 +46,17 @@ def dr(command: str, *flags: str) -> None:
                    check=True, cwd=REPO)  # fmt: skip
 
 
-def encode(model: str, data: Path, out: Path, dim: int, args: argparse.Namespace) -> None:
-    """Corpus and test queries at `dim` dimensions (`dr encode --truncate_dim`), unless already there."""
-    common = ["--model_name_or_path", model, "--dataset_name", str(data), "--truncate_dim", str(dim)]
+def full_size_shards(model: str, work: Path, args: argparse.Namespace) -> tuple[str, Path, Path]:
+    """(model folder, corpus shard glob, queries shard) at full size: a pipeline run's, or encoded here."""
+    run_dir = Path(model)
+    corpus = sorted(glob.glob(str(run_dir / "embeddings" / "corpus*.arrow")))
+    queries = sorted(glob.glob(str(run_dir / "embeddings" / "queries*.arrow")))
+    if (run_dir / "model").is_dir() and corpus and len(queries) == 1 and not args.max_rows:
+        return str(run_dir / "model"), run_dir / "embeddings" / "corpus*.arrow", Path(queries[0])
+    out = work / "full"
+    common = ["--model_name_or_path", model, "--dataset_name", args.data, "--truncate_dim", "0"]
     common += ["--per_device_eval_batch_size", str(args.batch_size), "--dataloader_num_workers", "0"]
-    if args.max_rows:
-        common += ["--max_rows", str(args.max_rows)]
+    common += ["--max_rows", str(args.max_rows)] if args.max_rows else []
     jobs = {
         out / "queries": [
             "--encode_is_qry",
@@ -52,6 +71,55 @@ def encode(model: str, data: Path, out: Path, dim: int, args: argparse.Namespace
         if not base.with_name(base.name + ".manifest.json").is_file():
             print(f"encoding {base} ...", file=sys.stderr, flush=True)
             dr("encode", *common, *extra, "--encoded_save_path", str(base))
+    return model, out / "corpus*.arrow", out / "queries.arrow"
+
+
+def write_prefix(source: Path, target: Path, dim: int) -> None:
+    """`target` = the shard `source` with each vector cut to its first `dim` coordinates (renormalised when
+    the model normalises), metadata saying so; written atomically by ShardWriter, skipped when present."""
+    from dr.io.shards import ShardWriter, iter_shard, read_meta
+    from dr.model.truncation import truncate
+
+    if target.is_file():
+        return
+    meta = read_meta(source)
+    full = dim >= meta.dim
+    out_meta = meta if full else replace(meta, dim=dim, truncate_dim=dim)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with ShardWriter(target, out_meta) as writer:
+        for ids, vectors in iter_shard(source):
+            prefix = truncate(torch.from_numpy(np.asarray(vectors, dtype=np.float32)), dim, meta.normalize)
+            writer.write(ids, prefix.numpy())
+
+
+def derive(corpus_glob: Path, queries: Path, out: Path, dim: int) -> None:
+    """Corpus and queries shards of size `dim` in `out` (corpus.NNNNN.arrow, queries.arrow)."""
+    for i, shard in enumerate(sorted(glob.glob(str(corpus_glob)))):
+        write_prefix(Path(shard), out / f"corpus.{i:05d}.arrow", dim)
+    write_prefix(queries, out / "queries.arrow", dim)
+
+
+def verify(model: str, out: Path, dim: int, args: argparse.Namespace) -> float:
+    """Max |difference| between `dr encode --truncate_dim dim` of the first rows and the derived vectors."""
+    from dr.io.shards import read_shard
+
+    base = out / f"verify-{dim}"
+    if not base.with_name(base.name + ".manifest.json").is_file():
+        dr("encode", "--model_name_or_path", model, "--dataset_name", args.data, "--truncate_dim", str(dim),
+           "--p_max_len", str(args.p_max_len), "--max_rows", str(args.verify_rows),
+           "--per_device_eval_batch_size", str(args.batch_size), "--dataloader_num_workers", "0",
+           "--encoded_save_path", str(base))  # fmt: skip
+    ids, encoded, meta = read_shard(base.with_name(base.name + ".arrow"))
+    derived = {}
+    for shard in sorted(glob.glob(str(out / str(dim) / "corpus.*.arrow"))):
+        shard_ids, vectors, derived_meta = read_shard(shard)
+        if (derived_meta.dim, derived_meta.truncate_dim) != (meta.dim, meta.truncate_dim):
+            raise SystemExit(f"derived {shard}: dim/truncate_dim differ from dr encode's ({meta})")
+        derived.update(zip(shard_ids, vectors.astype(np.float32)))
+    shared = [(i, v) for i, v in zip(ids, encoded) if i in derived]
+    if not shared:
+        raise SystemExit(f"verify: none of the {len(ids)} re-encoded passages is among the derived ones")
+    return float(max(np.abs(derived[i] - v.astype(np.float32)).max() for i, v in shared))
 
 
 def search(out: Path, kind: str, args: argparse.Namespace) -> Path:
@@ -59,7 +127,7 @@ def search(out: Path, kind: str, args: argparse.Namespace) -> Path:
     run = out / f"run.{kind}.txt"
     if run.is_file():
         return run
-    corpus = str(out / "corpus*.arrow")
+    corpus = str(out / "corpus.*.arrow")
     flags = ["--query_reps", str(out / "queries.arrow"), "--passage_reps", corpus, "--depth", str(args.depth)]
     flags += ["--save_ranking_to", str(run), "--quiet"]
     if kind != "exact":
@@ -84,55 +152,69 @@ def ndcg10(run: Path, qrels: Path) -> float:
 
 def index_bytes(out: Path, kind: str) -> int:
     """Bytes of the first-pass index: float32 vectors for exact search, 1 bit per dimension for binary."""
-    manifest = json.loads((out / "corpus.manifest.json").read_text(encoding="utf-8"))
-    rows, dim = int(manifest["rows"]), int(manifest["dim"])
+    from dr.io.shards import read_meta
+
+    metas = [read_meta(p) for p in glob.glob(str(out / "corpus.*.arrow"))]
+    rows, dim = sum(m.count for m in metas), metas[0].dim
     return rows * dim * 4 if kind == "exact" else rows * dim // 8
 
 
-def measure(models: dict[str, str], dims: list[int], args: argparse.Namespace) -> list[dict]:
-    """One row per (model, dim, search): index bytes and nDCG@10."""
+def measure(models: dict[str, list[str]], dims: list[int], args: argparse.Namespace) -> list[dict]:
+    """One row per (model, seed index, dim, search): index bytes and nDCG@10."""
     rows = []
-    for label, model in models.items():
-        for dim in dims:
-            out = Path(args.work) / label / str(dim)
-            encode(model, Path(args.data), out, dim, args)
-            for kind in SEARCHES:
-                score = ndcg10(search(out, kind, args), Path(args.qrels))
-                rows.append(
-                    {
-                        "model": label,
-                        "dim": dim,
-                        "search": kind,
-                        "bytes": index_bytes(out, kind),
-                        "ndcg": score,
-                    }
-                )
-        full = next(
-            r["ndcg"]
-            for r in rows
-            if r["model"] == label and r["dim"] == max(dims) and r["search"] == "exact"
-        )
-        for r in rows:
-            if r["model"] == label:
-                r["ratio"] = r["ndcg"] / full if full else float("nan")
+    for label, runs in models.items():
+        for seed, model in enumerate(runs):
+            work = Path(args.work) / label / f"model{seed}"
+            folder, corpus, queries = full_size_shards(model, work, args)
+            for dim in dims:
+                derive(corpus, queries, work / str(dim), dim)
+                for kind in SEARCHES:
+                    score = ndcg10(search(work / str(dim), kind, args), Path(args.qrels))
+                    rows.append({"model": label, "seed": seed, "source": model, "dim": dim, "search": kind,
+                                 "bytes": index_bytes(work / str(dim), kind), "ndcg": score})  # fmt: skip
+            if args.verify_rows:
+                diff = verify(folder, work, min(dims), args)
+                print(f"{label} {model}: dr encode --truncate_dim {min(dims)} vs derived, first "
+                      f"{args.verify_rows} passages: max |diff| {diff:.2e}", file=sys.stderr)  # fmt: skip
+                if diff > args.verify_tolerance:
+                    raise SystemExit(
+                        f"derived prefixes differ from dr encode's by {diff:.2e} > {args.verify_tolerance}"
+                    )
+            full = next(r["ndcg"] for r in rows if (r["model"], r["seed"], r["dim"], r["search"])
+                        == (label, seed, max(dims), "exact"))  # fmt: skip
+            for r in rows:
+                if (r["model"], r["seed"]) == (label, seed):
+                    r["ratio"] = r["ndcg"] / full if full else float("nan")
     return rows
 
 
+def summary(rows: list[dict]) -> list[dict]:
+    """Mean over seeds of each (model, dim, search), with the per-seed values."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["dim"], r["search"]), []).append(r)
+    return [{"model": m, "dim": d, "search": s, "bytes": g[0]["bytes"],
+             "ndcg": statistics.mean(r["ndcg"] for r in g), "ratio": statistics.mean(r["ratio"] for r in g),
+             "seeds": [r["ndcg"] for r in g]} for (m, d, s), g in groups.items()]  # fmt: skip
+
+
 def table(rows: list[dict]) -> str:
-    """Markdown: the ratio is to the same model's exact search at the largest dimension."""
+    """Markdown: mean nDCG@10 over seeds (each seed's value after it); the ratio is to the same model's
+    exact search at the largest dimension, averaged over seeds."""
     lines = [
-        "| model | dim | search | index bytes | nDCG@10 | vs exact at full dim |",
-        "|---|---:|---|---:|---:|---:|",
+        "| model | dim | search | index bytes | nDCG@10 (mean) | per seed | vs exact at full dim |",
+        "|---|---:|---|---:|---:|---|---:|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['dim']} | {r['search']} | {r['bytes']:,} | {r['ndcg']:.4f} | {r['ratio']:.3f} |"
-        )
+        seeds = " / ".join(f"{v:.4f}" for v in r["seeds"])
+        lines.append(f"| {r['model']} | {r['dim']} | {r['search']} | {r['bytes']:,} | {r['ndcg']:.4f} | {seeds} "
+                     f"| {r['ratio']:.3f} |")  # fmt: skip
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Two panels: nDCG@10 against the dimension, and against the index bytes (log scale)."""
+    """Two panels: mean nDCG@10 against the dimension, and against the index bytes (log scale); each seed
+    is a faint dot around its mean."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -153,20 +235,19 @@ def plot(rows: list[dict], path: Path) -> None:
                 "color": colours.get(label),
                 "label": f"{label}, {kind}",
             }
-            by_dim.plot([r["dim"] for r in line], [r["ndcg"] for r in line], **look)
-            by_bytes.plot([r["bytes"] for r in line], [r["ndcg"] for r in line], **look)
+            for axis, x in ((by_dim, "dim"), (by_bytes, "bytes")):
+                axis.plot([r[x] for r in line], [r["ndcg"] for r in line], **look)
+                for r in line:
+                    axis.scatter(
+                        [r[x]] * len(r["seeds"]), r["seeds"], s=8, alpha=0.35, color=colours.get(label)
+                    )
     dims = sorted({r["dim"] for r in rows})
-    by_dim.set(
-        xlabel="dimensions kept (--truncate_dim)",
-        ylabel="nDCG@10",
-        xscale="log",
-        title="quality vs dimension",
-    )
+    by_dim.set(xlabel="dimensions kept (--truncate_dim)", ylabel="nDCG@10 (mean of seeds)", xscale="log",
+               title="quality vs dimension")  # fmt: skip
     by_dim.set_xticks(dims, labels=[str(d) for d in dims])
     by_dim.minorticks_off()
-    by_bytes.set(
-        xlabel="first-pass index bytes", ylabel="nDCG@10", xscale="log", title="quality vs index size"
-    )
+    by_bytes.set(xlabel="first-pass index bytes", ylabel="nDCG@10 (mean of seeds)", xscale="log",
+                 title="quality vs index size")  # fmt: skip
     by_dim.legend(fontsize=7)
     for axis in (by_dim, by_bytes):
         axis.grid(True, alpha=0.3)
@@ -178,8 +259,10 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plain", required=True, help="model folder trained without --matryoshka_dims")
-    parser.add_argument("--matryoshka", required=True, help="model folder trained with --matryoshka_dims")
+    parser.add_argument("--plain", nargs="+", required=True, help="run dirs or model folders, one per seed")
+    parser.add_argument(
+        "--matryoshka", nargs="+", required=True, help="the same, trained with --matryoshka_dims"
+    )
     parser.add_argument(
         "--data", default=str(REPO.parent / "shared" / "data" / "scifact"), help="BEIR folder"
     )
@@ -194,7 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max_rows", type=int, default=None, help="first N corpus and query rows (smoke tests)"
     )
-    parser.add_argument("--work", default="bench-matryoshka", help="encodings, codes and runs (reused)")
+    parser.add_argument(
+        "--verify_rows",
+        type=int,
+        default=64,
+        help="re-encode this many passages with --truncate_dim to check the derived prefixes (0: skip)",
+    )
+    parser.add_argument(
+        "--verify_tolerance",
+        type=float,
+        default=2e-3,
+        help="max |diff| allowed (float16 shards round to ~1e-3; float32 ones agree to ~1e-6)",
+    )
+    parser.add_argument("--work", default="bench-matryoshka", help="derived shards, codes and runs (reused)")
     parser.add_argument("--png", default=None, help="default: <work>/matryoshka.png")
     args = parser.parse_args(argv)
     args.qrels = args.qrels or str(Path(args.data) / f"qrels.{args.split}.trec")
@@ -202,10 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     if any(d % 8 for d in dims):
         parser.error(f"--dims {args.dims}: binary codes need dimensions divisible by 8")
     rows = measure({"plain": args.plain, "matryoshka": args.matryoshka}, dims, args)
-    print(table(rows))
-    png = Path(args.png or Path(args.work) / "matryoshka.png")
+    means = summary(rows)
+    print(table(means))
+    work = Path(args.work)
+    (work / "matryoshka.json").write_text(
+        json.dumps({"args": vars(args), "rows": rows, "summary": means}, indent=1)
+    )
+    png = Path(args.png or work / "matryoshka.png")
     try:
-        plot(rows, png)
+        plot(means, png)
     except ImportError:
         print("matplotlib is not installed (pip install -e .[bench]): no plot written", file=sys.stderr)
         return 1
