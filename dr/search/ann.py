@@ -1,7 +1,7 @@
 """Approximate search over a sharded faiss index (`dr.index.build`), merged exactly, optionally rescored.
 
 1. The index folder's manifest is checked against the passage shards it was built from: a shard that
-   changed (or is gone) is refused (`dr.index.build.StaleIndex`), before anything is searched.
+   changed (or is gone) is refused (`dr.index.manifest.StaleIndex`), before anything is searched.
 2. Each rank searches its share of the shard indexes (`dr.search.shard_set.split_shards`), one at a time,
    memory-mapped (``faiss.IO_FLAG_MMAP``: the pages of the lists probed are read, not the whole index).
    Per shard, the top ``C`` hits follow dr's tie rule (`dr.ranking`), also at the cut-off: where a hit
@@ -28,7 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 from dr import distributed as D
-from dr.index.build import check_fresh, group_rank, read_manifest
+from dr.index.build import group_rank
+from dr.index.manifest import check_fresh, read_manifest
 from dr.ranking import NO_KEY, docid_keys, search_past_ties, select_topk
 from dr.search.shard_set import SearchError, id_column, split_shards
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dr.index import build
+from dr.index.manifest import MANIFEST
 from dr.io.shards import file_sha256
 from tests.helpers import command, run, torchrun
 from tests.search.test_search import make_corpus, write_queries
@@ -52,7 +53,7 @@ def files(folder: Path) -> dict[str, str]:
 def test_array_tasks_build_the_same_index_as_one_process(corpus):
     assert index_main(index_argv(corpus, "one")) == 0
     assert index_main(index_argv(corpus, "tasks", "--num_shards", "2", "--shard_index", "1")) == 0
-    assert not (corpus / "tasks" / build.MANIFEST).exists()  # task 0's shards are missing
+    assert not (corpus / "tasks" / MANIFEST).exists()  # task 0's shards are missing
     assert index_main(index_argv(corpus, "tasks", "--num_shards", "2", "--shard_index", "0")) == 0
     one, tasks = files(corpus / "one"), files(corpus / "tasks")
     assert one == tasks
@@ -60,7 +61,7 @@ def test_array_tasks_build_the_same_index_as_one_process(corpus):
     assert search_main(search_argv(corpus, "one", "run1.txt")) == 0
     assert search_main(search_argv(corpus, "tasks", "run2.txt")) == 0
     assert (corpus / "run1.txt").read_bytes() == (corpus / "run2.txt").read_bytes()
-    manifest = json.loads((corpus / "one" / build.MANIFEST).read_text())
+    manifest = json.loads((corpus / "one" / MANIFEST).read_text())
     assert manifest["factory"] == "IVF8,Flat" and manifest["seed"] == 3 and manifest["train_rows"] == 300
     assert [s["rows"] for s in manifest["shards"]] == SIZES
     assert all("mtime_ns" in s["fingerprint"] for s in manifest["shards"])  # no encode manifest here
@@ -84,7 +85,7 @@ def test_resume_after_a_crash_between_shards(corpus, monkeypatch):
     assert index_main(index_argv(corpus, "idx")) == 1
     monkeypatch.setattr(faiss, "write_index", real_write)
     out = corpus / "idx"
-    assert not (out / "shard-00002.faiss").exists() and not (out / build.MANIFEST).exists()
+    assert not (out / "shard-00002.faiss").exists() and not (out / MANIFEST).exists()
     (out / "shard-00001.json").unlink()  # a crash between a shard's index and its ids: redone
     added = []
     real_add = build._add_shard
@@ -101,14 +102,6 @@ def test_another_configuration_is_refused(corpus, capsys):
     assert index_main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert index_main([*argv, "--overwrite"]) == 0
-
-
-def test_fingerprint_is_the_encode_manifests_sha256(corpus):
-    shard = corpus / "corpus.00.arrow"
-    assert set(build.shard_fingerprint(shard)) == {"bytes", "mtime_ns"}
-    entry = {"path": shard.name, "sha256": file_sha256(shard)}
-    (corpus / "corpus.manifest.json").write_text(json.dumps({"files": [entry]}))
-    assert build.shard_fingerprint(shard) == {"bytes": shard.stat().st_size, "sha256": entry["sha256"]}
 
 
 @pytest.mark.slow
