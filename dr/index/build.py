@@ -10,8 +10,9 @@ The faiss recipe for corpora larger than one machine's RAM, with dr's distribute
    SLURM array task (``--num_shards/--shard_index``), adds its shards, one at a time, to a copy of the
    trained index and writes ``shard-<i>.faiss`` (atomically) and then ``shard-<i>.json`` (its record:
    rows, the passage shard's fingerprint, the trained index's sha256; the docids stay in the passage
-   shard, which a search reads memory-mapped). A shard is complete when its
-   record agrees with the index file and the passage shard; anything else is redone (resume).
+   shard, which a search reads memory-mapped). A shard is complete when its record agrees with the
+   index file and the passage shard; anything else is redone (resume), after removing the temporary
+   files that a process killed while writing it left.
 3. **Manifest last.** Whoever finds every shard complete writes ``index.json``: factory, seed, training
    sample fingerprint, and per shard its path, rows and fingerprint (the format: `dr.index.manifest`).
    `dr.search.ann` refuses to search an index whose passage shards no longer match it.
@@ -34,7 +35,7 @@ import numpy as np
 
 from dr import distributed as D
 from dr.index.manifest import FORMAT, MANIFEST, shard_fingerprint
-from dr.io.atomic import atomic_path, write_json_atomic
+from dr.io.atomic import publish_once, remove_stale_temporaries, write_json_atomic
 from dr.io.shards import file_sha256, iter_shard
 from dr.row_ranges import Part, RowParts, RowPlan, claim_folder
 from dr.search.shard_set import SearchError, check_finite
@@ -92,15 +93,11 @@ def train(sample: np.ndarray, dim: int, factory: str):
 
 
 def publish_trained(index, path: Path) -> None:
-    """Write `index` to `path` unless it exists: the first writer wins, atomically (a hard link)."""
+    """Write `index` to `path` unless it exists: the first writer wins (another task may have trained
+    first; its quantizer is the one everybody uses), and no temporary file is left."""
     import faiss
 
-    with atomic_path(path.with_suffix(".tmp-link")) as tmp:
-        faiss.write_index(index, str(tmp))
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another task trained first; its quantizer is the one everybody uses
+    publish_once(path, lambda tmp: faiss.write_index(index, str(tmp)))
 
 
 # ---- the build ----------------------------------------------------------------------------------------
@@ -198,6 +195,10 @@ def build_index(
             sample_info = {"train_rows": len(sample), "train_sha256": _array_sha(sample)}
             write_json_atomic(folder / "trained.json", sample_info)  # same content from every writer
             publish_trained(train(sample, spec.dim, spec.factory), trained_path)
+        elif rank == 0:
+            # The quantizer exists: a temporary file of a trainer killed before publishing is a leftover
+            # (one still training when it appeared finds it too, and leaves without linking).
+            remove_stale_temporaries(folder, TRAINED)
     except (OSError, ValueError) as err:
         error = err
     D.raise_if_any_failed(error)
@@ -275,8 +276,9 @@ def _add_shard(
         check_finite(vectors, path, row, ids)
         index.add(vectors)
         row += len(vectors)
-    parts.write_part(part, lambda tmp: faiss.write_index(index, str(tmp)))
+    parts.write_part(part, lambda tmp: faiss.write_index(index, str(tmp)))  # removes its leftovers first
     index_path, record_path = shard_files(folder, i)
+    remove_stale_temporaries(folder, record_path.name)  # of a process killed while writing the record
     write_json_atomic(
         record_path,
         {
