@@ -10,8 +10,9 @@
 3. The per-shard lists are merged into one top ``C`` per query under the rule (the same on every layout of
    ranks), gathered on rank 0 and merged again.
 4. ``--rescore K``: the float vectors of the candidates are read from the passage shards and scored
-   exactly (float64, rounded to float32, as exact search reports them); the top ``depth`` are kept under
-   the rule. A candidate found by the index thus gets exact search's score.
+   exactly (float64 sums rounded to float32); the top ``depth`` are kept under the rule. A candidate found
+   by the index thus gets its exact score, which exact search's float32 BLAS sums may miss in the last
+   bit (docs/search.md: different blockings differ there too).
 
 The index may return fewer than ``depth`` hits for a query (an IVF index probing too few lists, an HNSW
 graph with a small efSearch): how many queries, and the fewest hits, are logged and recorded.
