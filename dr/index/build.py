@@ -10,14 +10,14 @@ The faiss recipe for corpora larger than one machine's RAM, with dr's distribute
    SLURM array task (``--num_shards/--shard_index``), adds its shards, one at a time, to a copy of the
    trained index and writes ``shard-<i>.faiss`` (atomically) and then ``shard-<i>.json`` (its record:
    rows, the passage shard's fingerprint, the trained index's sha256; the docids stay in the passage
-   shard, which a search reads memory-mapped). A shard is complete when its
-   record agrees with the index file and the passage shard; anything else is redone (resume).
+   shard, which a search reads memory-mapped). A shard is complete when its record agrees with the
+   index file and the passage shard; anything else is redone (resume), after removing the temporary
+   files that a process killed while writing it left.
 3. **Manifest last.** Whoever finds every shard complete writes ``index.json``: factory, seed, training
-   sample fingerprint, and per shard its path, rows and fingerprint. `dr.search.ann` refuses to search
-   an index whose passage shards no longer match it.
+   sample fingerprint, and per shard its path, rows and fingerprint (the format: `dr.index.manifest`).
+   `dr.search.ann` refuses to search an index whose passage shards no longer match it.
 
-A shard's fingerprint is the sha256 the encode manifest records for it where one lists it (see
-`dr.search.shard_check`), else its size and mtime. Index files depend only on the trained index and the
+Index files depend only on the trained index and the
 shard's vectors, so for IVF/PQ factories they are byte-identical however the work was split; HNSW's
 parallel insertion is not deterministic (its graphs differ from run to run, their quality does not).
 """
@@ -34,54 +34,16 @@ from pathlib import Path
 import numpy as np
 
 from dr import distributed as D
-from dr.io.atomic import atomic_path, write_json_atomic
+from dr.index.manifest import FORMAT, MANIFEST, shard_fingerprint
+from dr.io.atomic import publish_once, remove_stale_temporaries, write_json_atomic
 from dr.io.shards import file_sha256, iter_shard
 from dr.row_ranges import Part, RowParts, RowPlan, claim_folder
 from dr.search.shard_set import SearchError, check_finite
 
 logger = logging.getLogger("dr.index")
 
-FORMAT = "dr.index"
-MANIFEST = "index.json"
 TRAINED = "trained.faiss"
 IDENTITY = "build.json"
-
-
-class StaleIndex(SearchError):
-    """A passage shard changed since the index was built from it (exit 1)."""
-
-
-# ---- fingerprints ------------------------------------------------------------------------------------
-
-
-def shard_fingerprint(path: str | os.PathLike) -> dict:
-    """What identifies a passage shard's content cheaply: the encode manifest's sha256 where a manifest
-    beside it lists it (plus the size), else size and mtime (ns)."""
-    path = Path(path)
-    stat = path.stat()
-    for manifest in sorted(path.parent.glob("*.manifest.json")):
-        try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        for entry in data.get("files", []) if isinstance(data, dict) else []:
-            if isinstance(entry, dict) and entry.get("path") == path.name and entry.get("sha256"):
-                return {"bytes": stat.st_size, "sha256": entry["sha256"]}
-    return {"bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def check_fresh(shards: list[dict]) -> None:
-    """Refuse when a passage shard recorded in an index manifest is gone or differs (`StaleIndex`)."""
-    for shard in shards:
-        path = shard["path"]
-        if not Path(path).is_file():
-            raise StaleIndex(f"{path}: the index was built from this passage shard, which is gone")
-        now = shard_fingerprint(path)
-        if now != shard["fingerprint"]:
-            raise StaleIndex(
-                f"{path}: passage shard changed since the index was built ({shard['fingerprint']} -> {now}); "
-                f"rebuild it with dr index"
-            )
 
 
 # ---- training ----------------------------------------------------------------------------------------
@@ -131,15 +93,11 @@ def train(sample: np.ndarray, dim: int, factory: str):
 
 
 def publish_trained(index, path: Path) -> None:
-    """Write `index` to `path` unless it exists: the first writer wins, atomically (a hard link)."""
+    """Write `index` to `path` unless it exists: the first writer wins (another task may have trained
+    first; its quantizer is the one everybody uses), and no temporary file is left."""
     import faiss
 
-    with atomic_path(path.with_suffix(".tmp-link")) as tmp:
-        faiss.write_index(index, str(tmp))
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another task trained first; its quantizer is the one everybody uses
+    publish_once(path, lambda tmp: faiss.write_index(index, str(tmp)))
 
 
 # ---- the build ----------------------------------------------------------------------------------------
@@ -237,6 +195,10 @@ def build_index(
             sample_info = {"train_rows": len(sample), "train_sha256": _array_sha(sample)}
             write_json_atomic(folder / "trained.json", sample_info)  # same content from every writer
             publish_trained(train(sample, spec.dim, spec.factory), trained_path)
+        elif rank == 0:
+            # The quantizer exists: a temporary file of a trainer killed before publishing is a leftover
+            # (one still training when it appeared finds it too, and leaves without linking).
+            remove_stale_temporaries(folder, TRAINED)
     except (OSError, ValueError) as err:
         error = err
     D.raise_if_any_failed(error)
@@ -314,8 +276,9 @@ def _add_shard(
         check_finite(vectors, path, row, ids)
         index.add(vectors)
         row += len(vectors)
-    parts.write_part(part, lambda tmp: faiss.write_index(index, str(tmp)))
+    parts.write_part(part, lambda tmp: faiss.write_index(index, str(tmp)))  # removes its leftovers first
     index_path, record_path = shard_files(folder, i)
+    remove_stale_temporaries(folder, record_path.name)  # of a process killed while writing the record
     write_json_atomic(
         record_path,
         {
@@ -359,20 +322,4 @@ def _write_manifest(spec: BuildSpec, folder: Path, trained_sha: str) -> dict:
         "shards": shards,
     }
     write_json_atomic(folder / MANIFEST, manifest)
-    return manifest
-
-
-def read_manifest(folder: str | os.PathLike) -> dict:
-    """The manifest of a complete index folder (`SearchError` when there is none or it is unreadable)."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        raise SearchError(
-            f"{folder}: no {MANIFEST}: not an index folder, or its build is unfinished (run dr index)"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise SearchError(f"{path}: unreadable: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SearchError(f"{path}: not a dr index manifest (format != {FORMAT!r})")
     return manifest

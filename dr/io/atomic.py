@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,32 @@ def atomic_path(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def publish_once(final: str | os.PathLike, writer: Callable[[Path], Any]) -> bool:
+    """Write `final` through `writer(temporary_path)` unless it exists: the first writer wins, atomically.
+
+    For a file that concurrent processes may each compute, identically in intent (array tasks training
+    one quantizer), where a later writer must not replace what earlier readers already use: the
+    complete temporary file is hard-linked to `final` (which fails if `final` exists), then removed.
+    Returns whether this call published `final`.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = _create_unique(final.parent, final.name + TMP_MARK)
+    try:
+        writer(tmp_path)
+        try:
+            os.link(tmp_path, final)
+        except FileExistsError:
+            return False
+        except FileNotFoundError:
+            if final.exists():  # a peer that found `final` took our temporary file for a leftover
+                return False
+            raise
+        return True
+    finally:
+        tmp_path.unlink(missing_ok=True)
 
 
 def _create_unique(folder: Path, prefix: str, attempts: int = 100) -> Path:

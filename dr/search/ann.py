@@ -1,7 +1,7 @@
 """Approximate search over a sharded faiss index (`dr.index.build`), merged exactly, optionally rescored.
 
 1. The index folder's manifest is checked against the passage shards it was built from: a shard that
-   changed (or is gone) is refused (`dr.index.build.StaleIndex`), before anything is searched.
+   changed (or is gone) is refused (`dr.index.manifest.StaleIndex`), before anything is searched.
 2. Each rank searches its share of the shard indexes (`dr.search.shard_set.split_shards`), one at a time,
    memory-mapped (``faiss.IO_FLAG_MMAP``: the pages of the lists probed are read, not the whole index).
    Per shard, the top ``C`` hits follow dr's tie rule (`dr.ranking`), also at the cut-off: where a hit
@@ -10,8 +10,9 @@
 3. The per-shard lists are merged into one top ``C`` per query under the rule (the same on every layout of
    ranks), gathered on rank 0 and merged again.
 4. ``--rescore K``: the float vectors of the candidates are read from the passage shards and scored
-   exactly (float64, rounded to float32, as exact search reports them); the top ``depth`` are kept under
-   the rule. A candidate found by the index thus gets exact search's score.
+   exactly (float64 sums rounded to float32); the top ``depth`` are kept under the rule. A candidate found
+   by the index thus gets its exact score, which exact search's float32 BLAS sums may miss in the last
+   bit (docs/search.md: different blockings differ there too).
 
 The index may return fewer than ``depth`` hits for a query (an IVF index probing too few lists, an HNSW
 graph with a small efSearch): how many queries, and the fewest hits, are logged and recorded.
@@ -28,7 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 from dr import distributed as D
-from dr.index.build import check_fresh, group_rank, read_manifest
+from dr.index.build import group_rank
+from dr.index.manifest import check_fresh, read_manifest
 from dr.ranking import NO_KEY, docid_keys, search_past_ties, select_topk
 from dr.search.shard_set import SearchError, id_column, split_shards
 

@@ -32,8 +32,9 @@ import pyarrow.compute as pc
 from dr import distributed as D
 from dr.errors import UsageError
 from dr.flags import add_bool
-from dr.index.build import build_index, read_manifest
+from dr.index.build import build_index
 from dr.index.cli import spec_from_args
+from dr.index.manifest import read_manifest
 from dr.index.quantize import KINDS as QUANTIZE_KINDS
 from dr.index.quantize import check_kind
 from dr.io.atomic import write_json_atomic

@@ -33,6 +33,15 @@ def test_changed_passage_shard_is_refused(corpus, capsys):
     assert not (corpus / "run.txt").exists() and not (corpus / "run.txt.config.json").exists()
 
 
+def test_removed_passage_shard_is_refused(corpus, capsys):
+    assert index_main(index_argv(corpus, "idx")) == 0
+    (corpus / "corpus.03.arrow").unlink()
+    assert search_main(search_argv(corpus, "idx", "run.txt")) == 1
+    err = capsys.readouterr().err
+    assert "corpus.03.arrow: the index was built from this passage shard, which is gone" in err, err
+    assert not (corpus / "run.txt").exists() and not (corpus / "run.txt.config.json").exists()
+
+
 def _truth(corpus):
     from dr.io.shards import read_shard
 
@@ -44,11 +53,26 @@ def _truth(corpus):
     return queries, passages, ids
 
 
+def _scores_by_hit(path) -> dict[tuple[str, str], float]:
+    """(qid, docid) -> its score in a run file (tevatron format: qid docid score)."""
+    return {(q, d): float(s) for q, d, s in (line.split() for line in path.read_text().splitlines())}
+
+
 def test_rescore_returns_exact_scores(corpus):
     assert index_main(index_argv(corpus, "idx")) == 0
     argv = search_argv(corpus, "idx", "run.txt", "--rescore", "3")
     argv[argv.index("nprobe=3")] = "nprobe=1"  # a rough first pass: its candidates still get exact scores
     assert search_main(argv) == 0
+    # exact `dr search`'s score of each returned hit (it ranks every passage here); its float32 BLAS sums
+    # may differ from the rescoring's correctly rounded float64 sums in the last bit (docs/search.md)
+    exact_argv = ["--query_reps", str(corpus / "queries.arrow"), "--passage_reps", str(corpus / "corpus.*.arrow"),
+                  "--depth", str(sum(SIZES)), "--save_ranking_to", str(corpus / "exact.txt"), "--quiet"]  # fmt: skip
+    assert search_main(exact_argv) == 0
+    rescored, exact_run = _scores_by_hit(corpus / "run.txt"), _scores_by_hit(corpus / "exact.txt")
+    assert len(rescored) == 9 * 20
+    np.testing.assert_array_max_ulp(
+        np.float32(list(rescored.values())), np.float32([exact_run[hit] for hit in rescored]), maxulp=2
+    )
     queries, passages, ids = _truth(corpus)
     exact = queries.astype(np.float64) @ passages.astype(np.float64).T
     row_of = {d: j for j, d in enumerate(ids)}
