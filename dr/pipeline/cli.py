@@ -14,7 +14,7 @@ from dr.pipeline.check import fix_bool_choices
 from dr.pipeline.config import add_override_flag, load_config
 from dr.pipeline.fingerprint import plan
 from dr.pipeline.runner import run_pipeline
-from dr.pipeline.steps import Layout, build_steps
+from dr.pipeline.steps import Layout, build_steps, final_run, runs_made
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,7 +45,18 @@ def run(args: argparse.Namespace) -> int:
             echo(f"{decision.line}\n  {shlex.join(decision.step.cmd)}")
         return 0
     metrics = run_pipeline(cfg, quiet=args.quiet, force=args.force)
-    echo(format_table(metrics, title=Path(cfg["run_dir"]).name))
+    runs = runs_made(cfg)
+    if len(runs) == 1:
+        echo(format_table(metrics, title=Path(cfg["run_dir"]).name))
+        return 0
+    # One row per run; metrics.json (the last row's values) is the final run's.
+    lay, final = Layout(cfg["run_dir"]), final_run(cfg)
+    table = {
+        run: json.loads((lay.metrics if run == final else lay.run_metrics(run)).read_text())
+        for run in sorted(runs, key=lambda run: run == final)
+    }
+    echo(format_table(table, metrics=list(cfg["eval"]["metrics"]), title=Path(cfg["run_dir"]).name))
+    echo(f"metrics.json: the {final} run")
     return 0
 
 
