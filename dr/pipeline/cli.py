@@ -1,4 +1,4 @@
-"""`dr pipeline CONFIG [--set KEY=VALUE ...] [--force] [--dry_run]`: the command (see `dr.pipeline`)."""
+"""`dr pipeline CONFIG [--set KEY=VALUE ...] [--force] [--dry_run] [--check]`: the command (see `dr.pipeline`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 from dr.console import echo
 from dr.eval.metrics import format_table
 from dr.flags import add_bool
-from dr.pipeline.check import fix_bool_choices
+from dr.pipeline.check import check_stage_flags, fix_bool_choices
 from dr.pipeline.config import add_override_flag, load_config
 from dr.pipeline.fingerprint import plan
 from dr.pipeline.runner import run_pipeline
@@ -32,12 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved config and, per stage, reuse or rerun (with the reason) and its command; "
         "run and write nothing",
     )
+    add_bool(
+        parser,
+        "--check",
+        help="validate the config and every stage's flags (each command's own parser), then exit; "
+        "run and write nothing",
+    )
     return parser
 
 
 def run(args: argparse.Namespace) -> int:
     """Exit status 0 ok, 2 bad config (`PipelineError`), 1 a stage failed (`StageFailed`)."""
     cfg = load_config(args.config, args.overrides)
+    if args.check:
+        fix_bool_choices(cfg)
+        steps = build_steps(cfg)
+        check_stage_flags(steps)
+        echo(f"{args.config}: ok ({len(steps)} stages: {', '.join(s.name for s in steps)})")
+        return 0
     if args.dry_run:
         echo(json.dumps(cfg, indent=2))
         fix_bool_choices(cfg)

@@ -38,6 +38,11 @@ def _second_stages(folder: Path) -> list[str]:
     ]
 
 
+def _sets(overrides: list[str]) -> list[str]:
+    """`--set A --set B ...`"""
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
 def _zero_shot(folder: Path) -> Path:
     """The fingerprint tests' fixture (train: null) in a folder of its own."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -98,8 +103,7 @@ def test_a_changed_fuse_method_reruns_only_fuse_rerank_and_their_evals(
 
     monkeypatch.setattr("dr.pipeline.steps.manifest_complete", lambda layout: True)  # fake encodes
     linear = [*second, "fuse.method=linear", "fuse.weights=[0.5, 0.5]"]
-    sets = [arg for item in linear for arg in ("--set", item)]
-    assert command("pipeline")([str(cfg_path), "--dry_run", *sets]) == 0
+    assert command("pipeline")([str(cfg_path), "--dry_run", *_sets(linear)]) == 0
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln and not ln.startswith(("  ", "{", "}"))]
     reused = [*FIRST, "bm25", "eval_dense", "eval_bm25"]
     assert all(f"{name}: reuse" in lines for name in reused), lines
@@ -138,14 +142,20 @@ def test_second_stage_config_errors_exit_2_naming_the_key(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], overrides: list[str], message: str
 ) -> None:
     cfg_path = _fixture(tmp_path, train=False)
-    sets = [arg for item in overrides for arg in ("--set", item)]
-    assert command("pipeline")([str(cfg_path), "--dry_run", *sets]) == 2
+    assert command("pipeline")([str(cfg_path), "--dry_run", *_sets(overrides)]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
-def test_an_unknown_second_stage_flag_is_refused_before_anything_runs(tmp_path: Path) -> None:
-    cfg = load_config(_fixture(tmp_path, train=False), ["bm25={k3: 1.0}"])
+def test_an_unknown_second_stage_flag_is_refused_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg_path = _fixture(tmp_path, train=False)
+    assert command("pipeline")([str(cfg_path), "--check", "--set", "bm25={k3: 1.0}"]) == 2
+    assert "stage bm25 (dr bm25)" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    assert command("pipeline")([str(cfg_path), "--check", *_sets(_second_stages(tmp_path))]) == 0
+    assert "ok (12 stages:" in capsys.readouterr().out and not (tmp_path / "run").exists()
+    cfg = load_config(cfg_path, ["bm25={k3: 1.0}"])
     with pytest.raises(UsageError, match=r"stage bm25 \(dr bm25\).*k3"):
         check_stage_flags(build_steps(cfg))
     cfg = load_config(_zero_shot(tmp_path / "b"), ["bm25={}", "fuse={method: max}"])
