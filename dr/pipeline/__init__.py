@@ -1,4 +1,5 @@
-"""`dr pipeline CONFIG`: train -> encode -> search -> convert -> eval from one file, each stage a subprocess.
+"""`dr pipeline CONFIG`: train -> encode -> search -> convert (-> bm25 -> fuse -> rerank) -> eval from one
+file, each stage a subprocess; the second stages in parentheses are optional config sections.
 
 One job per module: `config` (load, `${VAR}` expansion, `--set` overrides, schema), `check` (types and
 every stage's flags before anything runs), `steps` (the stage graph and the commands), `fingerprint`

@@ -2,7 +2,8 @@
 
 Without this a wrong type surfaced as a TypeError traceback (`run_dir: [1, 2]`), and a bad value of a late
 stage (`search.depth: -1`) only after training and encoding had run for minutes. Two passes:
-- `check_types`: every known key has the type it must have (strings, integers, mappings, lists);
+- `check_types`: every known key has the type it must have (strings, integers, mappings, lists), and the
+  optional second stages fit together (`check_second_stages`: fuse needs bm25, no key the pipeline sets);
 - `check_stage_flags`: each stage's command line is parsed, in this process, by that command's own parser
   (`dr.cli.COMMANDS[...].build_parser()` + `dr.flags.parse_flags`), so an unknown flag, a bad choice or a
   bad number is reported naming the stage, and nothing has run yet.
@@ -19,8 +20,25 @@ from dr.errors import UsageError
 from dr.flags import bool_choice
 
 # Which command parses which config section (model flags go to train and encode alike).
-_SECTION_COMMANDS = {"model": ("train", "encode"), "train": ("train",), "search": ("search",)}
+_SECTION_COMMANDS = {
+    "model": ("train", "encode"),
+    "train": ("train",),
+    "search": ("search",),
+    "bm25": ("bm25",),
+    "fuse": ("fuse",),
+    "rerank": ("rerank",),
+}
 _ENCODE_FLAG_SECTIONS = ("corpus_flags", "query_flags")
+# Flags of the second stages that the pipeline sets itself (inputs from the encode section, outputs in
+# RUN_DIR, formats); a config that sets one would silently lose it, so it is an error instead.
+PIPELINE_FLAGS = {
+    "bm25": {"corpus", "queries", "query_split", "index_dir", "save_ranking_to", "run_format", "format"},
+    "fuse": {"runs", "run_formats", "save_ranking_to", "run_format", "format"},
+    "rerank": {
+        "run", "run_file", "input_run_format", "corpus", "queries", "query_split", "save_ranking_to",
+        "run_format", "format", "num_shards", "shard_index", "overwrite",
+    },
+}  # fmt: skip
 
 
 class ConfigTypeError(UsageError):
@@ -65,6 +83,37 @@ def check_types(data: dict[str, Any]) -> None:
     for key, value in (data.get("env") or {}).items():
         if isinstance(value, (dict, list)):
             raise ConfigTypeError(f"env.{key}: expected a string, got {type(value).__name__}")
+    check_second_stages(data)
+
+
+def check_second_stages(data: dict[str, Any]) -> None:
+    """The optional sections bm25, fuse and rerank: each a mapping of its command's flags or null (off),
+    none setting a flag the pipeline sets, fuse only with bm25 (it fuses the dense and the bm25 run)."""
+    for section, reserved in PIPELINE_FLAGS.items():
+        flags = data.get(section)
+        _need(flags, dict, section, f"a mapping of dr {section} flags, or null (off)")
+        taken = sorted(set(flags or {}) & reserved)
+        if taken:
+            raise ConfigTypeError(
+                f"{section}: {taken} are set by the pipeline (inputs from the encode section, outputs in "
+                "run_dir); remove them"
+            )
+    fuse, rerank = data.get("fuse"), data.get("rerank")
+    if fuse is not None and data.get("bm25") is None:
+        raise ConfigTypeError(
+            "fuse: needs a bm25 section (fuse combines the dense run with the bm25 run); add `bm25: {}` "
+            "or remove fuse"
+        )
+    if fuse is not None and fuse.get("normalize") is not None and fuse.get("method", "rrf") != "linear":
+        raise ConfigTypeError("fuse.normalize: applies to method: linear only (rrf fuses ranks)")
+    if rerank is not None and not rerank.get("model_name_or_path"):
+        raise ConfigTypeError("rerank.model_name_or_path: required (the cross-encoder's folder)")
+    split = (data.get("encode") or {}).get("corpus_split")
+    if split not in (None, "train") and (data.get("bm25") is not None or rerank is not None):
+        raise ConfigTypeError(
+            f"encode.corpus_split: {split!r}: dr bm25 and dr rerank read a corpus's train split only; "
+            "use a corpus file or folder"
+        )
 
 
 def _parser(command: str):
@@ -117,6 +166,9 @@ _MODULE_COMMANDS = {
     "dr.search": "search",
     "dr.convert": "convert",
     "dr.evaluate": "eval",
+    "dr.bm25": "bm25",
+    "dr.fuse": "fuse",
+    "dr.rerank": "rerank",
 }
 
 

@@ -15,8 +15,11 @@ Schema (YAML or JSON; docs/pipeline.md has a commented example):
       query_flags: {}
       <any other key>: value      # flags for both (per_device_eval_batch_size, p_max_len, bf16, ...)
     search: {depth: 100}          # flags for `dr search`; reps/output are set by the pipeline
+    bm25: {k1: 0.9, b: 0.4, depth: 100}      # optional: flags for `dr bm25` over encode's corpus/queries
+    fuse: {method: rrf, depth: 100}          # optional: `dr fuse` of the dense and bm25 runs (needs bm25)
+    rerank: {model_name_or_path: CE}         # optional: `dr rerank` of the fused (else the dense) run
     eval: {qrels: qrels.trec, metrics: [MRR@10, nDCG@10, R@100], run_format: trec}
-    processes: {train: 1, encode: 2, search: 2}   # > 1: torchrun on this node
+    processes: {train: 1, encode: 2, search: 2, rerank: 1}   # > 1: torchrun on this node
     env: {HF_HUB_OFFLINE: "0"}    # environment for every stage; wins over the caller's
     stage_timeout_s: null         # kill a stage that runs longer (gloo can hang at exit)
     demo: {...}                   # read by `dr demo` only; ignored here
@@ -46,6 +49,9 @@ TOP_LEVEL_KEYS = {
     "train",
     "encode",
     "search",
+    "bm25",
+    "fuse",
+    "rerank",
     "eval",
     "processes",
     "env",
@@ -62,7 +68,8 @@ ENCODE_KEYS = {
     "query_flags",
 }
 EVAL_KEYS = {"qrels", "metrics", "run_format"}
-DEFAULT_PROCESSES = {"train": 1, "encode": 1, "search": 1}
+OPTIONAL_STAGES = ("bm25", "fuse", "rerank")  # second stages: a mapping turns one on, absent or null: off
+DEFAULT_PROCESSES = {"train": 1, "encode": 1, "search": 1, "rerank": 1}
 RUN_SUFFIX = {"trec": "trec", "marco": "marco", "tevatron": "tevatron"}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -159,6 +166,8 @@ def resolve_config(data: dict[str, Any]) -> dict[str, Any]:
     if cfg.get("train") is not None and not isinstance(cfg["train"], dict):
         raise PipelineError("train: expected a mapping of dr train flags, or null (zero-shot)")
     cfg.setdefault("train", None)
+    for section in OPTIONAL_STAGES:  # check_types has refused anything but a mapping or null
+        cfg[section] = dict(cfg[section]) if cfg.get(section) is not None else None
     if not (cfg["model"].get("model_name_or_path") or (cfg["train"] or {}).get("model_name_or_path")):
         raise PipelineError("model.model_name_or_path is required")
     if cfg["train"] is None and not cfg["model"].get("model_name_or_path"):

@@ -40,7 +40,7 @@ from dr.pipeline.fingerprint import (
     write_record,
 )
 from dr.pipeline.progress import StageProgress
-from dr.pipeline.steps import Layout, Step, build_steps
+from dr.pipeline.steps import DENSE, Layout, Step, build_steps, final_run
 
 DEFAULT_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
 
@@ -242,7 +242,10 @@ def run_pipeline(cfg: dict[str, Any], quiet: bool = False, force: bool = False) 
     if cfg.get("train") is not None and (runner.layout.model / "README.md").is_file():
         from dr.model.card import update_card_metrics  # the model card reports what this run measured
 
+        # The card describes the bi-encoder: its own (dense) run, not a fused or reranked one.
+        dense = runner.layout.run_metrics(DENSE)
+        own = json.loads(dense.read_text()) if final_run(cfg) != DENSE else metrics
         dataset = (cfg.get("encode") or {}).get("corpus")
-        update_card_metrics(runner.layout.model, metrics, dataset=str(dataset) if dataset else None)
+        update_card_metrics(runner.layout.model, own, dataset=str(dataset) if dataset else None)
     runner.log(f"finished in {time.monotonic() - started:.1f} s; metrics: {runner.layout.metrics}")
     return metrics

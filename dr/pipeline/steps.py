@@ -1,4 +1,5 @@
-"""The stage graph of `dr pipeline`: train -> encode (corpus shards, queries) -> search -> convert -> eval.
+"""The stage graph of `dr pipeline`: train -> encode (corpus shards, queries) -> search -> convert -> eval,
+with the optional second stages bm25 -> fuse -> rerank (each on when its config section is a mapping).
 
 Every stage is its own subprocess (`python -m dr.<stage>` or `python -m torch.distributed.run --standalone
 --nproc_per_node N -m dr.<stage>`), so the pipeline runs exactly the commands a user would type. This
@@ -20,6 +21,8 @@ from typing import Any
 from dr.io.shards import OutputLayout, manifest_complete
 from dr.model import DR_CONFIG_NAME
 from dr.pipeline.config import ENCODE_KEYS, RUN_SUFFIX
+
+DENSE = "dense"  # the name of the dense run (search + convert) among the runs the pipeline makes
 
 
 def flags_to_argv(flags: dict[str, Any]) -> list[str]:
@@ -82,15 +85,39 @@ class Layout:
         self.logs = self.root / "logs"
         self.stages = self.root / "stages"
         self.config = self.root / "config.json"
+        self.bm25_index = self.root / "bm25-index"
+        self.bm25_run = self.root / "run.bm25.trec"
+        self.fused_run = self.root / "run.fused.trec"
+        self.rerank_run = self.root / "run.rerank.trec"
 
     def converted_run(self, run_format: str) -> Path:
         return self.root / f"run.{RUN_SUFFIX[run_format]}"
+
+    def run_metrics(self, run: str) -> Path:
+        """metrics.<run>.json: the metrics of a run that is not the pipeline's final one."""
+        return self.root / f"metrics.{run}.json"
+
+
+def final_run(cfg: dict[str, Any]) -> str:
+    """The run the pipeline answers with (metrics.json): rerank > fused > dense."""
+    if cfg.get("rerank") is not None:
+        return "rerank"
+    return "fused" if cfg.get("fuse") is not None else DENSE
+
+
+def runs_made(cfg: dict[str, Any]) -> list[str]:
+    """Every run a config makes, in stage order: dense, then bm25, fused, rerank when they are on."""
+    optional = [("bm25", "bm25"), ("fuse", "fused"), ("rerank", "rerank")]
+    return [DENSE] + [run for section, run in optional if cfg.get(section) is not None]
 
 
 def _remove(*paths: Path) -> Callable[[], None]:
     def remove() -> None:
         for p in paths:
-            p.unlink(missing_ok=True)
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
 
     return remove
 
@@ -200,22 +227,30 @@ def build_steps(cfg: dict[str, Any]) -> list[Step]:
             config={"eval.run_format": run_format},
         )
     )
-    eval_flags = {
-        "qrels": cfg["eval"]["qrels"],
-        "run": str(converted),
-        "metrics": list(cfg["eval"]["metrics"]),
-        "output": str(lay.metrics),
-    }
-    steps.append(
-        Step(
-            "eval",
-            launch_prefix("dr.evaluate", 1) + flags_to_argv(eval_flags),
-            done=lay.metrics.is_file,
-            invalidate=_remove(lay.metrics),
-            upstream=("convert",),
-            config=_dotted("eval", cfg["eval"]),
+    # Every run the pipeline makes -> (its file, the stage that writes it); each is evaluated, the final
+    # one (the pipeline's answer) into metrics.json by the stage `eval`, the others into metrics.<run>.json.
+    runs = {DENSE: (converted, "convert")}
+    steps += _second_stage_steps(cfg, lay, runs)
+    final = final_run(cfg)
+    for name in sorted(runs, key=lambda run: run == final):  # the final run's evaluation last
+        path, producer = runs[name]
+        output = lay.metrics if name == final else lay.run_metrics(name)
+        eval_flags = {
+            "qrels": cfg["eval"]["qrels"],
+            "run": str(path),
+            "metrics": list(cfg["eval"]["metrics"]),
+            "output": str(output),
+        }
+        steps.append(
+            Step(
+                "eval" if name == final else f"eval_{name}",
+                launch_prefix("dr.evaluate", 1) + flags_to_argv(eval_flags),
+                done=output.is_file,
+                invalidate=_remove(output),
+                upstream=(producer,),
+                config={**_dotted("eval", cfg["eval"]), "eval.run": name},
+            )
         )
-    )
     return steps
 
 
@@ -267,3 +302,100 @@ def _encode_step(
 
     step.invalidate = invalidate
     return step
+
+
+def _query_split(enc: dict[str, Any]) -> str:
+    """The split of the evaluation queries, as `dr encode --dataset_split` reads it (its default: train);
+    passed explicitly because `dr rerank`'s own default is test."""
+    return enc.get("queries_split") or "train"
+
+
+def _second_stage_steps(cfg: dict[str, Any], lay: Layout, runs: dict[str, tuple[Path, str]]) -> list[Step]:
+    """bm25, fuse and rerank, each when its config section is on; adds the runs they write to `runs`.
+
+    They read the same corpus and queries as the encode section names; the flags a stage's section may not
+    set (inputs, outputs, formats) are refused by `dr.pipeline.check`. The new runs are written as TREC.
+    """
+    enc = cfg["encode"]
+    inputs = {"corpus": enc["corpus"], "queries": enc["queries"], "query_split": _query_split(enc)}
+    inputs_config = {
+        "encode.corpus": enc["corpus"],
+        "encode.queries": enc["queries"],
+        "encode.queries_split": enc.get("queries_split"),
+    }
+    steps: list[Step] = []
+    if cfg.get("bm25") is not None:
+        flags = {
+            **cfg["bm25"],
+            **inputs,
+            "index_dir": str(lay.bm25_index),  # reused by `dr bm25` itself while corpus and settings hold
+            "save_ranking_to": str(lay.bm25_run),
+            "run_format": "trec",
+        }
+        steps.append(
+            Step(
+                "bm25",
+                launch_prefix("dr.bm25", 1) + flags_to_argv(flags),
+                done=lay.bm25_run.is_file,
+                invalidate=_remove(lay.bm25_run, _sidecar(lay.bm25_run)),
+                config={**_dotted("bm25", cfg["bm25"]), **inputs_config},
+            )
+        )
+        runs["bm25"] = (lay.bm25_run, "bm25")
+    first_stage = (lay.run, "tevatron", "search")  # the run the reranker reads: dense, or fused below
+    if cfg.get("fuse") is not None:
+        flags = {
+            **cfg["fuse"],
+            "runs": [str(lay.run), str(lay.bm25_run)],  # --weights are in this order: dense, bm25
+            "run_formats": ["tevatron", "trec"],
+            "save_ranking_to": str(lay.fused_run),
+            "run_format": "trec",
+        }
+        steps.append(
+            Step(
+                "fuse",
+                launch_prefix("dr.fuse", 1) + flags_to_argv(flags),
+                done=lay.fused_run.is_file,
+                invalidate=_remove(lay.fused_run, _sidecar(lay.fused_run)),
+                upstream=("search", "bm25"),
+                config=_dotted("fuse", cfg["fuse"]),
+            )
+        )
+        runs["fused"] = (lay.fused_run, "fuse")
+        first_stage = (lay.fused_run, "trec", "fuse")
+    if cfg.get("rerank") is not None:
+        source, source_format, source_stage = first_stage
+        nproc = cfg["processes"]["rerank"]
+        flags = {
+            **cfg["rerank"],
+            "run_file": str(source),  # torchrun reads `--run` as its own `--run-path`
+            "input_run_format": source_format,
+            **inputs,
+            "save_ranking_to": str(lay.rerank_run),
+            "run_format": "trec",
+        }
+        parts = lay.rerank_run.with_name(lay.rerank_run.name + ".parts")
+        steps.append(
+            Step(
+                "rerank",
+                launch_prefix("dr.rerank", nproc) + flags_to_argv(flags),
+                done=lay.rerank_run.is_file,
+                # A rerun under another fingerprint starts afresh; a stopped one with the same fingerprint
+                # keeps its parts (the runner does not invalidate it) and `dr rerank` resumes from them.
+                invalidate=_remove(lay.rerank_run, _sidecar(lay.rerank_run), parts),
+                upstream=(source_stage,),
+                config={
+                    **_dotted("rerank", cfg["rerank"]),
+                    **inputs_config,
+                    "processes.rerank": nproc,
+                    "rerank.input": source_stage,
+                },
+            )
+        )
+        runs["rerank"] = (lay.rerank_run, "rerank")
+    return steps
+
+
+def _sidecar(run: Path) -> Path:
+    """`<run>.config.json`, which `dr bm25`, `dr fuse` and `dr rerank` write next to their run."""
+    return run.with_name(run.name + ".config.json")

@@ -58,10 +58,15 @@ def _outputs(lay: Layout, name: str) -> Path:
     """Where the fake stage writes its output (the real path for train/search/convert/eval)."""
     if name.startswith("encode_"):
         return lay.embeddings / f"{name}.json"
+    if name.startswith("eval_"):  # the evaluation of a run that is not the final one
+        return lay.run_metrics(name.removeprefix("eval_"))
     return {
         "train": lay.model / "dr_config.json",
         "search": lay.run,
         "convert": lay.root / "run.trec",
+        "bm25": lay.bm25_run,
+        "fuse": lay.fused_run,
+        "rerank": lay.rerank_run,
         "eval": lay.metrics,
     }[name]
 
