@@ -16,6 +16,7 @@ import os
 import re
 import selectors
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,6 +113,11 @@ class Runner:
             for path in stages.glob("*.json") if stages.is_dir() else []:
                 if path not in current:
                     path.unlink()
+            for path in self.layout.stale_outputs(self.cfg):
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
         for decision in decisions:
             step = decision.step
             if not decision.rerun:

@@ -97,6 +97,24 @@ class Layout:
         """metrics.<run>.json: the metrics of a run that is not the pipeline's final one."""
         return self.root / f"metrics.{run}.json"
 
+    def stale_outputs(self, cfg: dict[str, Any]) -> list[Path]:
+        """Outputs an earlier config's optional stages left that `cfg` does not make (a bm25, fused or
+        reranked run whose section is off now; metrics.<run>.json of a run that is not evaluated separately
+        any more). Left in place they would sit next to this run's results looking current."""
+        made = {
+            "bm25": [self.bm25_index, self.bm25_run, _sidecar(self.bm25_run)],
+            "fuse": [self.fused_run, _sidecar(self.fused_run)],
+            "rerank": [
+                self.rerank_run,
+                _sidecar(self.rerank_run),
+                self.rerank_run.with_name(self.rerank_run.name + ".parts"),
+            ],
+        }
+        stale = [p for section, paths in made.items() if cfg.get(section) is None for p in paths]
+        evaluated = set(runs_made(cfg)) - {final_run(cfg)} if len(runs_made(cfg)) > 1 else set()
+        stale += [self.run_metrics(run) for run in (DENSE, "bm25", "fused", "rerank") if run not in evaluated]
+        return stale
+
 
 def final_run(cfg: dict[str, Any]) -> str:
     """The run the pipeline answers with (metrics.json): rerank > fused > dense."""

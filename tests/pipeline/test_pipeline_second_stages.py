@@ -124,6 +124,15 @@ def test_a_changed_fuse_method_reruns_only_fuse_rerank_and_their_evals(
     assert _run(cfg_path, *linear, "rerank=null") == ["eval"]
     assert read_json(record_path(stages, "eval"))["config"]["eval.run"] == "fused"
     assert not record_path(stages, "rerank").exists() and not record_path(stages, "eval_fused").exists()
+    lay = Layout(str(tmp_path / "run"))
+    # ...and the reranked run and metrics.fused.json of the earlier config are gone, not left looking current.
+    assert not lay.rerank_run.exists() and not lay.run_metrics("fused").exists()
+    assert lay.fused_run.exists() and lay.run_metrics("bm25").exists()
+    # No second stage at all: bm25's index, run and metrics and the per-run metrics files go too.
+    assert _run(cfg_path, "bm25=null", "fuse=null", "rerank=null") == ["eval"]
+    assert not any(
+        p.exists() for p in (lay.bm25_run, lay.fused_run, lay.run_metrics("dense"), lay.run_metrics("bm25"))
+    )
 
 
 @pytest.mark.parametrize(
