@@ -211,7 +211,8 @@ def exact_scores(
 
     Candidate vectors are read from the float shards a group of queries at a time (within
     `max_memory_bytes`). Scores are accumulated in float64 by `einsum` (one summation order for every row,
-    so duplicated passages tie exactly) and rounded to float32, as exact search reports them.
+    so duplicated passages tie exactly) and rounded to float32: the correctly rounded score, which exact
+    search's float32 BLAS sums can miss by an ulp or two (tests/search/test_ann_search.py checks both).
     """
     nq, dim = queries.shape
     c = max(1, rows.shape[1])
