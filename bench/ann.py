@@ -61,8 +61,8 @@ t0 = time.perf_counter()
 D, I = index.search(q, int(depth))
 search = time.perf_counter() - t0
 with open(out, "w") as f:
-    for qid, row in zip(qids, I):
-        f.writelines(f"{qid}\t{ids[i]}\t0\n" for i in row if i >= 0)
+    for qid, row, scores in zip(qids, I, D):
+        f.writelines(f"{qid}\t{ids[i]}\t{s:.6f}\n" for i, s in zip(row, scores) if i >= 0)
 print(build, search)
 """
 
@@ -132,11 +132,14 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build_three_ways(passages: str, factory: str, work: Path, name: str, train_size: int) -> dict:
-    """Index folders built by 1 process, 2 torchrun ranks and 2 array tasks; their build seconds."""
+def build_three_ways(
+    passages: str, factory: str, work: Path, name: str, train_size: int, one_build: bool = False
+) -> dict:
+    """Index folders built by 1 process, 2 torchrun ranks and 2 array tasks (only the first with
+    `one_build`); their build seconds."""
     flags = ["--passage_reps", passages, "--index_factory", factory, "--train_size", str(train_size)]
     out = {}
-    for how in ("1proc", "2ranks", "2tasks"):
+    for how in ("1proc", "2ranks", "2tasks")[: 1 if one_build else 3]:
         folder = work / f"{name}-{how}"
         shutil.rmtree(folder, ignore_errors=True)
         base = [*flags, "--output_dir", str(folder)]
@@ -168,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train_size", type=int, default=50_000)
     p.add_argument("--factories", default="ivfflat,ivfpq,hnsw")
     p.add_argument("--no_plain", action="store_true", help="skip the plain faiss script")
+    p.add_argument("--one_build", action="store_true", help="build with 1 process only (quality runs)")
     p.add_argument("--work", default="/tmp/bench-ann")
     args = p.parse_args(argv)
     work = Path(args.work)
@@ -193,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         template, param, rescore = FACTORIES[name]
         factory = template.format(nlist=args.nlist, m=args.pq_m)
         settings = (args.ef_search if param == "efSearch" else args.nprobes).split(",")
-        builds = build_three_ways(passages, factory, work, name, args.train_size)
+        builds = build_three_ways(passages, factory, work, name, args.train_size, args.one_build)
         folder = builds["1proc"][0]
         size = sum(f.stat().st_size for f in folder.glob("*.faiss"))
         for i, value in enumerate(settings):
@@ -214,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
                 ndcg = ndcg10(runs["1proc"], args.qrels)
                 rows.append({"method": f"dr {factory} {params}" + (f" +rescore {k}" if k else ""),
                              "recall": recall(runs["1proc"], exact), "qps": nq / search_seconds(runs["1proc"]),
-                             "build_1_s": builds["1proc"][1], "build_2_s": builds["2ranks"][1],
-                             "build_tasks_s": builds["2tasks"][1], "index_bytes": size, "peak_rss": rss_1,
+                             "build_1_s": builds["1proc"][1], "build_2_s": builds.get("2ranks", (0, None))[1],
+                             "build_tasks_s": builds.get("2tasks", (0, None))[1], "index_bytes": size, "peak_rss": rss_1,
                              "same_run": same, "ndcg10": ndcg, "factory": name})  # fmt: skip
         if not args.no_plain:
             script, out = work / "plain_faiss.py", work / f"plain-{name}.txt"
