@@ -381,6 +381,26 @@ def test_gathered_sum_needs_no_group():
     assert int(all_reduce_sum(torch.tensor(3))) == 3
 
 
+def test_run_phases_sets_up_works_then_publishes_and_publishes_nothing_after_a_failure(monkeypatch):
+    """`dr score` / `dr rerank`'s shape (`dr.distributed.run_phases`), one process: rank 0 of 1."""
+    from dr.distributed import run_phases
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    done: list = []
+    run_phases(lambda rank, world: done.append(("setup", rank, world)) or "plan",
+               lambda plan: done.append(("work", plan)), lambda plan: done.append(("publish", plan)))  # fmt: skip
+    assert done == [("setup", 0, 1), ("work", "plan"), ("publish", "plan")]
+
+    def fail(plan: str) -> None:
+        raise InputError("bad row")
+
+    done.clear()
+    with pytest.raises(InputError, match="bad row"):
+        run_phases(lambda rank, world: "plan", fail, lambda plan: done.append(("publish", plan)))
+    assert done == []
+
+
 def test_repository_entry_points_exist():
     for module in (
         "dr/train/__main__.py",
