@@ -7,6 +7,7 @@ imports it (see `dr.search`), which keeps `dr search` start-up at a plain faiss 
 
 Commands use one context manager, `process_group()`: join the launcher's group, run, then leave it with a
 barrier after success and without one after a failure (see there), and `exit_status` at the very end.
+Commands whose ranks set up, work, then publish on rank 0 (`dr score`, `dr rerank`) use `run_phases`.
 """
 
 from __future__ import annotations
@@ -203,6 +204,21 @@ def agreed(step: Callable[[], T]) -> T:
         error = err
     raise_if_any_failed(error)
     return result  # type: ignore[return-value]
+
+
+def run_phases(setup: Callable[[int, int], T], work: Callable[[T], Any], publish: Callable[[T], Any]) -> None:
+    """The shape of a command whose ranks share work and whose rank 0 publishes (`dr score`, `dr rerank`).
+
+    Inside `process_group()`: every rank runs ``setup(rank, world)`` (inputs, model, parts folder), then
+    ``work(plan)`` on what setup returned, each phase ended by `agreed` (so a failing rank never leaves
+    its peers waiting, and nothing is published after a failure); then rank 0 runs ``publish(plan)``.
+    """
+    with process_group():
+        rank, world = get_rank(), get_world_size()
+        plan = agreed(lambda: setup(rank, world))
+        agreed(lambda: work(plan))
+        if rank == 0:
+            publish(plan)
 
 
 def gather_to_main(obj: Any) -> list[Any] | None:

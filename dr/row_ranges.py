@@ -13,7 +13,7 @@ Every command that turns N input rows into output files works the same way (`dr 
    the file is not the run's call (other settings: the user chooses `--overwrite` or another output).
 3. **Write** (`RowParts.write_part`): the writer fills a temporary file next to the final one, renamed
    when the writer returns; a failure part-way leaves no part file (and its leftovers are removed by the
-   next attempt).
+   next attempt). `RowParts.run_own` is steps 2 and 3 for this rank's part, with progress and log lines.
 4. **List** (`RowParts.write_manifest`): once every part is complete, one JSON manifest describes them
    (path, rank, rows, range, bytes, sha256 as the caller asks), written atomically and last, so its
    presence means the whole shard is done.
@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +164,10 @@ def _exists(part: Part, path: Path) -> str:
     return ""
 
 
+OwnWriter = Callable[[Path, Part, Callable[[int], Any]], str]
+"""``write(tmp, part, advance) -> what it did`` (`RowParts.run_own`): fills `tmp` with the part's rows."""
+
+
 class RowParts:
     """The parts of a plan as files: where each goes, whether it is done, writing one, and the manifest.
 
@@ -207,6 +213,51 @@ class RowParts:
         with atomic_path(path) as tmp:
             writer(tmp)
         return path
+
+    def run_own(
+        self,
+        write: OwnWriter,
+        tag: str,
+        unit: tuple[str, str] = ("row", "rows"),
+        progress: bool = True,
+        note: str = "",
+    ) -> bool:
+        """Do this rank's part (`plan.own`) unless a complete one is there; return whether it was written.
+
+        The one driver of a command that turns its rows into a part file (`dr score`, `dr rerank`): a
+        complete part is skipped, an incomplete one is said to be redone (why: the `check`), then
+        ``write(tmp, part, advance)`` fills the temporary file (`write_part`), calling ``advance(n)`` as n
+        rows are done (the progress bar, shown where `progress`), and returns what it did for the log line
+        (e.g. "12 pairs"). Messages go to stderr tagged `tag`, the rows named by `unit` (singular, plural);
+        `note` follows the time (e.g. the precision).
+        """
+        from tqdm import tqdm
+
+        part = self.plan.own
+        path = self.path(part)
+        status = self.status(part)
+        if status == "":
+            print(f"{tag}: {path.name} is complete ({part.rows} {unit[1]}): skipped", file=sys.stderr)
+            return False
+        if status:
+            print(f"{tag}: {path.name}: redoing ({status})", file=sys.stderr)
+        began, done = time.perf_counter(), ""
+        bar = tqdm(total=part.rows, unit=unit[0], desc=tag, disable=not progress)
+
+        def fill(tmp: Path) -> None:
+            nonlocal done
+            done = write(tmp, part, bar.update)
+
+        try:
+            self.write_part(part, fill)
+        finally:
+            bar.close()
+        print(
+            f"{tag}: {unit[1]} [{part.start}, {part.stop}) of {self.plan.total_rows}: {done} in "
+            f"{time.perf_counter() - began:.1f}s{note} -> {path}",
+            file=sys.stderr,
+        )
+        return True
 
     def record(
         self, part: Part, fields: Iterable[str] = ("path", "rank", "rows", "range", "bytes", "sha256")

@@ -42,6 +42,37 @@ def test_shards_search_eval_and_the_cli_import_no_torch():
     assert proc.stdout.strip() == "False", proc.stderr
 
 
+def _imported_modules(path: Path) -> set[str]:
+    """Every module `path` imports, at the top or inside a function (`from a import b`: a and a.b)."""
+    import ast
+
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_model_settings_and_st_format_do_not_import_the_model():
+    """No import cycle encoder <-> st_format: both take `EncoderConfig` and the subfolder names from
+    `dr.model.config`, which imports neither (nor torch: reading a folder's settings needs no model)."""
+    for name in ("config", "st_format"):
+        imported = _imported_modules(REPO / "dr" / "model" / f"{name}.py")
+        assert "dr.model.encoder" not in imported and "torch" not in imported, name
+    from dr.model import config, encoder, st_format
+
+    assert encoder.EncoderConfig is st_format.EncoderConfig is config.EncoderConfig  # old names still work
+    assert (encoder.QUERY_SUBDIR, encoder.PASSAGE_SUBDIR) == ("query_model", "passage_model")
+    code = "import sys, dr.model.st_format, dr.model.config; print('torch' in sys.modules)"
+    proc = subprocess.run(
+        [PYTHON, "-c", code], capture_output=True, text=True, env=subprocess_env(), check=True
+    )
+    assert proc.stdout.strip() == "False", proc.stderr
+
+
 # ---- one CLI convention -------------------------------------------------------------------------------
 HELP_FLAGS = {
     "train": "--train_n_passages",
@@ -379,6 +410,26 @@ def test_gathered_sum_needs_no_group():
     from dr.distributed import all_reduce_sum
 
     assert int(all_reduce_sum(torch.tensor(3))) == 3
+
+
+def test_run_phases_sets_up_works_then_publishes_and_publishes_nothing_after_a_failure(monkeypatch):
+    """`dr score` / `dr rerank`'s shape (`dr.distributed.run_phases`), one process: rank 0 of 1."""
+    from dr.distributed import run_phases
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    done: list = []
+    run_phases(lambda rank, world: done.append(("setup", rank, world)) or "plan",
+               lambda plan: done.append(("work", plan)), lambda plan: done.append(("publish", plan)))  # fmt: skip
+    assert done == [("setup", 0, 1), ("work", "plan"), ("publish", "plan")]
+
+    def fail(plan: str) -> None:
+        raise InputError("bad row")
+
+    done.clear()
+    with pytest.raises(InputError, match="bad row"):
+        run_phases(lambda rank, world: "plan", fail, lambda plan: done.append(("publish", plan)))
+    assert done == []
 
 
 def test_repository_entry_points_exist():

@@ -132,6 +132,34 @@ def test_a_failure_mid_part_leaves_no_part_file(tmp_path):
     assert parts.part_done(part)
 
 
+def test_run_own_writes_skips_or_redoes_this_ranks_part_and_says_which(tmp_path, capsys):
+    """The driver `dr score` and `dr rerank` share: this rank's part only, resumed, progress counted."""
+    parts = _parts(tmp_path, RowPlan(10, world_size=2, rank=1))
+    calls: list[tuple[int, int]] = []
+
+    def write(tmp: Path, part: Part, advance) -> str:
+        calls.append(part.range)
+        for r in range(part.start, part.stop):
+            with open(tmp, "a") as out:
+                out.write(f"row {r}\n")
+            advance(1)
+        return f"{part.rows} things"
+
+    assert parts.run_own(write, "tag", ("query", "queries"), progress=False, note=" (fp32)")
+    path = parts.path(parts.plan.own)
+    assert calls == [(5, 10)] and path.read_text().count("\n") == 5  # rank 1's rows, nobody else's
+    assert parts.status(parts.plan.part(0)) is None
+    said = capsys.readouterr().err
+    assert "tag: queries [5, 10) of 10: 5 things in " in said and f"s (fp32) -> {path}" in said
+    assert not parts.run_own(write, "tag", ("query", "queries"), progress=False)
+    assert calls == [(5, 10)]  # complete: not redone
+    assert f"tag: {path.name} is complete (5 queries): skipped" in capsys.readouterr().err
+    path.write_text("row 5\n")  # truncated
+    assert parts.run_own(write, "tag", progress=False)
+    assert calls == [(5, 10), (5, 10)] and path.read_text().count("\n") == 5
+    assert f"tag: {path.name}: redoing (1 rows, expected 5)" in capsys.readouterr().err
+
+
 def test_changed_configuration_is_refused_unless_overwrite(tmp_path):
     folder = tmp_path / "out.parts"
     config = {"model": "m1", "input_rows": 10}

@@ -25,13 +25,12 @@ import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dr.errors import InputError
 from dr.io.atomic import write_json_atomic
-
-if TYPE_CHECKING:
-    from dr.model.encoder import EncoderConfig
+from dr.model import DR_CONFIG_NAME
+from dr.model.config import PASSAGE_SUBDIR, QUERY_SUBDIR, EncoderConfig
 
 MODULES = "modules.json"
 ST_CONFIG = "config_sentence_transformers.json"
@@ -94,9 +93,6 @@ def write_st_files(
     `config` defaults to the folder's dr_config.json, `dim` (the hidden size) to its config.json. The
     weights and tokenizer must already be in the folder (untied: `query_model/`, `passage_model/`).
     """
-    from dr.model import DR_CONFIG_NAME
-    from dr.model.encoder import PASSAGE_SUBDIR, QUERY_SUBDIR, EncoderConfig
-
     folder = Path(model_dir)
     if config is None:
         config = EncoderConfig.load(folder)
@@ -259,8 +255,6 @@ def _read_pooling(source: str | os.PathLike, path: str, cache_dir: str | None) -
 
 def _check_router(source: str | os.PathLike, path: str, cache_dir: str | None) -> None:
     """A Router dr can load: the layout dr writes for untied encoders (query_model/ + passage_model/)."""
-    from dr.model.encoder import PASSAGE_SUBDIR, QUERY_SUBDIR
-
     name = f"{path}/{ROUTER_CONFIG}" if path else ROUTER_CONFIG
     config = _read_json(source, name, cache_dir) or {}
     structure = config.get("structure") or {}

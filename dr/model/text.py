@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from dr.model.check import check_model_source, check_tokenizer, check_tokenizer_files
 
 if TYPE_CHECKING:
-    from dr.model.encoder import EncoderConfig
+    from dr.model.config import EncoderConfig
 
 
 def resolve_append_eos(config: EncoderConfig, tokenizer: Any) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 
 from dr.errors import UsageError
 from dr.io.runs import FORMATS, RunFormatError, check_tag
@@ -87,12 +88,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_flags(args)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with dist.process_group():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        plan = dist.agreed(lambda: setup_rank(args, rank, world))
-        dist.agreed(lambda: rerank_own_part(args, plan))
-        if rank == 0:
-            publish(args, plan)
+    dist.run_phases(partial(setup_rank, args), partial(rerank_own_part, args), partial(publish, args))
     return 0
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -184,8 +184,11 @@ def make_part_check(qids: list[str]):
     return check
 
 
-def write_part(tmp: Path, inputs: Inputs, reranker: Reranker, start: int, stop: int, bar: Any) -> int:
-    """Rerank queries [start, stop) of the run into `tmp` (Tevatron lines); return the pairs scored."""
+def write_part(
+    tmp: Path, inputs: Inputs, reranker: Reranker, start: int, stop: int, advance: Callable[[int], Any]
+) -> int:
+    """Rerank queries [start, stop) of the run into `tmp` (Tevatron lines), calling `advance(1)` after
+    each query; return the pairs scored."""
     from dr.io.runs import format_score
 
     pairs = 0
@@ -196,7 +199,7 @@ def write_part(tmp: Path, inputs: Inputs, reranker: Reranker, start: int, stop: 
             hits = reranker.rerank(inputs.query_text[qid], docids, passages)
             out.writelines(f"{qid}\t{docid}\t{format_score(score)}\n" for docid, score in hits)
             pairs += len(docids)
-            bar.update(1)
+            advance(1)
     return pairs
 
 
@@ -253,30 +256,14 @@ def setup_rank(args: argparse.Namespace, rank: int, world: int) -> Plan:
 
 
 def rerank_own_part(args: argparse.Namespace, plan: Plan) -> None:
-    """Rerank this rank's queries into its part file, unless a complete one is there."""
-    from tqdm import tqdm
+    """Rerank this rank's queries into its part file, unless a complete one is there (`RowParts.run_own`)."""
 
-    part = plan.parts.plan.own
-    path = plan.parts.path(part)
-    status = plan.parts.status(part)
-    if status == "":
-        print(f"{plan.tag}: {path.name} is complete ({part.rows} queries): skipped", file=sys.stderr)
-        return
-    if status:
-        print(f"{plan.tag}: {path.name}: redoing ({status})", file=sys.stderr)
-    began, pairs = time.perf_counter(), 0
-    bar = tqdm(total=part.rows, unit="query", desc=plan.tag, disable=not plan.progress)
+    def write(tmp: Path, part: Part, advance: Callable[[int], Any]) -> str:
+        pairs = write_part(tmp, plan.inputs, plan.reranker, part.start, part.stop, advance)
+        return f"{pairs} pairs"
 
-    def write(tmp: Path) -> None:
-        nonlocal pairs
-        pairs = write_part(tmp, plan.inputs, plan.reranker, part.start, part.stop, bar)
-
-    plan.parts.write_part(part, write)
-    bar.close()
-    print(
-        f"{plan.tag}: queries [{part.start}, {part.stop}) of {len(plan.inputs.qids)}: {pairs} pairs in "
-        f"{time.perf_counter() - began:.1f}s ({plan.reranker.precision.describe()}) -> {path}",
-        file=sys.stderr,
+    plan.parts.run_own(
+        write, plan.tag, ("query", "queries"), plan.progress, f" ({plan.reranker.precision.describe()})"
     )
 
 

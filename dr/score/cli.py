@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 
 from dr.flags import add_bool
 from dr.score.run import ScoreUsageError, publish, score_own_part, setup_rank
@@ -71,14 +72,7 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ScoreUsageError(f"--{name} must be >= 1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    with dist.process_group():
-        rank, world = dist.get_rank(), dist.get_world_size()
-        # Two phases, each ended by a collective every rank reaches (so a failing rank never leaves its
-        # peers waiting): set up (input, teacher, parts folder), then score.
-        plan = dist.agreed(lambda: setup_rank(args, rank, world))
-        dist.agreed(lambda: score_own_part(args, plan))
-        if rank == 0:
-            publish(args, plan)
+    dist.run_phases(partial(setup_rank, args), partial(score_own_part, args), partial(publish, args))
     return 0
 
 

@@ -23,7 +23,7 @@ import argparse
 import json
 import logging
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -316,8 +316,6 @@ def setup_rank(args: argparse.Namespace, rank: int, world: int) -> SimpleNamespa
     return SimpleNamespace(
         source=source,
         total=total,
-        start=rows.own.start,
-        stop=rows.own.stop,
         parts_dir=parts_dir,
         parts=parts,
         teacher=teacher,
@@ -328,37 +326,19 @@ def setup_rank(args: argparse.Namespace, rank: int, world: int) -> SimpleNamespa
 
 
 def score_own_part(args: argparse.Namespace, plan: SimpleNamespace) -> None:
-    """Score this rank's rows into its part file, unless a complete one is there."""
-    part = plan.parts.plan.own
-    start, stop = part.range
-    path = plan.parts.path(part)
-    status = plan.parts.status(part)
-    if status == "":
-        print(f"{plan.tag}: {path.name} is complete ({stop - start} rows): skipped", file=sys.stderr)
-        return
-    if status:
-        print(f"{plan.tag}: {path.name}: redoing ({status})", file=sys.stderr)
-    from tqdm import tqdm
+    """Score this rank's rows into its part file, unless a complete one is there (`RowParts.run_own`)."""
 
-    began, pairs = time.perf_counter(), 0
-    bar = tqdm(total=stop - start, unit="row", desc=plan.tag, disable=not plan.progress)
-
-    def write(tmp: Path) -> None:
-        nonlocal pairs
+    def write(tmp: Path, part: Part, advance: Callable[[int], Any]) -> str:
+        pairs = 0
         with open(tmp, "w", encoding="utf-8") as out:
-            for window in range(start, stop, args.window_rows):
-                rows = plan.source.read(window, min(window + args.window_rows, stop))
+            for window in range(part.start, part.stop, args.window_rows):
+                rows = plan.source.read(window, min(window + args.window_rows, part.stop))
                 pairs += score_rows(rows, plan.teacher, args.batch_size)
                 out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-                bar.update(len(rows))
+                advance(len(rows))
+        return f"{pairs} pairs"
 
-    plan.parts.write_part(part, write)
-    bar.close()
-    print(
-        f"{plan.tag}: rows [{start}, {stop}) of {plan.total}: {pairs} pairs in "
-        f"{time.perf_counter() - began:.1f}s -> {path}",
-        file=sys.stderr,
-    )
+    plan.parts.run_own(write, plan.tag, ("row", "rows"), plan.progress)
 
 
 def publish(args: argparse.Namespace, plan: SimpleNamespace) -> bool:
