@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from dr.io.atomic import read_tagged_json
 from dr.search.shard_set import SearchError
 
 FORMAT = "dr.index"
@@ -61,10 +62,4 @@ def read_manifest(folder: str | os.PathLike) -> dict:
         raise SearchError(
             f"{folder}: no {MANIFEST}: not an index folder, or its build is unfinished (run dr index)"
         )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise SearchError(f"{path}: unreadable: {err}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise SearchError(f"{path}: not a dr index manifest (format != {FORMAT!r})")
-    return manifest
+    return read_tagged_json(path, FORMAT, SearchError, "dr index manifest")

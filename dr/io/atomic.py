@@ -93,6 +93,18 @@ def write_json_atomic(final: str | os.PathLike, obj: Any) -> None:
     write_text_atomic(final, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def read_tagged_json(path: Path, fmt: str, error: type[Exception], what: str) -> dict:
+    """Read back a JSON record this package wrote (a manifest), checking its `format` tag: `error` names
+    the file when it is unreadable or is some other JSON (`what`: the kind of file expected)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise error(f"{path}: unreadable {what}: {err}") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise error(f"{path}: not a {what} (format != {fmt!r})")
+    return data
+
+
 def remove_stale_temporaries(folder: str | os.PathLike, final_name: str) -> list[Path]:
     """Delete leftovers of an interrupted `atomic_path(folder/final_name)`; return what was removed."""
     removed = []

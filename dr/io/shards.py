@@ -28,7 +28,6 @@ temporary name and renamed when complete (`dr.io.atomic`), so a file under its f
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import re
@@ -41,7 +40,7 @@ import pyarrow as pa
 from pyarrow import ipc
 
 from dr.errors import InputError
-from dr.io.atomic import atomic_path
+from dr.io.atomic import atomic_path, read_tagged_json
 from dr.model import POOLINGS  # a constant only: dr.model imports no torch
 
 FORMAT_VERSION = "1"
@@ -403,13 +402,7 @@ def read_manifest(path: str | os.PathLike) -> dict | None:
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ShardError(f"{path}: unreadable manifest: {err}") from err
-    if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
-        raise ShardError(f"{path}: not a dr embedding manifest (format != {MANIFEST_FORMAT!r})")
-    return data
+    return read_tagged_json(path, MANIFEST_FORMAT, ShardError, "dr embedding manifest")
 
 
 # ---- file naming: where `dr encode` writes each rank's file, the manifest and the config ---------------
