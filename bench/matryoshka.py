@@ -47,12 +47,16 @@ def dr(command: str, *flags: str) -> None:
 
 
 def full_size_shards(model: str, work: Path, args: argparse.Namespace) -> tuple[str, Path, Path]:
-    """(model folder, corpus shard glob, queries shard) at full size: a pipeline run's, or encoded here."""
+    """(model folder, corpus shard glob, queries shard glob) at full size: a pipeline run's, or encoded here."""
     run_dir = Path(model)
     corpus = sorted(glob.glob(str(run_dir / "embeddings" / "corpus*.arrow")))
     queries = sorted(glob.glob(str(run_dir / "embeddings" / "queries*.arrow")))
-    if (run_dir / "model").is_dir() and corpus and len(queries) == 1 and not args.max_rows:
-        return str(run_dir / "model"), run_dir / "embeddings" / "corpus*.arrow", Path(queries[0])
+    if (run_dir / "model").is_dir() and corpus and queries and not args.max_rows:
+        return (
+            str(run_dir / "model"),
+            run_dir / "embeddings" / "corpus*.arrow",
+            run_dir / "embeddings" / "queries*.arrow",
+        )
     out = work / "full"
     common = ["--model_name_or_path", model, "--dataset_name", args.data, "--truncate_dim", "0"]
     common += ["--per_device_eval_batch_size", str(args.batch_size), "--dataloader_num_workers", "0"]
@@ -71,32 +75,36 @@ def full_size_shards(model: str, work: Path, args: argparse.Namespace) -> tuple[
         if not base.with_name(base.name + ".manifest.json").is_file():
             print(f"encoding {base} ...", file=sys.stderr, flush=True)
             dr("encode", *common, *extra, "--encoded_save_path", str(base))
-    return model, out / "corpus*.arrow", out / "queries.arrow"
+    return model, out / "corpus*.arrow", out / "queries*.arrow"
 
 
-def write_prefix(source: Path, target: Path, dim: int) -> None:
-    """`target` = the shard `source` with each vector cut to its first `dim` coordinates (renormalised when
-    the model normalises), metadata saying so; written atomically by ShardWriter, skipped when present."""
+def write_prefix(sources: list[Path], target: Path, dim: int) -> None:
+    """`target` = the rows of the shards `sources`, in order, each vector cut to its first `dim` coordinates
+    (renormalised when the model normalises), metadata saying so; written atomically by ShardWriter,
+    skipped when present."""
     from dr.io.shards import ShardWriter, iter_shard, read_meta
     from dr.model.truncation import truncate
 
     if target.is_file():
         return
-    meta = read_meta(source)
-    full = dim >= meta.dim
-    out_meta = meta if full else replace(meta, dim=dim, truncate_dim=dim)
+    metas = [read_meta(source) for source in sources]
+    meta = replace(metas[0], count=sum(m.count for m in metas))
+    out_meta = meta if dim >= meta.dim else replace(meta, dim=dim, truncate_dim=dim)
     target.parent.mkdir(parents=True, exist_ok=True)
     with ShardWriter(target, out_meta) as writer:
-        for ids, vectors in iter_shard(source):
-            prefix = truncate(torch.from_numpy(np.asarray(vectors, dtype=np.float32)), dim, meta.normalize)
-            writer.write(ids, prefix.numpy())
+        for source in sources:
+            for ids, vectors in iter_shard(source):
+                prefix = truncate(
+                    torch.from_numpy(np.asarray(vectors, dtype=np.float32)), dim, meta.normalize
+                )
+                writer.write(ids, prefix.numpy())
 
 
-def derive(corpus_glob: Path, queries: Path, out: Path, dim: int) -> None:
-    """Corpus and queries shards of size `dim` in `out` (corpus.NNNNN.arrow, queries.arrow)."""
+def derive(corpus_glob: Path, queries_glob: Path, out: Path, dim: int) -> None:
+    """Corpus shards (corpus.NNNNN.arrow, one per source shard) and one queries.arrow of size `dim` in `out`."""
     for i, shard in enumerate(sorted(glob.glob(str(corpus_glob)))):
-        write_prefix(Path(shard), out / f"corpus.{i:05d}.arrow", dim)
-    write_prefix(queries, out / "queries.arrow", dim)
+        write_prefix([Path(shard)], out / f"corpus.{i:05d}.arrow", dim)
+    write_prefix([Path(p) for p in sorted(glob.glob(str(queries_glob)))], out / "queries.arrow", dim)
 
 
 def verify(model: str, out: Path, dim: int, args: argparse.Namespace) -> float:
