@@ -36,14 +36,5 @@ step "$py" -m dr.fuse --runs "$out/dense.run" "$out/bm25.run" --method rrf --dep
 step "$py" -m dr.fuse --runs "$out/dense.run" "$out/bm25.run" --method linear --weights 0.5 0.5 \
   --normalize minmax --depth 1000 --save_ranking_to "$out/linear.run"
 
-echo "| $name ($(cut -f1 "$queries" | sort -u | wc -l) queries) | ${metrics[*]} |"
-echo "|---|---|"
-for run in bm25 dense rrf linear; do
-  "$py" -m dr.evaluate --qrels "$qrels" --run "$out/$run.run" --metrics "${metrics[@]}" \
-    --output "$out/$run.metrics.json" > /dev/null
-  "$py" - "$out/$run.metrics.json" "$run" "${metrics[@]}" <<'PY'
-import json, sys
-values = json.load(open(sys.argv[1]))
-print(f"| {sys.argv[2]} | " + " / ".join(f"{values[m]:.4f}" for m in sys.argv[3:]) + " |")
-PY
-done
+"$py" -m bench.run_table --qrels "$qrels" --metrics "${metrics[@]}" \
+  --title "$name ($(cut -f1 "$queries" | sort -u | wc -l) queries)" "$out"/{bm25,dense,rrf,linear}.run

