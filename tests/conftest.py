@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,8 @@ from tests.helpers import make_tiny_model
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The content hash cache of the pipeline and BM25 fingerprints: one per test session, not the user's.
+os.environ["DR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dr-test-cache-")
 
 
 @pytest.fixture(scope="session")

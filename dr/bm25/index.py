@@ -3,7 +3,7 @@
 The index is `bm25s`'s (a sparse matrix of precomputed BM25 term weights). Built from a corpus read by
 the one input resolver (`dr.io.corpus.load_corpus`, passage side: JSONL, TSV, Parquet, BEIR folders, a
 title joined to its text as `dr encode` joins it), it can be saved to a folder and reused. A saved index
-carries `dr_bm25.json`, its *fingerprint*: the corpus files (absolute path, size, mtime), the BM25 and
+carries `dr_bm25.json`, its *fingerprint*: the corpus files (absolute path, size, SHA-256), the BM25 and
 tokenizer settings and the bm25s version. It is written last, so a folder with it is a complete index;
 an index is reused only when the fingerprint of this call is equal, and is otherwise rebuilt in place
 with the reason logged (never a stale index silently).
@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from dr.errors import UsageError
 from dr.io.atomic import TMP_MARK, atomic_path, write_json_atomic
+from dr.io.content_hash import ContentHashes
 from dr.io.corpus import load_corpus, resolve_input
 
 logger = logging.getLogger("dr.bm25")
@@ -116,14 +117,17 @@ class Bm25Index:
 
 
 def corpus_fingerprint(source: str, split: str = "train") -> dict[str, Any]:
-    """What identifies the corpus files: absolute path, size and mtime of each (a hub dataset: its name)."""
+    """What identifies the corpus files: absolute path, size and SHA-256 of each (a hub dataset: its name).
+    By content, cached by file identity (`dr.io.content_hash`): a corpus copied again is not reindexed."""
     spec = resolve_input(source, "passage", split)
     if spec.kind == "hub":
         return {"hub": spec.name, "config": spec.config, "split": spec.split}
-    files = []
-    for name in spec.files:
-        stat = os.stat(name)
-        files.append({"path": os.path.abspath(name), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    hashes = ContentHashes()
+    files = [
+        {"path": os.path.abspath(name), "size": os.stat(name).st_size, "sha256": hashes.sha256(name)}
+        for name in spec.files
+    ]
+    hashes.save()
     return {"kind": spec.kind, "files": files}
 
 

@@ -5,9 +5,10 @@ A stage's fingerprint is a SHA-256 over what decides its outputs:
   `IGNORED_FLAGS` (logging/progress, and `--resume_from_checkpoint` / `--overwrite`, which the pipeline
   itself adds to continue a stopped stage). The interpreter path and `env` are not part of it.
 - its external inputs: every flag value that names an existing file or folder outside the run directory
-  (datasets, qrels, a model folder, a DeepSpeed config): a file up to `HASH_LIMIT` bytes by its size and
-  content hash, a larger one by size and mtime, a folder by a hash over its files' relative path, size and
-  mtime.
+  (datasets, qrels, a model folder, a DeepSpeed config) by content: a file by its size and SHA-256, a folder
+  by a hash over its files' relative paths, sizes and SHA-256s (hidden members, `.git` or `.cache`, left
+  out). Content, not mtime, so a dataset copied again does not retrain anything; the hashes are cached by
+  file identity (`dr.io.content_hash`), so an unchanged input is read once, not on every run.
 - the fingerprints of the stages it reads (`Step.upstream`), so a change reaches everything downstream.
 
 When a stage's outputs are complete, its record RUN_DIR/stages/<stage>.json is written (atomically); while
@@ -28,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from dr.io.atomic import write_json_atomic
+from dr.io.content_hash import ContentHashes
 from dr.pipeline.steps import Step
 
-HASH_LIMIT = 64 * 1024 * 1024  # files up to this size are fingerprinted by content, larger ones by mtime
 # Flags that do not change a stage's result: logging/progress, download caches (their folders change
 # whenever anything is downloaded), and the two the pipeline adds to continue a stopped stage
 # (`--resume_from_checkpoint latest` for train, `--overwrite` for encode).
@@ -52,7 +53,7 @@ IGNORED_FLAGS = frozenset(
         "dataset_cache_dir",
     }
 )
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: inputs by content (1 fingerprinted folders and large files by mtime)
 
 
 def _json_safe(value: Any) -> Any:
@@ -86,30 +87,25 @@ def _inside(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
-def path_fingerprint(path: Path) -> dict[str, Any]:
-    """A file: size + sha256 (<= HASH_LIMIT) or size + mtime; a folder: a hash over its members' relative
-    path, size and mtime (content hashing a model or BEIR folder on every run would take too long)."""
-    st = path.stat()
+def path_fingerprint(path: Path, hashes: ContentHashes | None = None) -> dict[str, Any]:
+    """A file: its size and SHA-256; a folder: a hash over its non-hidden files' relative paths, sizes and
+    SHA-256s (hidden members such as `.git` or a download `.cache` are not read by the loaders and change
+    on their own)."""
+    hashes = hashes or ContentHashes(cache_file=None)
     if path.is_file():
-        if st.st_size > HASH_LIMIT:
-            return {"kind": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return {"kind": "file", "size": st.st_size, "sha256": digest.hexdigest()}
+        return {"kind": "file", "size": path.stat().st_size, "sha256": hashes.sha256(path)}
     digest = hashlib.sha256()
     count = 0
     for folder, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(f for f in files if not f.startswith(".")):
             member = Path(folder) / name
             try:
-                mst = member.stat()
+                size, sha = member.stat().st_size, hashes.sha256(member)
             except OSError:  # a dangling link
                 continue
             rel = member.relative_to(path).as_posix()
-            digest.update(f"{rel}\0{mst.st_size}\0{mst.st_mtime_ns}\n".encode())
+            digest.update(f"{rel}\0{size}\0{sha}\n".encode())
             count += 1
     return {"kind": "folder", "files": count, "members_sha256": digest.hexdigest()}
 
@@ -132,17 +128,18 @@ def input_paths(flags: list[str], run_dir: Path) -> list[Path]:
 
 
 class Fingerprinter:
-    """Computes stage fingerprints, hashing each input path once per pipeline invocation."""
+    """Computes stage fingerprints, fingerprinting each input path once per pipeline invocation."""
 
-    def __init__(self, run_dir: str | os.PathLike) -> None:
+    def __init__(self, run_dir: str | os.PathLike, hashes: ContentHashes | None = None) -> None:
         self.run_dir = Path(run_dir).absolute()
+        self.hashes = hashes or ContentHashes()
         self._paths: dict[Path, dict[str, Any]] = {}
 
     def inputs(self, flags: list[str]) -> dict[str, Any]:
         out = {}
         for path in input_paths(flags, self.run_dir):
             if path not in self._paths:
-                self._paths[path] = path_fingerprint(path)
+                self._paths[path] = path_fingerprint(path, self.hashes)
             out[str(path)] = self._paths[path]
         return out
 
@@ -257,7 +254,8 @@ def describe_change(old: dict[str, Any], new: dict[str, Any], config: dict[str, 
 def plan(
     steps: list[Step], stages_dir: Path, run_dir: str | os.PathLike, force: bool = False
 ) -> list[Decision]:
-    """Decide, for every step in order, reuse or rerun; reads the run directory, writes nothing."""
+    """Decide, for every step in order, reuse or rerun; reads the run directory and writes nothing there
+    (content hashes it computed go to the hash cache, `dr.io.content_hash`)."""
     printer = Fingerprinter(run_dir)
     decisions: dict[str, Decision] = {}
     for step in steps:
@@ -282,6 +280,8 @@ def plan(
                 own = ["no stage record: stopped mid-way with the same fingerprint, resuming"]
             else:
                 own = ["no stage record: a new run directory, a stopped run or one made by an older dr"]
+        elif record.get("fingerprint") != fp and record.get("version", 1) < RECORD_VERSION:
+            own = ["stage record made by an older dr (which fingerprinted inputs by mtime, not content)"]
         elif record.get("fingerprint") != fp:
             own = describe_change(record, payload, step.config)
             upstream_changed = [u for u in upstream if (record.get("upstream") or {}).get(u) != upstream[u]]
@@ -304,6 +304,7 @@ def plan(
                 parts.append(f"upstream {', '.join(inherited)} changed")
             decision.reason = "; ".join(parts)
         decisions[step.name] = decision
+    printer.hashes.save()
     return list(decisions.values())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import bm25s
@@ -107,6 +108,16 @@ def test_index_reused_then_rebuilt_when_corpus_or_settings_change(data, tmp_path
     assert "reusing the index" in caplog.text and "indexing" not in caplog.text
     assert read_run(out)[0].rankings == first
     assert json.loads(Path(str(out) + ".config.json").read_text())["index"]["reused"] is True
+
+    # The corpus copied again (new file, new mtime, same bytes): still the same corpus, the index is reused.
+    data_bytes = Path(corpus).read_bytes()
+    Path(corpus).unlink()
+    Path(corpus).write_bytes(data_bytes)
+    os.utime(corpus, (1_000_000_000, 1_000_000_000))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dr.bm25"):
+        assert bm25(*args) == 0
+    assert "reusing the index" in caplog.text and "indexing" not in caplog.text
 
     # The corpus changes: a new passage about zebras must be found, so the index must be rebuilt.
     write_jsonl(Path(corpus), CORPUS + [{"docid": "d6", "title": "", "text": "a zebra"}])

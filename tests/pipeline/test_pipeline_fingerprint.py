@@ -6,6 +6,7 @@ fake that writes each stage's output (a JSON copy of its argv), so a test takes 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -160,7 +161,7 @@ def test_zero_shot_pooling_reruns_every_encode(tmp_path: Path) -> None:
         ("corpus.jsonl", ["encode_corpus[0/2]", "encode_corpus[1/2]", *AFTER_ENCODE]),
         ("queries.tsv", ["encode_queries", *AFTER_ENCODE]),
         ("train.jsonl", ALL),
-        ("model-in/config.json", ALL),  # a model folder: by its members' size and mtime
+        ("model-in/config.json", ALL),  # a model folder: by its members' content
     ],
 )
 def test_an_input_file_changed_in_place_reruns_its_readers(
@@ -182,6 +183,43 @@ def test_a_small_file_is_fingerprinted_by_content(tmp_path: Path) -> None:
     assert path_fingerprint(path) == before
     path.write_text("q 0 e 1\n")  # same size, other bytes
     assert path_fingerprint(path) != before
+
+
+def test_inputs_copied_again_with_new_mtimes_rerun_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A dataset or model copied again (new mtimes and inodes, same bytes) reuses every stage: a
+    fingerprint by mtime would retrain and delete the model it had. A hidden member (a download
+    `.cache`) is not part of a folder's fingerprint."""
+    cfg_path = _fixture(tmp_path)
+    assert _run(cfg_path) == ALL
+    for name in ("train.jsonl", "corpus.jsonl", "queries.tsv", "qrels.trec", "model-in/config.json"):
+        path = tmp_path / name
+        data = path.read_bytes()
+        path.unlink()
+        path.write_bytes(data)  # a new file: new inode, ctime and mtime
+        os.utime(path, (1_000_000_000, 1_000_000_000))
+    (tmp_path / "model-in" / ".cache").mkdir()
+    (tmp_path / "model-in" / ".cache" / "download.lock").write_text("now")
+    capsys.readouterr()
+    assert _run(cfg_path) == []
+    # The same bytes are still the test: a folder member's content change reruns everything.
+    (tmp_path / "model-in" / "config.json").write_text("{ }")
+    assert _run(cfg_path) == ALL
+
+
+def test_a_record_from_an_older_dr_reruns_with_that_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg_path = _fixture(tmp_path)
+    assert _run(cfg_path) == ALL
+    path = record_path(Layout(str(tmp_path / "run")).stages, "train")
+    record = read_json(path)
+    assert record is not None
+    path.write_text(json.dumps({**record, "version": 1, "fingerprint": "made by mtime"}))
+    capsys.readouterr()
+    assert _run(cfg_path) == ALL
+    assert "train: rerun (stage record made by an older dr" in capsys.readouterr().out
 
 
 def test_a_run_directory_without_records_is_not_reused(
