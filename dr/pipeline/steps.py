@@ -23,6 +23,9 @@ from dr.model import DR_CONFIG_NAME
 from dr.pipeline.config import ENCODE_KEYS, RUN_SUFFIX
 
 DENSE = "dense"  # the name of the dense run (search + convert) among the runs the pipeline makes
+# The optional second stages, in stage order: config section -> the name of the run it writes
+# (run.<name>.trec, evaluated into metrics.<name>.json unless it is the final run).
+SECOND_STAGE_RUNS = {"bm25": "bm25", "fuse": "fused", "rerank": "rerank"}
 
 
 def flags_to_argv(flags: dict[str, Any]) -> list[str]:
@@ -86,9 +89,9 @@ class Layout:
         self.stages = self.root / "stages"
         self.config = self.root / "config.json"
         self.bm25_index = self.root / "bm25-index"
-        self.bm25_run = self.root / "run.bm25.trec"
-        self.fused_run = self.root / "run.fused.trec"
-        self.rerank_run = self.root / "run.rerank.trec"
+        self.bm25_run = self.second_stage_run("bm25")
+        self.fused_run = self.second_stage_run("fuse")
+        self.rerank_run = self.second_stage_run("rerank")
 
     def converted_run(self, run_format: str) -> Path:
         return self.root / f"run.{RUN_SUFFIX[run_format]}"
@@ -97,22 +100,29 @@ class Layout:
         """metrics.<run>.json: the metrics of a run that is not the pipeline's final one."""
         return self.root / f"metrics.{run}.json"
 
+    def second_stage_run(self, section: str) -> Path:
+        """run.<name>.trec: the run the optional stage `section` (bm25, fuse, rerank) writes."""
+        return self.root / f"run.{SECOND_STAGE_RUNS[section]}.trec"
+
+    def stage_outputs(self, section: str) -> list[Path]:
+        """What the optional stage `section` writes and a rerun of it removes: its run, the run's config
+        sidecar, and for rerank the per-rank parts it resumes from."""
+        run = self.second_stage_run(section)
+        made = [run, _sidecar(run)]
+        return made + [run.with_name(run.name + ".parts")] if section == "rerank" else made
+
     def stale_outputs(self, cfg: dict[str, Any]) -> list[Path]:
         """Outputs an earlier config's optional stages left that `cfg` does not make (a bm25, fused or
         reranked run whose section is off now; metrics.<run>.json of a run that is not evaluated separately
         any more). Left in place they would sit next to this run's results looking current."""
-        made = {
-            "bm25": [self.bm25_index, self.bm25_run, _sidecar(self.bm25_run)],
-            "fuse": [self.fused_run, _sidecar(self.fused_run)],
-            "rerank": [
-                self.rerank_run,
-                _sidecar(self.rerank_run),
-                self.rerank_run.with_name(self.rerank_run.name + ".parts"),
-            ],
-        }
-        stale = [p for section, paths in made.items() if cfg.get(section) is None for p in paths]
-        evaluated = set(runs_made(cfg)) - {final_run(cfg)} if len(runs_made(cfg)) > 1 else set()
-        stale += [self.run_metrics(run) for run in (DENSE, "bm25", "fused", "rerank") if run not in evaluated]
+        off = [section for section in SECOND_STAGE_RUNS if cfg.get(section) is None]
+        stale = [path for section in off for path in self.stage_outputs(section)]
+        if "bm25" in off:  # its index outlives bm25's reruns (`dr bm25` reuses it while valid), not the stage
+            stale.append(self.bm25_index)
+        evaluated = set(runs_made(cfg)) - {final_run(cfg)}
+        stale += [
+            self.run_metrics(run) for run in (DENSE, *SECOND_STAGE_RUNS.values()) if run not in evaluated
+        ]
         return stale
 
 
@@ -125,8 +135,7 @@ def final_run(cfg: dict[str, Any]) -> str:
 
 def runs_made(cfg: dict[str, Any]) -> list[str]:
     """Every run a config makes, in stage order: dense, then bm25, fused, rerank when they are on."""
-    optional = [("bm25", "bm25"), ("fuse", "fused"), ("rerank", "rerank")]
-    return [DENSE] + [run for section, run in optional if cfg.get(section) is not None]
+    return [DENSE] + [run for section, run in SECOND_STAGE_RUNS.items() if cfg.get(section) is not None]
 
 
 def _remove(*paths: Path) -> Callable[[], None]:
@@ -355,11 +364,11 @@ def _second_stage_steps(cfg: dict[str, Any], lay: Layout, runs: dict[str, tuple[
                 "bm25",
                 launch_prefix("dr.bm25", 1) + flags_to_argv(flags),
                 done=lay.bm25_run.is_file,
-                invalidate=_remove(lay.bm25_run, _sidecar(lay.bm25_run)),
+                invalidate=_remove(*lay.stage_outputs("bm25")),
                 config={**_dotted("bm25", cfg["bm25"]), **inputs_config},
             )
         )
-        runs["bm25"] = (lay.bm25_run, "bm25")
+        runs[SECOND_STAGE_RUNS["bm25"]] = (lay.bm25_run, "bm25")
     first_stage = (lay.run, "tevatron", "search")  # the run the reranker reads: dense, or fused below
     if cfg.get("fuse") is not None:
         flags = {
@@ -374,12 +383,12 @@ def _second_stage_steps(cfg: dict[str, Any], lay: Layout, runs: dict[str, tuple[
                 "fuse",
                 launch_prefix("dr.fuse", 1) + flags_to_argv(flags),
                 done=lay.fused_run.is_file,
-                invalidate=_remove(lay.fused_run, _sidecar(lay.fused_run)),
+                invalidate=_remove(*lay.stage_outputs("fuse")),
                 upstream=("search", "bm25"),
                 config=_dotted("fuse", cfg["fuse"]),
             )
         )
-        runs["fused"] = (lay.fused_run, "fuse")
+        runs[SECOND_STAGE_RUNS["fuse"]] = (lay.fused_run, "fuse")
         first_stage = (lay.fused_run, "trec", "fuse")
     if cfg.get("rerank") is not None:
         source, source_format, source_stage = first_stage
@@ -392,7 +401,6 @@ def _second_stage_steps(cfg: dict[str, Any], lay: Layout, runs: dict[str, tuple[
             "save_ranking_to": str(lay.rerank_run),
             "run_format": "trec",
         }
-        parts = lay.rerank_run.with_name(lay.rerank_run.name + ".parts")
         steps.append(
             Step(
                 "rerank",
@@ -400,7 +408,7 @@ def _second_stage_steps(cfg: dict[str, Any], lay: Layout, runs: dict[str, tuple[
                 done=lay.rerank_run.is_file,
                 # A rerun under another fingerprint starts afresh; a stopped one with the same fingerprint
                 # keeps its parts (the runner does not invalidate it) and `dr rerank` resumes from them.
-                invalidate=_remove(lay.rerank_run, _sidecar(lay.rerank_run), parts),
+                invalidate=_remove(*lay.stage_outputs("rerank")),
                 upstream=(source_stage,),
                 config={
                     **_dotted("rerank", cfg["rerank"]),
@@ -410,7 +418,7 @@ def _second_stage_steps(cfg: dict[str, Any], lay: Layout, runs: dict[str, tuple[
                 },
             )
         )
-        runs["rerank"] = (lay.rerank_run, "rerank")
+        runs[SECOND_STAGE_RUNS["rerank"]] = (lay.rerank_run, "rerank")
     return steps
 
 
