@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dr.io.atomic import write_json_atomic
-from dr.io.content_hash import ContentHashes
+from dr.io.content_hash import ContentHashes, sha256_of_file
 from dr.pipeline.steps import Step
 
 # Flags that do not change a stage's result: logging/progress, download caches (their folders change
@@ -110,6 +110,32 @@ def path_fingerprint(path: Path, hashes: ContentHashes | None = None) -> dict[st
     return {"kind": "folder", "files": count, "members_sha256": digest.hexdigest()}
 
 
+def v1_path_fingerprint(path: Path) -> dict[str, Any]:
+    """How record version 1 fingerprinted an input (a file over 64 MiB, and every folder member, by size and
+    mtime). Kept only to recognise a version-1 record whose inputs are untouched, so that upgrading dr
+    rewrites the record instead of rerunning the stage."""
+    st = path.stat()
+    if path.is_file():
+        if st.st_size > 64 * 1024 * 1024:
+            return {"kind": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return {"kind": "file", "size": st.st_size, "sha256": sha256_of_file(path)}
+    digest = hashlib.sha256()
+    count = 0
+    for folder, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            member = Path(folder) / name
+            try:
+                mst = member.stat()
+            except OSError:
+                continue
+            digest.update(
+                f"{member.relative_to(path).as_posix()}\0{mst.st_size}\0{mst.st_mtime_ns}\n".encode()
+            )
+            count += 1
+    return {"kind": "folder", "files": count, "members_sha256": digest.hexdigest()}
+
+
 def input_paths(flags: list[str], run_dir: Path) -> list[Path]:
     """Flag values that name an existing file or folder outside the run directory (the stage's external
     inputs; what it reads inside the run directory is covered by its upstream stages' fingerprints)."""
@@ -133,19 +159,25 @@ class Fingerprinter:
     def __init__(self, run_dir: str | os.PathLike, hashes: ContentHashes | None = None) -> None:
         self.run_dir = Path(run_dir).absolute()
         self.hashes = hashes or ContentHashes()
-        self._paths: dict[Path, dict[str, Any]] = {}
+        self._paths: dict[tuple[Path, int], dict[str, Any]] = {}
 
-    def inputs(self, flags: list[str]) -> dict[str, Any]:
+    def inputs(self, flags: list[str], version: int = RECORD_VERSION) -> dict[str, Any]:
         out = {}
         for path in input_paths(flags, self.run_dir):
-            if path not in self._paths:
-                self._paths[path] = path_fingerprint(path, self.hashes)
-            out[str(path)] = self._paths[path]
+            if (path, version) not in self._paths:
+                made = (
+                    path_fingerprint(path, self.hashes)
+                    if version == RECORD_VERSION
+                    else v1_path_fingerprint(path)
+                )
+                self._paths[path, version] = made
+            out[str(path)] = self._paths[path, version]
         return out
 
-    def payload(self, step: Step, upstream: dict[str, str]) -> dict[str, Any]:
+    def payload(self, step: Step, upstream: dict[str, str], version: int = RECORD_VERSION) -> dict[str, Any]:
         """Everything the fingerprint covers, plus the stage's config keys (recorded, not hashed: they
-        reach the command as flags) so a rerun can name the key that changed."""
+        reach the command as flags) so a rerun can name the key that changed. `version=1`: the payload
+        an older dr recorded (inputs by `v1_path_fingerprint`)."""
         module, nproc, flags = split_command(step.cmd)
         kept = result_flags(flags)
         return {
@@ -153,7 +185,7 @@ class Fingerprinter:
             "module": module,
             "processes": nproc,
             "flags": kept,
-            "inputs": self.inputs(kept),
+            "inputs": self.inputs(kept, version),
             "upstream": dict(upstream),
         }
 
@@ -258,6 +290,7 @@ def plan(
     (content hashes it computed go to the hash cache, `dr.io.content_hash`)."""
     printer = Fingerprinter(run_dir)
     decisions: dict[str, Decision] = {}
+    v1_prints: dict[str, str] = {}  # stages whose version-1 record still matches: their v1 fingerprint
     for step in steps:
         upstream = {u: decisions[u].fingerprint for u in step.upstream if u in decisions}
         payload = printer.payload(step, upstream)
@@ -281,7 +314,23 @@ def plan(
             else:
                 own = ["no stage record: a new run directory, a stopped run or one made by an older dr"]
         elif record.get("fingerprint") != fp and record.get("version", 1) < RECORD_VERSION:
-            own = ["stage record made by an older dr (which fingerprinted inputs by mtime, not content)"]
+            v1_upstream = {u: v1_prints.get(u, "") for u in upstream}
+            v1 = fingerprint_of(printer.payload(step, v1_upstream, version=1))
+            if v1 == record.get("fingerprint"):
+                # Made by an older dr from these very inputs (their mtimes untouched): keep the outputs and
+                # rewrite the record in today's format, instead of retraining after an upgrade.
+                v1_prints[step.name] = v1
+                if not complete:
+                    own = ["outputs incomplete"]
+                elif not causes:
+                    kept = {key: record[key] for key in ("started", "finished") if key in record}
+                    decision.rerun = False
+                    decision.adopt = make_record(step, fp, payload, **kept, upgraded_from_version=1)
+                    decision.reason = "record made by an older dr, inputs untouched; record upgraded"
+            else:
+                own = [
+                    "stage record made by an older dr (which fingerprinted inputs by mtime), inputs changed since"
+                ]
         elif record.get("fingerprint") != fp:
             own = describe_change(record, payload, step.config)
             upstream_changed = [u for u in upstream if (record.get("upstream") or {}).get(u) != upstream[u]]

@@ -122,7 +122,7 @@ class Runner:
             step = decision.step
             if not decision.rerun:
                 if decision.adopt is not None:
-                    write_record(record_path(stages, step.name), {**decision.adopt, "finished": now()})
+                    write_record(record_path(stages, step.name), {"finished": now(), **decision.adopt})
                     running_path(stages, step.name).unlink(missing_ok=True)
                     self.log(f"{step.name}: skip ({decision.reason})")
                 else:

@@ -14,6 +14,8 @@ import yaml
 
 from dr.pipeline.config import load_config
 from dr.pipeline.fingerprint import (
+    Fingerprinter,
+    fingerprint_of,
     path_fingerprint,
     plan,
     read_json,
@@ -208,15 +210,47 @@ def test_inputs_copied_again_with_new_mtimes_rerun_nothing(
     assert _run(cfg_path) == ALL
 
 
-def test_a_record_from_an_older_dr_reruns_with_that_reason(
+def _as_version_1(cfg_path: Path) -> None:
+    """Rewrite every stage record as dr before content fingerprints wrote it (version 1, inputs by mtime)."""
+    cfg = load_config(cfg_path, [])
+    stages, printer = Layout(cfg["run_dir"]).stages, Fingerprinter(cfg["run_dir"])
+    v1: dict[str, str] = {}
+    for step in build_steps(cfg):
+        record = read_json(record_path(stages, step.name))
+        assert record is not None
+        payload = printer.payload(step, {u: v1[u] for u in step.upstream}, version=1)
+        v1[step.name] = fingerprint_of(payload)
+        old = {**record, **payload, "version": 1, "fingerprint": v1[step.name], "finished": "then"}
+        record_path(stages, step.name).write_text(json.dumps(old))
+
+
+def test_records_of_an_older_dr_are_upgraded_while_inputs_are_untouched(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """Upgrading dr must not retrain: a version-1 record (inputs by mtime) that still matches its inputs is
+    rewritten in today's format, its outputs kept; once an input's mtime moved, v1 cannot tell a copy from
+    an edit, so the stage reruns and says why."""
     cfg_path = _fixture(tmp_path)
     assert _run(cfg_path) == ALL
-    path = record_path(Layout(str(tmp_path / "run")).stages, "train")
-    record = read_json(path)
-    assert record is not None
-    path.write_text(json.dumps({**record, "version": 1, "fingerprint": "made by mtime"}))
+    stages = Layout(str(tmp_path / "run")).stages
+    today = {name: read_json(record_path(stages, name))["fingerprint"] for name in ALL}
+    _as_version_1(cfg_path)
+    capsys.readouterr()
+    assert _run(cfg_path) == []
+    assert (
+        "train: skip (record made by an older dr, inputs untouched; record upgraded)"
+        in capsys.readouterr().out
+    )
+    for name in ALL:
+        record = read_json(record_path(stages, name))
+        assert (
+            record["version"] == 2 and record["fingerprint"] == today[name] and record["finished"] == "then"
+        )
+    assert _run(cfg_path) == []
+
+    _as_version_1(cfg_path)
+    model_file = tmp_path / "model-in" / "config.json"
+    os.utime(model_file, (1_000_000_000, 1_000_000_000))  # same bytes, but v1 sees only the mtime
     capsys.readouterr()
     assert _run(cfg_path) == ALL
     assert "train: rerun (stage record made by an older dr" in capsys.readouterr().out
