@@ -443,6 +443,7 @@ def test_stage_ends_when_its_process_exits_even_if_a_child_holds_the_pipe(tmp_pa
 
 
 def test_quiet_stage_prints_its_progress(tmp_path, capsys):
+    import re
     import sys
 
     from dr import pipeline
@@ -456,7 +457,10 @@ def test_quiet_stage_prints_its_progress(tmp_path, capsys):
     )
     runner.run([pipeline.Step("encode_corpus[0/1]", [sys.executable, "-c", script], done=_done_after_run())])
     out = capsys.readouterr().out
-    assert "encode_corpus[0/1]: 7/10 psg, 42.5 psg/s" in out, out
+    assert "encode_corpus[0/1]: 3/10 psg, 42.5 psg/s" in out, out  # the first line: tqdm's rate
+    assert re.search(r"encode_corpus\[0/1\]: 7/10 psg, [0-9.]+ psg/s", out), (
+        out
+    )  # then measured (4 in ~0.2 s)
 
 
 def test_progress_of_training_steps():
@@ -466,6 +470,22 @@ def test_progress_of_training_steps():
     progress = StageProgress("train", interval_s=0.0, emit=lines.append)
     progress.feed(b" 40%|####      | 12/31 [00:59<01:33,  4.90s/it]")
     assert lines and lines[-1].endswith("train: 12/31 steps, 4.9 s/step")
+
+
+def test_progress_rate_is_measured_between_lines_not_taken_from_a_resumed_bar():
+    """A resumed training's bar jumps from 0 to 51 in no time, and tqdm's average says 4.56 it/s for many
+    steps after; the printed rate is the one measured between two printed lines."""
+    from dr.pipeline.progress import StageProgress
+
+    now = [0.0]
+    lines: list[str] = []
+    progress = StageProgress("train", interval_s=10.0, emit=lines.append, clock=lambda: now[0])
+    now[0] = 10.0
+    progress.feed(b" 50%|#####     | 51/102 [00:01<00:11,  4.56it/s]")
+    assert lines[-1].endswith("train: 51/102 steps, 4.56 step/s")  # nothing measured yet: tqdm's rate
+    now[0] = 70.0
+    progress.feed(b" 52%|#####     | 53/102 [01:01<00:11,  4.45s/it]")
+    assert lines[-1].endswith("train: 53/102 steps, 30 s/step")
 
 
 def test_demo_config_has_no_stage_timeout():
