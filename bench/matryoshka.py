@@ -15,6 +15,11 @@ per seed and a summary (mean over seeds, ratio to the same model's exact search 
 
     python -m bench.matryoshka --plain runs/p42 runs/p43 --matryoshka runs/m42 runs/m43      # SciFact
     python -m bench.matryoshka --plain A --matryoshka B --dims 32,16,8 --max_rows 40 --work /tmp/m   # smoke
+    python -m bench.matryoshka --merge s42/matryoshka.json s43/matryoshka.json --work both  # seeds run apart
+
+`--merge` summarises earlier runs' `matryoshka.json` rows (seeds renumbered in order) instead of measuring:
+seeds trained and benchmarked at different times are averaged as if run together. Runs made with other
+settings (dims, depth, rescore, split, lengths, qrels content, max_rows) are refused.
 
 A model is a `dr pipeline` run directory (its `model/` and `embeddings/{corpus,queries}*.arrow` are used)
 or a model folder (encoded into `--work`). Every encode, quantize and search is the `dr` command in a
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import statistics
 import subprocess
@@ -265,11 +271,41 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+MERGE_SETTINGS = ("dims", "depth", "rescore", "split", "q_max_len", "p_max_len", "max_rows")
+
+
+def merged_rows(paths: list[str]) -> list[dict]:
+    """The rows of earlier runs' matryoshka.json, each model's seeds renumbered across the files; exits
+    naming the file when one was made with other settings (see MERGE_SETTINGS) or other qrels."""
+    rows: list[dict] = []
+    seeds_before: dict[str, int] = {}
+    reference: tuple[str, dict] | None = None
+    for path in paths:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        qrels = hashlib.sha256(Path(data["args"]["qrels"]).read_bytes()).hexdigest()
+        settings = {**{key: data["args"].get(key) for key in MERGE_SETTINGS}, "qrels sha256": qrels}
+        if reference is None:
+            reference = (path, settings)
+        elif settings != reference[1]:
+            other = {k: v for k, v in settings.items() if reference[1].get(k) != v}
+            raise SystemExit(f"{path}: made with {other}, {reference[0]} with "
+                             f"{ {k: reference[1][k] for k in other} }: not comparable")  # fmt: skip
+        seeds_here: dict[str, int] = {}
+        for row in data["rows"]:
+            seed = seeds_before.get(row["model"], 0) + row["seed"]
+            rows.append({**row, "seed": seed, "results": path})
+            seeds_here[row["model"]] = max(seeds_here.get(row["model"], 0), row["seed"] + 1)
+        for model, count in seeds_here.items():
+            seeds_before[model] = seeds_before.get(model, 0) + count
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--plain", nargs="+", required=True, help="run dirs or model folders, one per seed")
+    parser.add_argument("--plain", nargs="+", help="run dirs or model folders, one per seed")
+    parser.add_argument("--matryoshka", nargs="+", help="the same, trained with --matryoshka_dims")
     parser.add_argument(
-        "--matryoshka", nargs="+", required=True, help="the same, trained with --matryoshka_dims"
+        "--merge", nargs="+", default=None, help="summarise these matryoshka.json files instead of measuring"
     )
     parser.add_argument(
         "--data", default=str(REPO.parent / "shared" / "data" / "scifact"), help="BEIR folder"
@@ -304,10 +340,16 @@ def main(argv: list[str] | None = None) -> int:
     dims = sorted((int(d) for d in args.dims.split(",")), reverse=True)
     if any(d % 8 for d in dims):
         parser.error(f"--dims {args.dims}: binary codes need dimensions divisible by 8")
-    rows = measure({"plain": args.plain, "matryoshka": args.matryoshka}, dims, args)
+    if args.merge:
+        rows = merged_rows(args.merge)
+    elif args.plain and args.matryoshka:
+        rows = measure({"plain": args.plain, "matryoshka": args.matryoshka}, dims, args)
+    else:
+        parser.error("give --plain and --matryoshka (one model per seed each), or --merge")
     means = summary(rows)
     print(table(means))
     work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     (work / "matryoshka.json").write_text(
         json.dumps({"args": vars(args), "rows": rows, "summary": means}, indent=1)
     )
