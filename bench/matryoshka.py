@@ -23,7 +23,9 @@ settings (dims, depth, rescore, split, lengths, qrels content, max_rows) are ref
 
 A model is a `dr pipeline` run directory (its `model/` and `embeddings/{corpus,queries}*.arrow` are used)
 or a model folder (encoded into `--work`). Every encode, quantize and search is the `dr` command in a
-child process; outputs already in `--work` are reused (delete the folder to start over). The PNG needs
+child process; outputs already in `--work` are reused while the model's vectors and the settings are the
+same (their content fingerprints are kept in `<work>/<label>/model<i>/source.json`; a retrained model starts
+its folder over). The PNG needs
 matplotlib (`pip install -e .[bench]`).
 """
 
@@ -33,6 +35,7 @@ import argparse
 import glob
 import hashlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -173,12 +176,58 @@ def index_bytes(out: Path, kind: str) -> int:
     return rows * dim * 4 if kind == "exact" else rows * dim // 8
 
 
+def source_key(model: str, args: argparse.Namespace) -> dict:
+    """What a model's work folder is made from: the content fingerprints of a run directory's embeddings
+    and model, or of a model folder and the data it is encoded from here, and the settings of the encodes
+    and searches. A change (a retrained model, another depth) empties the folder: nothing derived from the
+    old vectors is reused as new."""
+    from dr.io.content_hash import ContentHashes
+    from dr.pipeline.fingerprint import path_fingerprint
+
+    hashes = ContentHashes()
+    run_dir = Path(model)
+    if (run_dir / "model").is_dir() and not args.max_rows:
+        paths = [run_dir / "model", *sorted((run_dir / "embeddings").glob("*.arrow"))]
+    else:
+        paths = [run_dir, Path(args.data)]
+    key = {str(p.resolve()): path_fingerprint(p, hashes) for p in paths}
+    hashes.save()
+    settings = (
+        "split",
+        "depth",
+        "rescore",
+        "q_max_len",
+        "p_max_len",
+        "batch_size",
+        "max_rows",
+        "verify_rows",
+    )
+    return {"inputs": key, "settings": {name: getattr(args, name) for name in settings}}
+
+
+def fresh_work(work: Path, key: dict) -> None:
+    """Keep `work` only when its source.json equals `key`; otherwise start it over."""
+    marker = work / "source.json"
+    try:
+        same = json.loads(marker.read_text(encoding="utf-8")) == json.loads(json.dumps(key))
+    except (OSError, ValueError):
+        same = False
+    if same:
+        return
+    if work.exists():
+        print(f"{work}: made from other vectors or settings; starting it over", file=sys.stderr)
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    marker.write_text(json.dumps(key, indent=1), encoding="utf-8")
+
+
 def measure(models: dict[str, list[str]], dims: list[int], args: argparse.Namespace) -> list[dict]:
     """One row per (model, seed index, dim, search): index bytes and nDCG@10."""
     rows = []
     for label, runs in models.items():
         for seed, model in enumerate(runs):
             work = Path(args.work) / label / f"model{seed}"
+            fresh_work(work, source_key(model, args))
             folder, corpus, queries = full_size_shards(model, work, args)
             for dim in dims:
                 derive(corpus, queries, work / str(dim), dim)
