@@ -61,8 +61,9 @@ def write_synthetic(
     """Normalized float16 passages of low intrinsic dimension (a random `rank`-dim latent mapped to `dim`,
     plus 10 % isotropic noise, as real embeddings are), in `shards` files; float32 queries whose latent
     is a random passage's plus noise, so that each has graded neighbours."""
-    corpus = folder / f"synthetic-{n}x{dim}"
-    queries = folder / f"synthetic-{n}x{dim}-queries.arrow"
+    name = f"synthetic-{n}x{dim}-{shards}shards-{nq}q-rank{rank}-seed{seed}"  # every argument: reuse is exact
+    corpus = folder / name
+    queries = folder / f"{name}-queries.arrow"
     if queries.is_file():
         return str(corpus / "*.arrow"), str(queries)
     rng = np.random.default_rng(seed)
