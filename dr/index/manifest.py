@@ -47,17 +47,19 @@ def shard_fingerprint(path: str | os.PathLike, hashes: ContentHashes | None = No
 def check_fresh(shards: list[dict]) -> None:
     """Refuse when a passage shard recorded in an index manifest is gone or differs (`StaleIndex`)."""
     hashes = ContentHashes()
-    for shard in shards:
-        path = shard["path"]
-        if not Path(path).is_file():
-            raise StaleIndex(f"{path}: the index was built from this passage shard, which is gone")
-        now = shard_fingerprint(path, hashes)
-        hashes.save()
-        if now != shard["fingerprint"]:
-            raise StaleIndex(
-                f"{path}: passage shard changed since the index was built ({shard['fingerprint']} -> {now}); "
-                f"rebuild it with dr index"
-            )
+    try:
+        for shard in shards:
+            path = shard["path"]
+            if not Path(path).is_file():
+                raise StaleIndex(f"{path}: the index was built from this passage shard, which is gone")
+            now = shard_fingerprint(path, hashes)
+            if now != shard["fingerprint"]:
+                raise StaleIndex(
+                    f"{path}: passage shard changed since the index was built ({shard['fingerprint']} -> "
+                    f"{now}); rebuild it with dr index"
+                )
+    finally:
+        hashes.save()  # once, not per shard: each save rereads and rewrites the whole cache file
 
 
 def read_manifest(folder: str | os.PathLike) -> dict:

@@ -18,7 +18,6 @@ reading a file: a lost, corrupt or unwritable cache costs a rehash, never a wron
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dr.io.atomic import write_json_atomic
+from dr.io.shards import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +54,6 @@ def _clock() -> float:
 
 def _identity(st: os.stat_result) -> list[int]:
     return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def sha256_of_file(path: str | os.PathLike) -> str:
-    """The SHA-256 of the file's bytes, read in 1 MiB blocks (no cache)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class ContentHashes:
@@ -100,7 +91,7 @@ class ContentHashes:
         if st.st_size >= LOG_BYTES:
             logger.info("hashing %s (%.1f GB) once for the stage fingerprints", key, st.st_size / 1e9)
         started = _clock()
-        value = sha256_of_file(key)
+        value = file_sha256(key)
         after = os.stat(key)
         changed_at = max(after.st_mtime_ns, after.st_ctime_ns) / 1e9
         if _identity(after) == identity and started - changed_at >= RACY_SECONDS:

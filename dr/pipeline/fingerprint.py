@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from dr.io.atomic import write_json_atomic
-from dr.io.content_hash import ContentHashes, sha256_of_file
+from dr.io.content_hash import ContentHashes
+from dr.io.shards import file_sha256
 from dr.pipeline.steps import Step
 
 # Flags that do not change a stage's result: logging/progress, download caches (their folders change
@@ -118,7 +119,7 @@ def v1_path_fingerprint(path: Path) -> dict[str, Any]:
     if path.is_file():
         if st.st_size > 64 * 1024 * 1024:
             return {"kind": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        return {"kind": "file", "size": st.st_size, "sha256": sha256_of_file(path)}
+        return {"kind": "file", "size": st.st_size, "sha256": file_sha256(path)}
     digest = hashlib.sha256()
     count = 0
     for folder, dirs, files in os.walk(path):

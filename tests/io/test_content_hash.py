@@ -39,7 +39,7 @@ def test_hash_is_the_sha256_and_is_read_from_the_cache_while_unchanged(
     def fail(_path: object) -> str:
         raise AssertionError("read the file although it is unchanged")
 
-    monkeypatch.setattr(content_hash, "sha256_of_file", fail)
+    monkeypatch.setattr(content_hash, "file_sha256", fail)
     assert ContentHashes(cache).sha256(path) == hashlib.sha256(b"passage one\n").hexdigest()
 
 
