@@ -36,6 +36,7 @@ import numpy as np
 from dr import distributed as D
 from dr.index.manifest import FORMAT, MANIFEST, shard_fingerprint
 from dr.io.atomic import publish_once, remove_stale_temporaries, write_json_atomic
+from dr.io.content_hash import ContentHashes
 from dr.io.shards import file_sha256, iter_shard
 from dr.row_ranges import Part, RowParts, RowPlan, claim_folder
 from dr.search.shard_set import SearchError, check_finite
@@ -204,6 +205,7 @@ def build_index(
     D.raise_if_any_failed(error)
     faiss.omp_set_num_threads(_threads())
     trained_sha = _cached(lambda: file_sha256(trained_path))
+    hashes = ContentHashes()  # one cache of passage-shard SHA-256s for the build (saved after each shard)
     plan = RowPlan(len(spec.paths), *_sharding(num_shards, shard_index), world_size=world, rank=rank)
     parts = RowParts(plan, lambda p: shard_files(folder, p.start)[0], _ids_check(spec, folder, trained_sha))
     try:
@@ -213,7 +215,7 @@ def build_index(
             if parts.part_done(part):
                 logger.info("dr index: %s is complete; skipped", parts.path(part).name)
                 continue
-            _add_shard(spec, folder, parts, part, trained_path, trained_sha(), max_rows)
+            _add_shard(spec, folder, parts, part, trained_path, trained_sha(), max_rows, hashes)
     except (OSError, ValueError, RuntimeError) as err:
         error = err
     D.raise_if_any_failed(error)
@@ -224,7 +226,10 @@ def build_index(
     if missing:
         logger.info("dr index: %d of %d shards still to build (other tasks)", len(missing), len(spec.paths))
         return None
-    return _write_manifest(spec, folder, trained_sha())
+    try:
+        return _write_manifest(spec, folder, trained_sha(), hashes)
+    finally:
+        hashes.save()
 
 
 def group_rank() -> tuple[int, int]:
@@ -263,6 +268,7 @@ def _add_shard(
     trained_path: Path,
     trained_sha: str,
     max_rows: int,
+    hashes: ContentHashes,
 ) -> None:
     """Add passage shard ``part.start`` to a copy of the trained index; write its index, then its record."""
     import faiss
@@ -284,15 +290,16 @@ def _add_shard(
         {
             "shard": path,
             "rows": row,
-            "fingerprint": shard_fingerprint(path),
+            "fingerprint": shard_fingerprint(path, hashes),
             "trained_sha256": trained_sha,
             "index_bytes": index_path.stat().st_size,
         },
     )
+    hashes.save()  # the manifest, written later perhaps by another task, finds the hash cached
     logger.info("dr index: %s: %d vectors from %s", index_path.name, row, path)
 
 
-def _write_manifest(spec: BuildSpec, folder: Path, trained_sha: str) -> dict:
+def _write_manifest(spec: BuildSpec, folder: Path, trained_sha: str, hashes: ContentHashes) -> dict:
     """``index.json``: what the index is, from what; identical whoever writes it (no times, no ranks)."""
     sample = json.loads((folder / "trained.json").read_text(encoding="utf-8"))
     shards = []
@@ -302,7 +309,7 @@ def _write_manifest(spec: BuildSpec, folder: Path, trained_sha: str) -> dict:
             {
                 "path": path,
                 "rows": count,
-                "fingerprint": shard_fingerprint(path),
+                "fingerprint": shard_fingerprint(path, hashes),
                 "index": index_path.name,
                 "record": record_path.name,
                 "index_bytes": index_path.stat().st_size,

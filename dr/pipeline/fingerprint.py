@@ -24,6 +24,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,20 +96,7 @@ def path_fingerprint(path: Path, hashes: ContentHashes | None = None) -> dict[st
     hashes = hashes or ContentHashes(cache_file=None)
     if path.is_file():
         return {"kind": "file", "size": path.stat().st_size, "sha256": hashes.sha256(path)}
-    digest = hashlib.sha256()
-    count = 0
-    for folder, dirs, files in os.walk(path):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(f for f in files if not f.startswith(".")):
-            member = Path(folder) / name
-            try:
-                size, sha = member.stat().st_size, hashes.sha256(member)
-            except OSError:  # a dangling link
-                continue
-            rel = member.relative_to(path).as_posix()
-            digest.update(f"{rel}\0{size}\0{sha}\n".encode())
-            count += 1
-    return {"kind": "folder", "files": count, "members_sha256": digest.hexdigest()}
+    return _folder_fingerprint(path, lambda m: f"{m.stat().st_size}\0{hashes.sha256(m)}", hidden=False)
 
 
 def v1_path_fingerprint(path: Path) -> dict[str, Any]:
@@ -120,19 +108,29 @@ def v1_path_fingerprint(path: Path) -> dict[str, Any]:
         if st.st_size > 64 * 1024 * 1024:
             return {"kind": "file", "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         return {"kind": "file", "size": st.st_size, "sha256": file_sha256(path)}
+    return _folder_fingerprint(path, _size_and_mtime, hidden=True)
+
+
+def _size_and_mtime(member: Path) -> str:
+    st = member.stat()
+    return f"{st.st_size}\0{st.st_mtime_ns}"
+
+
+def _folder_fingerprint(path: Path, member_key: Callable[[Path], str], hidden: bool) -> dict[str, Any]:
+    """A folder's fingerprint: SHA-256 over ``relative path \\0 member_key(member)`` of its files in sorted
+    walk order (members whose key cannot be read, such as dangling links, are left out; hidden files and
+    folders too unless `hidden`)."""
     digest = hashlib.sha256()
     count = 0
     for folder, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
+        dirs[:] = sorted(d for d in dirs if hidden or not d.startswith("."))
+        for name in sorted(f for f in files if hidden or not f.startswith(".")):
             member = Path(folder) / name
             try:
-                mst = member.stat()
+                key = member_key(member)
             except OSError:
                 continue
-            digest.update(
-                f"{member.relative_to(path).as_posix()}\0{mst.st_size}\0{mst.st_mtime_ns}\n".encode()
-            )
+            digest.update(f"{member.relative_to(path).as_posix()}\0{key}\n".encode())
             count += 1
     return {"kind": "folder", "files": count, "members_sha256": digest.hexdigest()}
 

@@ -6,6 +6,7 @@ import json
 import logging
 
 import numpy as np
+import pytest
 
 from dr.io.runs import read_run
 from tests.index.test_index_build import (
@@ -149,3 +150,45 @@ def test_int8_first_pass_equals_the_old_faiss_knn_pass(tmp_path):
     for i, hits in enumerate(run.rankings.values()):
         assert [d for d, _ in hits] == [ids[r] for r in ref_rows[i]]
         np.testing.assert_allclose([s for _, s in hits], ref_scores[i], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "factory", ["IVF16,Flat", "IVF16,PQ4", "IVF8,SQ8", "OPQ4,IVF8,PQ4", "PCA8,IVF8,Flat", "HNSW8"]
+)
+def test_shared_coarse_assignment_finds_what_index_search_finds(factory):
+    """The lists assigned once per batch give faiss's own hits and scores, bit for bit, for every shard."""
+    import faiss
+
+    from dr.search.ann import CoarseAssignment
+
+    passages = clustered(600, seed=5)
+    queries = np.ascontiguousarray(clustered(40, seed=6))  # >= 20 rows: faiss's BLAS path of the quantizer
+    trained = faiss.index_factory(16, factory, faiss.METRIC_INNER_PRODUCT)
+    faiss.ParameterSpace().set_index_parameters(trained, "")
+    trained.train(passages[:400])
+    assignment = CoarseAssignment(queries)
+    for shard in np.array_split(passages, 3):  # each a copy of the trained index, as dr index makes them
+        index = faiss.clone_index(trained)
+        index.add(shard)
+        if "IVF" in factory:
+            faiss.ParameterSpace().set_index_parameters(index, "nprobe=3")
+        for batch in (queries, np.ascontiguousarray(queries[[1, 7, 30]])):  # the batch, a tie re-search
+            want_scores, want_rows = index.search(batch, 12)
+            got_scores, got_rows = assignment.searcher(index)(batch, 12)
+            np.testing.assert_array_equal(got_rows, want_rows)
+            assert got_scores.tobytes() == want_scores.tobytes()
+
+
+def test_ivf_shards_search_the_quantizer_once_per_batch(corpus, monkeypatch):
+    """Four shards, one coarse assignment; the run is byte for byte the per-shard `index.search` one."""
+    from dr.search import ann
+
+    assert index_main(index_argv(corpus, "idx")) == 0
+    calls = []
+    real_assign = ann._assign
+    monkeypatch.setattr(ann, "_assign", lambda *a: calls.append(len(a[2])) or real_assign(*a))
+    assert search_main(search_argv(corpus, "idx", "shared.txt")) == 0
+    assert calls[0] == 9 and calls.count(9) == 1, calls  # tie re-searches of some queries only besides
+    monkeypatch.setattr(ann.CoarseAssignment, "searcher", lambda self, index: index.search)
+    assert search_main(search_argv(corpus, "idx", "per-shard.txt")) == 0
+    assert (corpus / "shared.txt").read_bytes() == (corpus / "per-shard.txt").read_bytes()
