@@ -7,7 +7,9 @@
 # Needs round 1 first (bash bench/scifact.sh, or bench/matryoshka_scifact.sh, which trains it as plain seed 42).
 # Env: SEEDS (default "42 43": one cross-encoder per seed), DEPTH (default 100), GROUP (1 positive +
 #      GROUP-1 mined negatives, default 8), MAX_LEN (pair tokens, default 256), EPOCHS (default 1),
-#      NPROC (rerank ranks, default 2), DR_DATA (default ../shared/data), PYTHON (default python).
+#      NPROC (rerank ranks, default 2), DR_DATA (default ../shared/data), PYTHON (default python),
+#      R1 (the round-1 run folder whose model mines the negatives and whose run is reranked; default
+#      RUN_ROOT/fine-tuned, e.g. R1=runs/scifact-minilm/fine-tuned-seed43).
 # Cost on 2 CPU cores without AVX-512: training ~60-70 s/step at GROUP 8 (809 queries / 16 = 51 steps per
 # epoch); reranking 300 x DEPTH pairs of 256 tokens, ~1.5 h at DEPTH 100. A GPU does both in minutes.
 set -euo pipefail
@@ -24,7 +26,7 @@ epochs="${EPOCHS:-1}"
 nproc="${NPROC:-2}"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 step() { echo "+ $*" >&2; "$@"; }
-r1="$root/fine-tuned"
+r1="${R1:-$root/fine-tuned}"
 out="$root/rerank"
 metrics=(nDCG@10 MRR@10 R@100)
 [[ -f "$r1/metrics.json" ]] || { echo "no round-1 run in $r1: run bench/scifact.sh first" >&2; exit 2; }
