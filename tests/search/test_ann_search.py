@@ -153,7 +153,17 @@ def test_int8_first_pass_equals_the_old_faiss_knn_pass(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "factory", ["IVF16,Flat", "IVF16,PQ4", "IVF8,SQ8", "OPQ4,IVF8,PQ4", "PCA8,IVF8,Flat", "HNSW8"]
+    "factory",
+    [
+        "IVF16,Flat",
+        "IVF16,PQ4",
+        "IVF16,PQ4x4fs",
+        "IVF8,SQ8",
+        "IVF16_HNSW8,Flat",
+        "OPQ4,IVF8,PQ4",
+        "PCA8,IVF8,Flat",
+        "HNSW8",
+    ],
 )
 def test_shared_coarse_assignment_finds_what_index_search_finds(factory):
     """The lists assigned once per batch give faiss's own hits and scores, bit for bit, for every shard."""
