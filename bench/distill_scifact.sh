@@ -10,6 +10,8 @@
 #   TEACHER       teacher model folder (default: the round-1 model, whose corpus and training-query
 #                 vectors give the bi-encoder scores directly; any other teacher is run with `dr score`)
 #   DISTIL_T      --distil_temperature (default 0.05 for bi/hybrid teachers, 1.0 for cross-encoder logits)
+#   TEACHER_TS    --teacher_temperature values, one round 2 each (default: none, i.e. the teacher's scores are
+#                 divided by DISTIL_T too); e.g. TEACHER_TS="0.5 1 2" with a cross-encoder's logits
 #   WEIGHTS       --distill_weight values for round 2 (default "0.5 1.0")
 #   SEEDS         training seeds for round 2 (default "42")
 #   CONTRASTIVE   1 (default) also trains contrastive-only round 2 on the same file; 0 skips it
@@ -106,9 +108,15 @@ for seed in $seeds; do
     runs+=("contrastive-s$seed")
   fi
   for w in $weights; do
-    DR_DISTILL_WEIGHT="$w" step dr pipeline configs/scifact/minilm-distill.yaml --quiet \
-      --set "run_dir=$d/kl-w$w-t$distil_t-s$seed" --set "train.seed=$seed" --set "$encode_set"
-    runs+=("kl-w$w-t$distil_t-s$seed")  # named by weight, temperature and seed: no run reused for another
+    for tt in ${TEACHER_TS:-same}; do
+      name="kl-w$w-t$distil_t-s$seed" teacher_t=()
+      if [[ "$tt" != same ]]; then
+        name="kl-w$w-t$distil_t-tt$tt-s$seed" teacher_t=(--set "train.teacher_temperature=$tt")
+      fi
+      DR_DISTILL_WEIGHT="$w" step dr pipeline configs/scifact/minilm-distill.yaml --quiet \
+        --set "run_dir=$d/$name" --set "train.seed=$seed" --set "$encode_set" "${teacher_t[@]}"
+      runs+=("$name")  # named by weight, temperatures and seed: no run reused for another
+    done
   done
 done
 
