@@ -17,6 +17,8 @@
 #   CONTRASTIVE   1 (default) also trains contrastive-only round 2 on the same file; 0 skips it
 #   ENCODE_SET    pipeline override for encoding precision (default encode.bf16=auto: bf16 only on CPUs
 #                 with native bf16; emulated bf16 is several times slower than float32)
+#   R1            a finished round-1 run folder to use instead of training RUN_ROOT/fine-tuned (its model mines
+#                 the negatives; e.g. R1=runs/scifact-minilm/fine-tuned-seed43); it is used as it is, never rerun
 #   NPROC         processes for dr score (default 2), DR_DATA (default ../shared/data), PYTHON (default python)
 # Takes hours on 2 CPU cores without AVX-512 (each MiniLM training ~35-45 min); less with it.
 # Writes RUN_ROOT/distill/distill-summary.txt: nDCG@10 / MRR@10 / R@100 of every run, for bench/RESULTS.md.
@@ -35,14 +37,18 @@ dr() { "$py" -m dr.cli "$@"; }
 step() { echo "+ $*" >&2; "$@"; }
 start=$(date +%s)
 
-r1="$root/fine-tuned"
+r1="${R1:-$root/fine-tuned}"
 d="$root/distill"
 teacher="${TEACHER:-$r1/model}"
 teacher_type="${TEACHER_TYPE:-hybrid}"
 if [[ "$teacher_type" == cross ]]; then distil_t="${DISTIL_T:-1.0}"; else distil_t="${DISTIL_T:-0.05}"; fi
 
 # 1. Round 1: contrastive on random corpus negatives (configs/scifact/minilm.yaml).
-step dr pipeline configs/scifact/minilm.yaml --quiet --set "run_dir=$r1" --set "$encode_set"
+if [[ -n "${R1:-}" ]]; then  # another config's run (e.g. another seed): rerunning minilm.yaml would retrain it
+  [[ -f "$r1/metrics.json" && -d "$r1/model" ]] || { echo "R1=$r1: not a finished round-1 run" >&2; exit 2; }
+else
+  step dr pipeline configs/scifact/minilm.yaml --quiet --set "run_dir=$r1" --set "$encode_set"
+fi
 
 # BM25 on the test queries: the lexical reference (and half of the hybrid teacher).
 step dr demo bm25 --corpus "$data/corpus.jsonl" --queries "$data/queries.test.tsv" --qrels "$data/qrels.test.trec" \
@@ -120,13 +126,13 @@ for seed in $seeds; do
   done
 done
 
-"$py" - "$d" "$teacher_label" "$(($(date +%s) - start))" "${runs[@]}" <<'PY' | tee "$d/distill-summary.txt"
+R1_METRICS="$r1/metrics.json" "$py" - "$d" "$teacher_label" "$(($(date +%s) - start))" "${runs[@]}" <<'PY' | tee "$d/distill-summary.txt"
 import json, os, sys
 folder, teacher, seconds, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 metrics = ["nDCG@10", "MRR@10", "R@100"]
 print(f"SciFact test (300 queries); teacher {teacher}")
 print(f"{'run':<28}" + "".join(f"{m:>9}" for m in metrics))
-rows = [("BM25 (bm25s)", "../bm25/metrics.json"), ("round 1 (contrastive)", "../fine-tuned/metrics.json"),
+rows = [("BM25 (bm25s)", "../bm25/metrics.json"), ("round 1 (contrastive)", os.path.abspath(os.environ["R1_METRICS"])),
         ("teacher (hybrid)", "teacher-metrics.json")] + [(run, f"{run}/metrics.json") for run in runs]
 for label, path in rows:
     if os.path.isfile(os.path.join(folder, path)):
