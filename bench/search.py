@@ -11,11 +11,14 @@ Both write a Tevatron text run; the script checks that the two runs agree (ids; 
 prints wall time and peak RSS (``wait4`` rusage of that child) with the ratios.
 
 ``--profile``: where the time of one float16 block goes (old path: float16 -> float32 conversion of the
-block, faiss.knn, merge; new path: tile conversion, + GEMM, + selection and merge).
+block, faiss.knn, merge; new path: tile conversion with numpy's and torch's cast, + GEMM, the GEMM alone,
+the whole block as `dr search` scores it).
 
 ``--scale``: synthetic float16 shards per ``--sizes`` (written once into ``--workdir``, reused): wall time,
 GFLOP/s of ``dr search``, numpy's float32 GEMM rate on the same shape (alternating), their ratio, peak RSS;
-``--compare_faiss`` adds the previous scorer (backend ``faiss-cpu``) against the default, alternating.
+``--compare_faiss`` adds the previous scorer (backend ``faiss-cpu``) against the default, alternating;
+``--compare_cast`` the default scorer with numpy's float16 cast throughout against the default (torch's cast
+once the search is large enough), alternating.
 
 ``--startup``: a small corpus (SciFact-sized, 5,183 x 384, 300 queries): ``dr search`` end to end vs. a
 plain script (pyarrow reads the shard, one faiss IndexFlatIP, search, write the run).
@@ -184,25 +187,41 @@ def profile(rows: int, dim: int, nq: int, depth: int) -> None:
     timed("old: merge (k+1 check + select_topk)",
           lambda: (top.add_block(queries, block32, 0, ranks, Done()), top.result()))  # fmt: skip
     block32 = None  # released before the new path runs
-    # new path: tile conversion alone, conversion + GEMM, then the whole block through TopK
-    scorer = BlockScorer("cpu")
+    # new path: tile conversion alone (numpy's cast, torch's), conversion + GEMM, then the whole block
+    # through TopK with the scorer as `dr search` runs it (numpy's cast until torch's pays off)
     tile = _tile_rows(dim)
     buf = np.empty((tile, dim), np.float32)
     scores = np.empty((nq, tile), np.float32)
 
-    def convert_only() -> None:
+    def converter(torch_cast: bool) -> BlockScorer:
+        scorer = BlockScorer("cpu")
+        scorer.torch_cast = torch_cast
+        return scorer
+
+    def convert_only(scorer: BlockScorer) -> None:
         for p0 in range(0, rows, tile):
             part = block[p0 : p0 + tile]
             scorer._convert(part, buf[: len(part)])
 
-    def convert_gemm() -> None:
+    def convert_gemm(scorer: BlockScorer) -> None:
         for p0 in range(0, rows, tile):
             part = block[p0 : p0 + tile]
             scorer._convert(part, buf[: len(part)])
             np.matmul(queries, buf[: len(part)].T, out=scores[:, : len(part)])
 
-    timed("new: tile conversion", convert_only)
-    timed("new: tile conversion + GEMM", convert_gemm)
+    def gemm_only() -> None:
+        for p0 in range(0, rows, tile):
+            n = min(tile, rows - p0)
+            np.matmul(queries, buf[:n].T, out=scores[:, :n])
+
+    numpy_cast, torch_cast = converter(False), converter(True)
+    torch_cast._convert(block[:tile], buf[: min(tile, rows)])  # imports torch outside the timings
+    timed("new: tile conversion, numpy's cast", lambda: convert_only(numpy_cast))
+    timed("new: tile conversion, torch's cast", lambda: convert_only(torch_cast))
+    timed("new: tile conversion (torch's) + GEMM", lambda: convert_gemm(torch_cast))
+    timed("GEMM alone (tiles already float32)", gemm_only)
+    numpy_cast.close()
+    scorer = BlockScorer("cpu")
     new_top = TopK(nq, depth)
     timed("new: whole block (conversion + GEMM + selection + merge)",
           lambda: (new_top.add_block(queries, block, 0, ranks, scorer), new_top.result()))  # fmt: skip
@@ -216,9 +235,10 @@ def profile(rows: int, dim: int, nq: int, depth: int) -> None:
     old = sum(v for k, v in timings.items() if k.startswith("old"))
     new = timings["new: whole block (conversion + GEMM + selection + merge)"]
     print(f"| old total | {old:.2f} | {flop / old / 1e9:.1f} |")
-    gemm = timings["new: tile conversion + GEMM"] - timings["new: tile conversion"]
-    print(f"| new: GEMM (difference) | {gemm:.2f} | {flop / gemm / 1e9:.1f} |")
-    print(f"| new: selection + merge (difference) | {new - timings['new: tile conversion + GEMM']:.2f} | |")
+    gemm = timings["GEMM alone (tiles already float32)"]
+    print(f"| new: whole block / GEMM alone | {gemm / new:.2f} | |")
+    rest = new - timings["new: tile conversion (torch's) + GEMM"]
+    print(f"| new: selection + merge (whole block - conversion - GEMM) | {rest:.2f} | |")
     print(f"\nold / new: {old / new:.2f}x")
 
 
@@ -262,15 +282,22 @@ def gemm_child(rows: int, nq: int, dim: int) -> float:
 
 def search_child(folder: Path, backend: str, depth: int, max_memory: str) -> float:
     """Seconds `search_shards` takes with `backend` over the folder's shards (ids are checked by the caller)."""
+    label = backend
+    from dr.search import exact
     from dr.search.exact import search_shards
     from dr.search.shard_set import load_queries, parse_bytes
+
+    if (
+        backend == "cpu-numpy-cast"
+    ):  # the default scorer with numpy's float16 cast throughout (before torch's)
+        backend, exact._TORCH_CAST_AFTER = "cpu", 1 << 62
 
     _, queries, _ = load_queries([str(folder / "queries.arrow")])
     paths = sorted(str(p) for p in folder.glob("corpus.*.arrow"))
     t0 = time.perf_counter()
     _, docids = search_shards(queries, paths, depth, parse_bytes(max_memory), -1, backend)
     seconds = time.perf_counter() - t0
-    (folder / f"ids-{backend}.json").write_text(json.dumps(docids))
+    (folder / f"ids-{label}.json").write_text(json.dumps(docids))
     return seconds
 
 
@@ -287,26 +314,27 @@ def scale(args: argparse.Namespace) -> None:
                   "--max_memory", args.max_memory, "--save_ranking_to", str(folder / "dr.txt"), "--quiet",
                   "--verify", "none"]  # fmt: skip
         gemm_cmd = [py, "-m", "bench.search", "--gemm_child", f"{rows},{args.queries},{args.dim}"]
-        runs: dict[str, list] = {"dr": [], "gemm": [], "faiss-cpu": [], "cpu": []}
+        runs: dict[str, list] = {"dr": [], "gemm": [], "faiss-cpu": [], "cpu": [], "cpu-numpy-cast": []}
+        pairs = [("faiss-cpu", "cpu")] if args.compare_faiss else []
+        pairs += [("cpu-numpy-cast", "cpu")] if args.compare_cast else []
         for _ in range(args.repeats):
             wall, rss, cpu, _ = measure_full(dr_cmd)
             info = json.loads((folder / "dr.txt.config.json").read_text())["timings"]
             runs["dr"].append((wall, info["search_s"], rss, cpu))
             runs["gemm"].append(float(measure_full(gemm_cmd)[3]))
-            if args.compare_faiss:
-                for backend in ("faiss-cpu", "cpu"):
-                    child = [py, "-m", "bench.search", "--search_child", str(folder), "--backend", backend,
-                             "--depth", str(args.depth), "--max_memory", args.max_memory]  # fmt: skip
-                    runs[backend].append(float(measure_full(child)[3]))
+            for backend in (b for pair in pairs for b in pair):
+                child = [py, "-m", "bench.search", "--search_child", str(folder), "--backend", backend,
+                         "--depth", str(args.depth), "--max_memory", args.max_memory]  # fmt: skip
+                runs[backend].append(float(measure_full(child)[3]))
         wall, search_s, rss, cpu = (statistics.median(v) for v in zip(*runs["dr"]))
         gemm = statistics.median(runs["gemm"])
         row = {"rows": rows, "wall": wall, "search": search_s, "cpu": cpu, "rss": rss,
                "dr_gflops": flop / search_s / 1e9, "gemm_gflops": flop / gemm / 1e9}  # fmt: skip
-        if args.compare_faiss:
-            ids = [json.loads((folder / f"ids-{b}.json").read_text()) for b in ("faiss-cpu", "cpu")]
-            row["faiss"] = statistics.median(runs["faiss-cpu"])
-            row["new"] = statistics.median(runs["cpu"])
-            row["same_ids"] = sum(a == b for a, b in zip(*ids))
+        for old, new in pairs:
+            ids = [json.loads((folder / f"ids-{b}.json").read_text()) for b in (old, new)]
+            row[old] = statistics.median(runs[old])
+            row["new"] = statistics.median(runs[new])
+            row[f"same_ids-{old}"] = sum(a == b for a, b in zip(*ids))
         rows_out.append(row)
         print(f"{rows:,} rows done (load {os.getloadavg()[0]:.2f})", flush=True)
     print(f"\n{args.queries} queries x {args.dim} dims, float16 shards of <= {args.shard_rows:,} rows, depth "
@@ -319,12 +347,14 @@ def scale(args: argparse.Namespace) -> None:
     for r in rows_out:
         print(f"| {r['rows']:,} | {r['wall']:.1f} | {r['search']:.1f} | {r['cpu']:.1f} | {r['dr_gflops']:.1f} | "
               f"{r['gemm_gflops']:.1f} | {r['dr_gflops'] / r['gemm_gflops']:.2f} | {r['rss']:.0f} |")  # fmt: skip
-    if args.compare_faiss:
-        print("\n| passages | faiss-cpu (old) s | cpu (new) s | old / new | identical id lists |")
+    for old, title in (("faiss-cpu", "faiss-cpu (old)"), ("cpu-numpy-cast", "cpu, numpy's float16 cast")):
+        if old not in rows_out[0]:
+            continue
+        print(f"\n| passages | {title} s | cpu (default) s | {old} / default | identical id lists |")
         print("|---|---|---|---|---|")
         for r in rows_out:
-            print(f"| {r['rows']:,} | {r['faiss']:.2f} | {r['new']:.2f} | {r['faiss'] / r['new']:.2f} | "
-                  f"{r['same_ids']}/{args.queries} |")  # fmt: skip
+            print(f"| {r['rows']:,} | {r[old]:.2f} | {r['new']:.2f} | {r[old] / r['new']:.2f} | "
+                  f"{r[f'same_ids-{old}']}/{args.queries} |")  # fmt: skip
 
 
 # ------------------------------------------------------------------- --startup: a small corpus
@@ -398,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default="0.5M,1M,2M,4M,8.8M", help="--scale: corpus sizes (rows)")
     p.add_argument("--shard_rows", type=int, default=1_100_000, help="--scale: rows per shard at most")
     p.add_argument("--compare_faiss", action="store_true", help="--scale: also old (faiss-cpu) vs new scorer")
+    p.add_argument("--compare_cast", action="store_true",
+                   help="--scale: also the default scorer with numpy's float16 cast throughout vs torch's")  # fmt: skip
     p.add_argument("--startup", action="store_true", help="dr search vs a plain faiss script, small corpus")
     p.add_argument("--repeats", type=int, default=None, help="--scale / --startup repetitions (alternating)")
     p.add_argument("--monolithic_child", default=None, help=argparse.SUPPRESS)

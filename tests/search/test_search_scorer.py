@@ -3,6 +3,8 @@ force: ties at the depth cut-off, float16/float32 shards, passage and query tile
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -44,6 +46,50 @@ def test_block_topk_equals_brute_force_with_ties(small_tiles, dtype, k):
     np.testing.assert_array_equal(rows[:, :n], ref_rows)
     np.testing.assert_array_equal(scores[:, :n], ref_scores)
     assert (rows[:, n:] == -1).all() and np.isneginf(scores[:, n:]).all()
+
+
+def test_torch_cast_equals_numpy_cast():
+    """torch's float16 -> float32 cast is exact like numpy's: subnormals, signed zeros, inf and NaN included,
+    from a read-only view (a mapped shard) without a warning."""
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)  # every float16 value
+    src = bits.view(np.float16).reshape(256, 256)
+    src.setflags(write=False)
+    dst = np.empty(src.shape, np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        exact._torch_cast(src, dst)
+    want = src.astype(np.float32)
+    nan = np.isnan(want)
+    assert (np.isnan(dst) == nan).all()  # NaN payloads may differ (torch quiets signalling NaNs)
+    np.testing.assert_array_equal(dst[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+@pytest.mark.parametrize(
+    "after, planned",
+    [(0, 0), (150 * 8, 0), (1 << 40, 0), (1000, 1000)],
+    ids=["torch", "switch-midway", "numpy", "planned"],
+)
+def test_float16_search_same_whichever_cast(small_tiles, monkeypatch, after, planned):
+    """torch's cast takes over after `_TORCH_CAST_AFTER` elements, or from the start when the planned
+    search is that large: the hits are identical to numpy's cast throughout."""
+    monkeypatch.setattr(exact, "_TORCH_CAST_AFTER", after)
+    queries, passages, _ = tied_data(300, 11)
+    ranks = np.random.default_rng(3).permutation(300).astype(np.int64)
+    reference = TopK(len(queries), 25)
+    numpy_only = BlockScorer("cpu")
+    numpy_only.torch_cast = False
+    reference.add_block(queries, passages.astype(np.float16), 0, ranks, numpy_only)
+    top, scorer = TopK(len(queries), 25), BlockScorer("cpu", planned_elements=planned)
+    if planned:
+        assert scorer._use_torch_cast(0)  # decided before any tile is cast
+    top.add_block(queries, passages.astype(np.float16), 0, ranks, scorer)
+    for got, want in zip(top.result(), reference.result()):
+        np.testing.assert_array_equal(got, want)
+    assert scorer._cast_elements == passages.size
+    if after == 1 << 40:
+        assert scorer.torch_cast in (None, True)  # numpy until the count is reached (or torch already loaded)
+    else:
+        assert scorer.torch_cast is True
 
 
 def test_threshold_skips_only_what_cannot_enter(small_tiles):
