@@ -9,9 +9,10 @@
 #                 fused with BM25 per query (bench/hybrid_teacher.py); its own test quality is printed too.
 #   TEACHER       teacher model folder (default: the round-1 model, whose corpus and training-query
 #                 vectors give the bi-encoder scores directly; any other teacher is run with `dr score`)
-#   DISTIL_T      --distil_temperature (default 0.05 for bi/hybrid teachers, 1.0 for cross-encoder logits)
-#   TEACHER_TS    --teacher_temperature values, one round 2 each (default: none, i.e. the teacher's scores are
-#                 divided by DISTIL_T too); e.g. TEACHER_TS="0.5 1 2" with a cross-encoder's logits
+#   DISTIL_T      --distil_temperature, the student's (default 0.05, its contrastive temperature)
+#   TEACHER_TS    --teacher_temperature values, one round 2 each (default for bi/hybrid teachers: none, i.e. the
+#                 teacher's scores are divided by DISTIL_T too; for a cross-encoder's logits: "1", their own
+#                 scale, as docs/distill.md recommends); e.g. TEACHER_TS="0.5 1 2"
 #   WEIGHTS       --distill_weight values for round 2 (default "0.5 1.0")
 #   SEEDS         training seeds for round 2 (default "42")
 #   CONTRASTIVE   1 (default) also trains contrastive-only round 2 on the same file; 0 skips it
@@ -41,7 +42,9 @@ r1="${R1:-$root/fine-tuned}"
 d="$root/distill"
 teacher="${TEACHER:-$r1/model}"
 teacher_type="${TEACHER_TYPE:-hybrid}"
-if [[ "$teacher_type" == cross ]]; then distil_t="${DISTIL_T:-1.0}"; else distil_t="${DISTIL_T:-0.05}"; fi
+distil_t="${DISTIL_T:-0.05}"
+teacher_ts="${TEACHER_TS:-same}"
+[[ "$teacher_type" == cross && -z "${TEACHER_TS:-}" ]] && teacher_ts=1
 
 # 1. Round 1: contrastive on random corpus negatives (configs/scifact/minilm.yaml).
 if [[ -n "${R1:-}" ]]; then  # another config's run (e.g. another seed): rerunning minilm.yaml would retrain it
@@ -114,7 +117,7 @@ for seed in $seeds; do
     runs+=("contrastive-s$seed")
   fi
   for w in $weights; do
-    for tt in ${TEACHER_TS:-same}; do
+    for tt in $teacher_ts; do
       name="kl-w$w-t$distil_t-s$seed" teacher_t=()
       if [[ "$tt" != same ]]; then
         name="kl-w$w-t$distil_t-tt$tt-s$seed" teacher_t=(--set "train.teacher_temperature=$tt")

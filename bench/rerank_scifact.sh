@@ -9,9 +9,11 @@
 #      GROUP-1 mined negatives, default 8), MAX_LEN (pair tokens, default 256), EPOCHS (default 1),
 #      NPROC (rerank ranks, default 2), DR_DATA (default ../shared/data), PYTHON (default python),
 #      R1 (the round-1 run folder whose model mines the negatives and whose run is reranked; default
-#      RUN_ROOT/fine-tuned, e.g. R1=runs/scifact-minilm/fine-tuned-seed43).
+#      RUN_ROOT/fine-tuned, e.g. R1=runs/scifact-minilm/fine-tuned-seed43), TRAIN_BF16 (1: train the
+#      cross-encoder with --bf16, for CPUs with native bf16 such as AMX; default 0, float32).
 # Cost on 2 CPU cores without AVX-512: training ~60-70 s/step at GROUP 8 (809 queries / 16 = 51 steps per
-# epoch); reranking 300 x DEPTH pairs of 256 tokens, ~1.5 h at DEPTH 100. A GPU does both in minutes.
+# epoch); reranking 300 x DEPTH pairs of 256 tokens, ~1.5 h at DEPTH 100. A GPU does both in minutes, and so
+# does a CPU with AMX (bf16 encoding ~2.5x float32 there; see bench/RESULTS.md).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -24,6 +26,7 @@ group="${GROUP:-8}"
 max_len="${MAX_LEN:-256}"
 epochs="${EPOCHS:-1}"
 nproc="${NPROC:-2}"
+precision=(); [[ "${TRAIN_BF16:-0}" == 1 ]] && precision=(--bf16)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 step() { echo "+ $*" >&2; "$@"; }
 r1="${R1:-$root/fine-tuned}"
@@ -60,7 +63,7 @@ for seed in $seeds; do
     step "$py" -m dr.train --model_type cross_encoder --model_name_or_path "$model" --dataset_name "$mined" \
       --output_dir "$ce" --train_n_passages "$group" --max_length "$max_len" --per_device_train_batch_size 16 \
       --learning_rate 2e-5 --warmup_steps 5 --num_train_epochs "$epochs" --seed "$seed" --save_steps 10 \
-      --save_total_limit 1 --logging_steps 5 --report_to none "${resume[@]}"
+      --save_total_limit 1 --logging_steps 5 --report_to none "${precision[@]}" "${resume[@]}"
   fi
   for first in dense hybrid; do
     run="$out/$first.ce$seed.run"
