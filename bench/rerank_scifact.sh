@@ -6,7 +6,11 @@
 # Usage: bash bench/rerank_scifact.sh [RUN_ROOT]      (default runs/scifact-minilm; complete steps are reused)
 # Needs round 1 first (bash bench/scifact.sh, or bench/matryoshka_scifact.sh, which trains it as plain seed 42).
 # Env: SEEDS (default "42 43": one cross-encoder per seed), DEPTH (default 100), GROUP (1 positive +
-#      GROUP-1 mined negatives, default 8), MAX_LEN (pair tokens, default 256), EPOCHS (default 1),
+#      GROUP-1 mined negatives, default 8), MAX_LEN (pair tokens, default 256), EPOCHS (default 1), LR
+#      (default 2e-5). The classification head starts from random weights: at 2e-5 the listwise loss stayed
+#      at ln(GROUP) = 2.08 for the first 15 steps; at 1e-4 one epoch (51 steps) took it to 1.70 only, and
+#      that cross-encoder reranked the dense top 100 to nDCG@10 0.244 (bench/RESULTS.md): give it several
+#      epochs (EPOCHS) and check the loss before reranking.
 #      NPROC (rerank ranks, default 2), DR_DATA (default ../shared/data), PYTHON (default python),
 #      R1 (the round-1 run folder whose model mines the negatives and whose run is reranked; default
 #      RUN_ROOT/fine-tuned, e.g. R1=runs/scifact-minilm/fine-tuned-seed43), TRAIN_BF16 (1: train the
@@ -25,6 +29,7 @@ depth="${DEPTH:-100}"
 group="${GROUP:-8}"
 max_len="${MAX_LEN:-256}"
 epochs="${EPOCHS:-1}"
+lr="${LR:-2e-5}"
 nproc="${NPROC:-2}"
 precision=(); [[ "${TRAIN_BF16:-0}" == 1 ]] && precision=(--bf16)
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -62,7 +67,7 @@ for seed in $seeds; do
     resume=(); compgen -G "$ce/checkpoint-*" > /dev/null && resume=(--resume_from_checkpoint latest)
     step "$py" -m dr.train --model_type cross_encoder --model_name_or_path "$model" --dataset_name "$mined" \
       --output_dir "$ce" --train_n_passages "$group" --max_length "$max_len" --per_device_train_batch_size 16 \
-      --learning_rate 2e-5 --warmup_steps 5 --num_train_epochs "$epochs" --seed "$seed" --save_steps 10 \
+      --learning_rate "$lr" --warmup_steps 5 --num_train_epochs "$epochs" --seed "$seed" --save_steps 10 \
       --save_total_limit 1 --logging_steps 5 --report_to none "${precision[@]}" "${resume[@]}"
   fi
   for first in dense hybrid; do
