@@ -74,6 +74,10 @@ def run(args) -> int:
     """Prepare the launch, build the argument objects, train; the process group is left in every case."""
     from dr import distributed
 
+    if args.deepspeed:  # it JIT-builds ops on start: a lock left by an interrupted build would hang it
+        from dr.train.extension_locks import clear_stale_extension_locks
+
+        clear_stale_extension_locks()
     extra = distributed.prepare_launch(deepspeed=bool(args.deepspeed), bf16=bool(args.bf16))
     model_args, data_args, training_args = to_dataclasses(args, ARGUMENT_TYPES, **extra)
     # The Trainer (accelerate) joins the launcher's group itself; we only leave it (see process_group).
