@@ -1,4 +1,4 @@
-"""`dr pipeline CONFIG`: train -> encode -> search -> convert (-> bm25 -> fuse -> rerank) -> eval from one
+"""`dr pipeline CONFIG`: train -> encode -> search -> convert (-> bm25 -> fuse -> rerank -> rerank_fuse) -> eval from one
 file, each stage a subprocess; the second stages in parentheses are optional config sections.
 
 One job per module: `config` (load, `${VAR}` expansion, `--set` overrides, schema), `check` (types and

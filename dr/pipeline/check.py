@@ -27,6 +27,7 @@ _SECTION_COMMANDS = {
     "bm25": ("bm25",),
     "fuse": ("fuse",),
     "rerank": ("rerank",),
+    "rerank_fuse": ("fuse",),
 }
 _ENCODE_FLAG_SECTIONS = ("corpus_flags", "query_flags")
 # Flags of the second stages that the pipeline sets itself (inputs from the encode section, outputs in
@@ -34,6 +35,7 @@ _ENCODE_FLAG_SECTIONS = ("corpus_flags", "query_flags")
 PIPELINE_FLAGS = {
     "bm25": {"corpus", "queries", "query_split", "index_dir", "save_ranking_to", "run_format", "format"},
     "fuse": {"runs", "run_formats", "save_ranking_to", "run_format", "format"},
+    "rerank_fuse": {"runs", "run_formats", "save_ranking_to", "run_format", "format"},
     "rerank": {
         "run", "run_file", "input_run_format", "corpus", "queries", "query_split", "save_ranking_to",
         "run_format", "format", "num_shards", "shard_index", "overwrite",
@@ -87,8 +89,9 @@ def check_types(data: dict[str, Any]) -> None:
 
 
 def check_second_stages(data: dict[str, Any]) -> None:
-    """The optional sections bm25, fuse and rerank: each a mapping of its command's flags or null (off),
-    none setting a flag the pipeline sets, fuse only with bm25 (it fuses the dense and the bm25 run)."""
+    """The optional sections bm25, fuse, rerank and rerank_fuse: each a mapping of its command's flags or
+    null (off), none setting a flag the pipeline sets, fuse only with bm25 (it fuses the dense and the bm25
+    run), rerank_fuse only with rerank (it fuses the reranked run with the run rerank read)."""
     for section, reserved in PIPELINE_FLAGS.items():
         flags = data.get(section)
         _need(flags, dict, section, f"a mapping of dr {section} flags, or null (off)")
@@ -104,8 +107,15 @@ def check_second_stages(data: dict[str, Any]) -> None:
             "fuse: needs a bm25 section (fuse combines the dense run with the bm25 run); add `bm25: {}` "
             "or remove fuse"
         )
-    if fuse is not None and fuse.get("normalize") is not None and fuse.get("method", "rrf") != "linear":
-        raise ConfigTypeError("fuse.normalize: applies to method: linear only (rrf fuses ranks)")
+    if data.get("rerank_fuse") is not None and rerank is None:
+        raise ConfigTypeError(
+            "rerank_fuse: needs a rerank section (it fuses the reranked run with the run rerank read); add "
+            "rerank or remove rerank_fuse"
+        )
+    for section in ("fuse", "rerank_fuse"):
+        flags = data.get(section) or {}
+        if flags.get("normalize") is not None and flags.get("method", "rrf") != "linear":
+            raise ConfigTypeError(f"{section}.normalize: applies to method: linear only (rrf fuses ranks)")
     if rerank is not None and not rerank.get("model_name_or_path"):
         raise ConfigTypeError("rerank.model_name_or_path: required (the cross-encoder's folder)")
     split = (data.get("encode") or {}).get("corpus_split")

@@ -20,7 +20,7 @@ from dr.pipeline.steps import Layout, build_steps, final_run, runs_made
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dr pipeline",
-        description="train -> encode -> search -> convert (-> bm25 -> fuse -> rerank) -> eval from one config",
+        description="train -> encode -> search -> convert (-> bm25 -> fuse -> rerank -> rerank_fuse) -> eval from one config",
     )
     parser.add_argument("config", help="pipeline config (YAML/JSON), see docs/pipeline.md")
     add_override_flag(parser)

@@ -18,6 +18,8 @@ Schema (YAML or JSON; docs/pipeline.md has a commented example):
     bm25: {k1: 0.9, b: 0.4, depth: 100}      # optional: flags for `dr bm25` over encode's corpus/queries
     fuse: {method: rrf, depth: 100}          # optional: `dr fuse` of the dense and bm25 runs (needs bm25)
     rerank: {model_name_or_path: CE}         # optional: `dr rerank` of the fused (else the dense) run
+    rerank_fuse: {method: linear, weights: [0.5, 0.5], normalize: minmax}  # optional: `dr fuse` of the
+                                  # reranked run with the run it reranked (needs rerank)
     eval: {qrels: qrels.trec, metrics: [MRR@10, nDCG@10, R@100], run_format: trec}
     processes: {train: 1, encode: 2, search: 2, rerank: 1}   # > 1: torchrun on this node
     env: {HF_HUB_OFFLINE: "0"}    # environment for every stage; wins over the caller's
@@ -52,6 +54,7 @@ TOP_LEVEL_KEYS = {
     "bm25",
     "fuse",
     "rerank",
+    "rerank_fuse",
     "eval",
     "processes",
     "env",
@@ -68,7 +71,12 @@ ENCODE_KEYS = {
     "query_flags",
 }
 EVAL_KEYS = {"qrels", "metrics", "run_format"}
-OPTIONAL_STAGES = ("bm25", "fuse", "rerank")  # second stages: a mapping turns one on, absent or null: off
+OPTIONAL_STAGES = (
+    "bm25",
+    "fuse",
+    "rerank",
+    "rerank_fuse",
+)  # second stages: a mapping turns one on, absent or null: off
 DEFAULT_PROCESSES = {"train": 1, "encode": 1, "search": 1, "rerank": 1}
 RUN_SUFFIX = {"trec": "trec", "marco": "marco", "tevatron": "tevatron"}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

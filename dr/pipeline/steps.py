@@ -1,5 +1,6 @@
 """The stage graph of `dr pipeline`: train -> encode (corpus shards, queries) -> search -> convert -> eval,
-with the optional second stages bm25 -> fuse -> rerank (each on when its config section is a mapping).
+with the optional second stages bm25 -> fuse -> rerank -> rerank_fuse (each on when its config section is a
+mapping).
 
 Every stage is its own subprocess (`python -m dr.<stage>` or `python -m torch.distributed.run --standalone
 --nproc_per_node N -m dr.<stage>`), so the pipeline runs exactly the commands a user would type. This
@@ -25,7 +26,7 @@ from dr.pipeline.config import ENCODE_KEYS, RUN_SUFFIX
 DENSE = "dense"  # the name of the dense run (search + convert) among the runs the pipeline makes
 # The optional second stages, in stage order: config section -> the name of the run it writes
 # (run.<name>.trec, evaluated into metrics.<name>.json unless it is the final run).
-SECOND_STAGE_RUNS = {"bm25": "bm25", "fuse": "fused", "rerank": "rerank"}
+SECOND_STAGE_RUNS = {"bm25": "bm25", "fuse": "fused", "rerank": "rerank", "rerank_fuse": "rerank_fused"}
 
 
 def flags_to_argv(flags: dict[str, Any]) -> list[str]:
@@ -92,6 +93,7 @@ class Layout:
         self.bm25_run = self.second_stage_run("bm25")
         self.fused_run = self.second_stage_run("fuse")
         self.rerank_run = self.second_stage_run("rerank")
+        self.rerank_fused_run = self.second_stage_run("rerank_fuse")
 
     def converted_run(self, run_format: str) -> Path:
         return self.root / f"run.{RUN_SUFFIX[run_format]}"
@@ -101,7 +103,7 @@ class Layout:
         return self.root / f"metrics.{run}.json"
 
     def second_stage_run(self, section: str) -> Path:
-        """run.<name>.trec: the run the optional stage `section` (bm25, fuse, rerank) writes."""
+        """run.<name>.trec: the run the optional stage `section` (bm25, fuse, rerank, rerank_fuse) writes."""
         return self.root / f"run.{SECOND_STAGE_RUNS[section]}.trec"
 
     def stage_outputs(self, section: str) -> list[Path]:
@@ -127,14 +129,15 @@ class Layout:
 
 
 def final_run(cfg: dict[str, Any]) -> str:
-    """The run the pipeline answers with (metrics.json): rerank > fused > dense."""
-    if cfg.get("rerank") is not None:
-        return "rerank"
-    return "fused" if cfg.get("fuse") is not None else DENSE
+    """The run the pipeline answers with (metrics.json): the last stage's: rerank_fused > rerank > fused > dense."""
+    for section in ("rerank_fuse", "rerank", "fuse"):
+        if cfg.get(section) is not None:
+            return SECOND_STAGE_RUNS[section]
+    return DENSE
 
 
 def runs_made(cfg: dict[str, Any]) -> list[str]:
-    """Every run a config makes, in stage order: dense, then bm25, fused, rerank when they are on."""
+    """Every run a config makes, in stage order: dense, then bm25, fused, rerank, rerank_fused when on."""
     return [DENSE] + [run for section, run in SECOND_STAGE_RUNS.items() if cfg.get(section) is not None]
 
 
@@ -338,7 +341,8 @@ def _query_split(enc: dict[str, Any]) -> str:
 
 
 def _second_stage_steps(cfg: dict[str, Any], lay: Layout, runs: dict[str, tuple[Path, str]]) -> list[Step]:
-    """bm25, fuse and rerank, each when its config section is on; adds the runs they write to `runs`.
+    """bm25, fuse, rerank and rerank_fuse, each when its config section is on; adds the runs they write to
+    `runs`.
 
     They read the same corpus and queries as the encode section names; the flags a stage's section may not
     set (inputs, outputs, formats) are refused by `dr.pipeline.check`. The new runs are written as TREC.
@@ -419,6 +423,28 @@ def _second_stage_steps(cfg: dict[str, Any], lay: Layout, runs: dict[str, tuple[
             )
         )
         runs[SECOND_STAGE_RUNS["rerank"]] = (lay.rerank_run, "rerank")
+    if cfg.get("rerank_fuse") is not None:
+        # The cross-encoder's scores fused with those of the run it reranked: the two rank the same
+        # candidates, and each knows what the other misses (bench/RESULTS.md, SciFact).
+        source, source_format, source_stage = first_stage
+        flags = {
+            **cfg["rerank_fuse"],
+            "runs": [str(lay.rerank_run), str(source)],  # --weights are in this order: reranked, its input
+            "run_formats": ["trec", source_format],
+            "save_ranking_to": str(lay.rerank_fused_run),
+            "run_format": "trec",
+        }
+        steps.append(
+            Step(
+                "rerank_fuse",
+                launch_prefix("dr.fuse", 1) + flags_to_argv(flags),
+                done=lay.rerank_fused_run.is_file,
+                invalidate=_remove(*lay.stage_outputs("rerank_fuse")),
+                upstream=("rerank", source_stage),
+                config={**_dotted("rerank_fuse", cfg["rerank_fuse"]), "rerank_fuse.input": source_stage},
+            )
+        )
+        runs[SECOND_STAGE_RUNS["rerank_fuse"]] = (lay.rerank_fused_run, "rerank_fuse")
     return steps
 
 

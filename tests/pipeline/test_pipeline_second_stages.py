@@ -135,6 +135,29 @@ def test_a_changed_fuse_method_reruns_only_fuse_rerank_and_their_evals(
     )
 
 
+def test_rerank_fuse_fuses_the_reranked_run_with_the_run_it_reranked(tmp_path: Path) -> None:
+    fuse_back = "rerank_fuse={method: linear, weights: [0.6, 0.4], normalize: minmax, depth: 5}"
+    cfg = load_config(_fixture(tmp_path, train=False), [*_second_stages(tmp_path), fuse_back])
+    lay = Layout(cfg["run_dir"])
+    steps = {s.name: s for s in build_steps(cfg)}
+    assert list(steps) == FIRST + ["bm25", "fuse", "rerank", "rerank_fuse"] + [
+        "eval_dense", "eval_bm25", "eval_fused", "eval_rerank", "eval",
+    ]  # fmt: skip
+    step = steps["rerank_fuse"]
+    assert _flag(step.cmd, "runs") == [str(lay.rerank_run), str(lay.fused_run)]  # weights in this order
+    assert _flag(step.cmd, "run_formats") == ["trec", "trec"] and _flag(step.cmd, "weights") == ["0.6", "0.4"]
+    assert step.upstream == ("rerank", "fuse") and step.config["rerank_fuse.input"] == "fuse"
+    assert _flag(steps["eval"].cmd, "run") == [str(lay.rerank_fused_run)]  # the answer: the last stage's run
+    assert _flag(steps["eval_rerank"].cmd, "output") == [str(lay.run_metrics("rerank"))]
+    check_stage_flags(list(steps.values()))
+    # Without fuse the reranker reads the dense run, and so does the fusion after it.
+    bm25, _, rerank = _second_stages(tmp_path)
+    no_fuse = load_config(_zero_shot(tmp_path / "b"), [bm25, rerank, "rerank_fuse={method: rrf}"])
+    step = {s.name: s for s in build_steps(no_fuse)}["rerank_fuse"]
+    assert _flag(step.cmd, "runs")[1] == str(Layout(no_fuse["run_dir"]).run)
+    assert _flag(step.cmd, "run_formats") == ["trec", "tevatron"] and step.upstream == ("rerank", "search")
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -144,6 +167,12 @@ def test_a_changed_fuse_method_reruns_only_fuse_rerank_and_their_evals(
         (["bm25={}", "fuse={method: rrf, normalize: minmax}"], "fuse.normalize: applies to method: linear"),
         (["rerank={depth: 10}"], "rerank.model_name_or_path: required"),
         (["rerank=[1]"], "rerank: expected a mapping of dr rerank flags, or null"),
+        (["rerank_fuse={method: rrf}"], "rerank_fuse: needs a rerank section"),
+        (["rerank={model_name_or_path: ce}", "rerank_fuse={runs: [a]}"], "rerank_fuse: ['runs'] are set by"),
+        (
+            ["rerank={model_name_or_path: ce}", "rerank_fuse={method: rrf, normalize: zscore}"],
+            "rerank_fuse.normalize: applies to method: linear",
+        ),
         (["bm25={}", "encode.corpus_split=dev"], "encode.corpus_split: 'dev'"),
     ],
 )
@@ -185,6 +214,7 @@ def test_dense_bm25_fuse_rerank_end_to_end(tmp_path: Path, tiny_model_dir: Path)
         bm25={"depth": 10},
         fuse={"method": "rrf", "depth": 10},
         rerank={"model_name_or_path": str(make_cross_encoder(tmp_path / "ce")), "depth": 5, "batch_size": 8},
+        rerank_fuse={"method": "linear", "weights": [0.5, 0.5], "normalize": "minmax", "depth": 5},
     )
     config["encode"]["num_shards"] = 1
     cfg_path.write_text(yaml.safe_dump(config))
@@ -200,15 +230,25 @@ def test_dense_bm25_fuse_rerank_end_to_end(tmp_path: Path, tiny_model_dir: Path)
     assert all(len(hits) == 5 for hits in reranked.rankings.values())
     for qid, hits in reranked.rankings.items():  # the fused run's top 5, reordered
         assert {d for d, _ in hits} == {d for d, _ in fused.rankings[qid][:5]}
+    # The final fusion: the same fusion `dr fuse` makes of the two runs by hand, evaluated into metrics.json.
+    by_hand = tmp_path / "by_hand.trec"
+    assert command("fuse")(["--runs", str(lay.rerank_run), str(lay.fused_run), "--method", "linear",
+                            "--weights", "0.5", "0.5", "--normalize", "minmax", "--depth", "5",
+                            "--save_ranking_to", str(by_hand), "--run_format", "trec"]) == 0  # fmt: skip
+    final, _ = read_run(lay.rerank_fused_run)
+    assert final.rankings == read_run(by_hand)[0].rankings
+    assert all(
+        {d for d, _ in hits} == {d for d, _ in reranked.rankings[q]} for q, hits in final.rankings.items()
+    )
     metrics = json.loads(lay.metrics.read_text())
-    expected = command("eval")  # metrics.json is the reranked run's
+    expected = command("eval")  # metrics.json is the last stage's run's
     out = tmp_path / "expected.json"
-    assert expected(["--qrels", str(tmp_path / "qrels.trec"), "--run", str(lay.rerank_run),
+    assert expected(["--qrels", str(tmp_path / "qrels.trec"), "--run", str(lay.rerank_fused_run),
                      "--metrics", "MRR@10", "R@10", "--output", str(out)]) == 0  # fmt: skip
     assert metrics == json.loads(out.read_text())
-    for run in ("dense", "bm25", "fused"):
+    for run in ("dense", "bm25", "fused", "rerank"):
         assert json.loads(lay.run_metrics(run).read_text())["num_queries"] == 24
-    assert "metrics.json: the rerank run" in first.stdout
+    assert "metrics.json: the rerank_fused run" in first.stdout
 
     second = subprocess.run(
         [*cmd, "--set", "fuse.method=linear"],
@@ -216,7 +256,7 @@ def test_dense_bm25_fuse_rerank_end_to_end(tmp_path: Path, tiny_model_dir: Path)
     )  # fmt: skip
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     started = [ln.split("] ", 1)[1].split(":")[0] for ln in second.stdout.splitlines() if ": start:" in ln]
-    assert started == ["fuse", "rerank", "eval_fused", "eval"]
+    assert started == ["fuse", "rerank", "rerank_fuse", "eval_fused", "eval_rerank", "eval"]
     assert json.loads((lay.root / "run.fused.trec.config.json").read_text())["args"]["method"] == "linear"
 
 
