@@ -354,97 +354,67 @@ def _second_stage_steps(cfg: dict[str, Any], lay: Layout, runs: dict[str, tuple[
         "encode.queries": enc["queries"],
         "encode.queries_split": enc.get("queries_split"),
     }
+
+    def stage(section: str, module: str, flags: dict[str, Any], nproc: int = 1, **step: Any) -> Step:
+        """The step of `section`, which writes run.<name>.trec (registered in `runs`) and removes it,
+        its sidecar (and rerank's parts) before a fresh run."""
+        run = lay.second_stage_run(section)
+        runs[SECOND_STAGE_RUNS[section]] = (run, section)
+        flags = {**flags, "save_ranking_to": str(run), "run_format": "trec"}
+        return Step(
+            section,
+            launch_prefix(module, nproc) + flags_to_argv(flags),
+            done=run.is_file,
+            invalidate=_remove(*lay.stage_outputs(section)),
+            **step,
+        )
+
     steps: list[Step] = []
     if cfg.get("bm25") is not None:
-        flags = {
-            **cfg["bm25"],
-            **inputs,
-            "index_dir": str(lay.bm25_index),  # reused by `dr bm25` itself while corpus and settings hold
-            "save_ranking_to": str(lay.bm25_run),
-            "run_format": "trec",
-        }
+        # the index is reused by `dr bm25` itself while corpus and settings hold
+        flags = {**cfg["bm25"], **inputs, "index_dir": str(lay.bm25_index)}
         steps.append(
-            Step(
-                "bm25",
-                launch_prefix("dr.bm25", 1) + flags_to_argv(flags),
-                done=lay.bm25_run.is_file,
-                invalidate=_remove(*lay.stage_outputs("bm25")),
-                config={**_dotted("bm25", cfg["bm25"]), **inputs_config},
-            )
+            stage("bm25", "dr.bm25", flags, config={**_dotted("bm25", cfg["bm25"]), **inputs_config})
         )
-        runs[SECOND_STAGE_RUNS["bm25"]] = (lay.bm25_run, "bm25")
     first_stage = (lay.run, "tevatron", "search")  # the run the reranker reads: dense, or fused below
     if cfg.get("fuse") is not None:
         flags = {
             **cfg["fuse"],
             "runs": [str(lay.run), str(lay.bm25_run)],  # --weights are in this order: dense, bm25
             "run_formats": ["tevatron", "trec"],
-            "save_ranking_to": str(lay.fused_run),
-            "run_format": "trec",
         }
         steps.append(
-            Step(
-                "fuse",
-                launch_prefix("dr.fuse", 1) + flags_to_argv(flags),
-                done=lay.fused_run.is_file,
-                invalidate=_remove(*lay.stage_outputs("fuse")),
-                upstream=("search", "bm25"),
-                config=_dotted("fuse", cfg["fuse"]),
-            )
+            stage("fuse", "dr.fuse", flags, upstream=("search", "bm25"), config=_dotted("fuse", cfg["fuse"]))
         )
-        runs[SECOND_STAGE_RUNS["fuse"]] = (lay.fused_run, "fuse")
         first_stage = (lay.fused_run, "trec", "fuse")
+    source, source_format, source_stage = first_stage
     if cfg.get("rerank") is not None:
-        source, source_format, source_stage = first_stage
         nproc = cfg["processes"]["rerank"]
         flags = {
             **cfg["rerank"],
             "run_file": str(source),  # torchrun reads `--run` as its own `--run-path`
             "input_run_format": source_format,
             **inputs,
-            "save_ranking_to": str(lay.rerank_run),
-            "run_format": "trec",
         }
-        steps.append(
-            Step(
-                "rerank",
-                launch_prefix("dr.rerank", nproc) + flags_to_argv(flags),
-                done=lay.rerank_run.is_file,
-                # A rerun under another fingerprint starts afresh; a stopped one with the same fingerprint
-                # keeps its parts (the runner does not invalidate it) and `dr rerank` resumes from them.
-                invalidate=_remove(*lay.stage_outputs("rerank")),
-                upstream=(source_stage,),
-                config={
-                    **_dotted("rerank", cfg["rerank"]),
-                    **inputs_config,
-                    "processes.rerank": nproc,
-                    "rerank.input": source_stage,
-                },
-            )
-        )
-        runs[SECOND_STAGE_RUNS["rerank"]] = (lay.rerank_run, "rerank")
+        config = {
+            **_dotted("rerank", cfg["rerank"]),
+            **inputs_config,
+            "processes.rerank": nproc,
+            "rerank.input": source_stage,
+        }
+        # A rerun under another fingerprint starts afresh (invalidate); a stopped one with the same
+        # fingerprint keeps its parts (the runner does not invalidate it) and `dr rerank` resumes from them.
+        steps.append(stage("rerank", "dr.rerank", flags, nproc, upstream=(source_stage,), config=config))
     if cfg.get("rerank_fuse") is not None:
         # The cross-encoder's scores fused with those of the run it reranked: the two rank the same
         # candidates, and each knows what the other misses (bench/RESULTS.md, SciFact).
-        source, source_format, source_stage = first_stage
         flags = {
             **cfg["rerank_fuse"],
             "runs": [str(lay.rerank_run), str(source)],  # --weights are in this order: reranked, its input
             "run_formats": ["trec", source_format],
-            "save_ranking_to": str(lay.rerank_fused_run),
-            "run_format": "trec",
         }
-        steps.append(
-            Step(
-                "rerank_fuse",
-                launch_prefix("dr.fuse", 1) + flags_to_argv(flags),
-                done=lay.rerank_fused_run.is_file,
-                invalidate=_remove(*lay.stage_outputs("rerank_fuse")),
-                upstream=("rerank", source_stage),
-                config={**_dotted("rerank_fuse", cfg["rerank_fuse"]), "rerank_fuse.input": source_stage},
-            )
-        )
-        runs[SECOND_STAGE_RUNS["rerank_fuse"]] = (lay.rerank_fused_run, "rerank_fuse")
+        config = {**_dotted("rerank_fuse", cfg["rerank_fuse"]), "rerank_fuse.input": source_stage}
+        steps.append(stage("rerank_fuse", "dr.fuse", flags, upstream=("rerank", source_stage), config=config))
     return steps
 
 
