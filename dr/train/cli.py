@@ -8,6 +8,7 @@ Launch with plain `python` (one GPU or the CPU), `torchrun --nproc_per_node N` (
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from dr.flags import DataArguments, ModelArguments, dataclass_parser, to_dataclasses
@@ -74,7 +75,9 @@ def run(args) -> int:
     """Prepare the launch, build the argument objects, train; the process group is left in every case."""
     from dr import distributed
 
-    if args.deepspeed:  # it JIT-builds ops on start: a lock left by an interrupted build would hang it
+    # DeepSpeed JIT-builds ops on start: a lock left by an interrupted build would hang it. One process per
+    # node clears it (the others would race it for the lock a new build creates at the same path).
+    if args.deepspeed and os.environ.get("LOCAL_RANK", "0") == "0":
         from dr.train.extension_locks import clear_stale_extension_locks
 
         clear_stale_extension_locks()

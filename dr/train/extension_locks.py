@@ -53,8 +53,8 @@ def build_locks(roots: list[Path], *, now: float | None = None) -> list[tuple[Pa
 def clear_stale_extension_locks(*, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
     """Remove stale build locks (warning for each), report young ones; returns the removed paths.
 
-    Called before DeepSpeed builds anything. Every rank may call it: a lock another rank removed first is
-    skipped.
+    Called before DeepSpeed builds anything, by one process per node (`dr train`: local rank 0); a lock
+    another caller removed first is skipped.
     """
     removed = []
     for lock, age_s in build_locks(extension_build_roots()):
