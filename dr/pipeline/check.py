@@ -32,10 +32,11 @@ _SECTION_COMMANDS = {
 _ENCODE_FLAG_SECTIONS = ("corpus_flags", "query_flags")
 # Flags of the second stages that the pipeline sets itself (inputs from the encode section, outputs in
 # RUN_DIR, formats); a config that sets one would silently lose it, so it is an error instead.
+_FUSE_FLAGS = {"runs", "run_formats", "save_ranking_to", "run_format", "format"}  # both fusion stages
 PIPELINE_FLAGS = {
     "bm25": {"corpus", "queries", "query_split", "index_dir", "save_ranking_to", "run_format", "format"},
-    "fuse": {"runs", "run_formats", "save_ranking_to", "run_format", "format"},
-    "rerank_fuse": {"runs", "run_formats", "save_ranking_to", "run_format", "format"},
+    "fuse": _FUSE_FLAGS,
+    "rerank_fuse": _FUSE_FLAGS,
     "rerank": {
         "run", "run_file", "input_run_format", "corpus", "queries", "query_split", "save_ranking_to",
         "run_format", "format", "num_shards", "shard_index", "overwrite",

@@ -71,12 +71,8 @@ ENCODE_KEYS = {
     "query_flags",
 }
 EVAL_KEYS = {"qrels", "metrics", "run_format"}
-OPTIONAL_STAGES = (
-    "bm25",
-    "fuse",
-    "rerank",
-    "rerank_fuse",
-)  # second stages: a mapping turns one on, absent or null: off
+# second stages: a mapping turns one on, absent or null: off
+OPTIONAL_STAGES = ("bm25", "fuse", "rerank", "rerank_fuse")
 DEFAULT_PROCESSES = {"train": 1, "encode": 1, "search": 1, "rerank": 1}
 RUN_SUFFIX = {"trec": "trec", "marco": "marco", "tevatron": "tevatron"}
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

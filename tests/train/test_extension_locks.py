@@ -17,7 +17,7 @@ from dr.train.extension_locks import (
     clear_stale_extension_locks,
     extension_build_roots,
 )
-from tests.helpers import REPO, as_flags, make_train_rows, run, torchrun, write_jsonl
+from tests.helpers import REPO, as_flags, make_train_rows, run, subprocess_env, torchrun, write_jsonl
 from tests.rerank.test_rerank import make_cross_encoder
 
 
@@ -66,7 +66,7 @@ def test_default_root_has_a_python_level_under_torchs_cache(tmp_path, monkeypatc
 def test_deepspeed_start_after_an_interrupted_build_does_not_hang(tmp_path):
     """Before the fix each rank waited on the lock forever (a 400 s test timeout); now the run trains."""
     extensions = tmp_path / "extensions"
-    built = Path.home() / ".cache" / "dr-torch-extensions" / "deepspeed_shm_comm"
+    built = Path(subprocess_env()["TORCH_EXTENSIONS_DIR"]) / "deepspeed_shm_comm"  # the other tests' cache
     if (built / "deepspeed_shm_comm.so").is_file():  # reuse the build the other DeepSpeed tests made
         shutil.copytree(built, extensions / "deepspeed_shm_comm", ignore=shutil.ignore_patterns("lock"))
     lock = _lock(extensions, "deepspeed_shm_comm", STALE_AFTER_S + 60)
