@@ -20,6 +20,9 @@
 #                 with native bf16; emulated bf16 is several times slower than float32)
 #   R1            a finished round-1 run folder to use instead of training RUN_ROOT/fine-tuned (its model mines
 #                 the negatives; e.g. R1=runs/scifact-minilm/fine-tuned-seed43); it is used as it is, never rerun
+#   SCORED        a teacher-scored copy of the mined file made elsewhere (e.g. out-of-fold cross-encoder scores from
+#                 bench/oof_teacher.sh); used instead of running a teacher (TEACHER is then ignored); it must hold
+#                 the same groups as RUN_ROOT/distill/train.mined.jsonl (checked)
 #   NPROC         processes for dr score (default 2), DR_DATA (default ../shared/data), PYTHON (default python)
 # Takes hours on 2 CPU cores without AVX-512 (each MiniLM training ~35-45 min); less with it.
 # Writes RUN_ROOT/distill/distill-summary.txt: nDCG@10 / MRR@10 / R@100 of every run, for bench/RESULTS.md.
@@ -70,12 +73,28 @@ step dr mine --run "$r1/train.run.txt" --queries "$data/queries.train.tsv" --qre
 
 # 3. Teacher scores on every (query, passage) of the mined file (resumable; ranks write parts). Scores of
 #    another teacher must not be reused: the run root records which teacher its scores came from.
-if [[ -f "$d/teacher.id" && "$(cat "$d/teacher.id")" != "$teacher_type:$teacher" ]]; then
+teacher_id="$teacher_type:$teacher"
+if [[ -n "${SCORED:-}" ]]; then
+  teacher_id="scored:$(realpath "$SCORED")" teacher_type=scored
+fi
+if [[ -f "$d/teacher.id" && "$(cat "$d/teacher.id")" != "$teacher_id" ]]; then
   echo "bench/distill_scifact.sh: $d holds scores of teacher $(cat "$d/teacher.id"), not" \
-    "$teacher_type:$teacher; pass another RUN_ROOT" >&2
+    "$teacher_id; pass another RUN_ROOT" >&2
   exit 2
 fi
-echo "$teacher_type:$teacher" > "$d/teacher.id"
+echo "$teacher_id" > "$d/teacher.id"
+if [[ -n "${SCORED:-}" && ! -f "$d/train.teacher.jsonl" ]]; then
+  # Scores made elsewhere must be of these very groups (same queries and passages, in this order).
+  "$py" - "$d/train.mined.jsonl" "$SCORED" <<'PY'
+import json, sys
+def groups(path):
+    return [(g["query_id"], [p["docid"] for p in g["positive_passages"] + g["negative_passages"]])
+            for g in map(json.loads, filter(str.strip, open(path, encoding="utf-8")))]
+if groups(sys.argv[1]) != groups(sys.argv[2]):
+    sys.exit(f"SCORED={sys.argv[2]} does not hold the groups of {sys.argv[1]} (queries, passages, order)")
+PY
+  cp "$SCORED" "$d/train.teacher.jsonl"
+fi
 score_type="$teacher_type"; [[ "$teacher_type" == hybrid ]] && score_type=bi
 score=(-m dr.score.cli --teacher_type "$score_type" --model_name_or_path "$teacher"
   --dataset_name "$d/train.mined.jsonl" --output "$d/train.teacher.jsonl" --batch_size 64)
@@ -95,7 +114,7 @@ if [[ ! -f "$d/train.teacher.jsonl" ]]; then
     step "$py" "${score[@]}"
   fi
 fi
-teacher_label="$teacher_type:$teacher (T=$distil_t)"
+teacher_label="$teacher_id (T=$distil_t)"
 if [[ "$teacher_type" == hybrid ]]; then
   step "$py" -m bench.hybrid_teacher train --scored "$d/train.teacher.jsonl" --corpus "$data/corpus.jsonl" \
     --output "$d/train.scored.jsonl"

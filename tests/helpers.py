@@ -211,15 +211,43 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 def run(cmd: list[str], timeout: float = 300, check: bool = True, **env: str) -> subprocess.CompletedProcess:
-    """Run a command with the test environment; on failure show its output."""
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=timeout, env=subprocess_env(**env), cwd=REPO, check=False
-    )
+    """Run a command with the test environment; on failure show its output. On timeout the command and
+    every process under it are killed (torchrun's ranks run in sessions of their own, so killing the
+    launcher alone left them running, holding ports and cores for the tests after), then
+    `subprocess.TimeoutExpired` is raised with the output so far."""
+    with subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(**env), cwd=REPO
+    ) as popen:
+        try:
+            stdout, stderr = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_process_tree(popen.pid)
+            stdout, stderr = popen.communicate()
+            raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def kill_process_tree(pid: int) -> None:
+    """SIGKILL `pid` and all its descendants, whatever session they are in (listed before any is killed,
+    so none is missed by being re-parented)."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    for process in tree:
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=10)
 
 
 def torchrun(nproc: int) -> list[str]:

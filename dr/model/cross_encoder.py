@@ -188,9 +188,11 @@ def score_pairs(
     batch_size: int,
     device: Any,
     forward_context: AbstractContextManager | None = None,
+    column: int = 0,
 ) -> list[float]:
     """The classifier's logit of every (query, passage) pair, in input order; pairs batched longest first
-    (`dr.encode.batching.sort_and_batch`), each forward in `forward_context` (e.g. bf16 autocast)."""
+    (`dr.encode.batching.sort_and_batch`), each forward in `forward_context` (e.g. bf16 autocast).
+    `column` picks the relevance logit of a head with several outputs (1: a 2-label head's positive class)."""
     from dr.encode.batching import BatchSettings, sort_and_batch
 
     if not queries:
@@ -199,7 +201,7 @@ def score_pairs(
     scores = [0.0] * len(queries)
     for positions, batch in sort_and_batch(encoded, tokenizer, BatchSettings(cfg.max_length, batch_size)):
         with torch.inference_mode(), forward_context or nullcontext():
-            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits  # (b, 1)
-        for i, value in zip(positions.tolist(), logits[:, 0].float().cpu().tolist()):
+            logits = model(**{k: v.to(device) for k, v in batch.items()}).logits  # (b, labels)
+        for i, value in zip(positions.tolist(), logits[:, column].float().cpu().tolist()):
             scores[i] = value
     return scores

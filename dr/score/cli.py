@@ -12,6 +12,7 @@ import os
 from functools import partial
 
 from dr.flags import add_bool
+from dr.model.precision import BF16_CHOICES
 from dr.score.run import ScoreUsageError, publish, score_own_part, setup_rank
 
 
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--num_shards", "--encode_num_shard", type=int, default=None, help="contiguous shards (SLURM array)"
     )
     parser.add_argument("--shard_index", "--encode_shard_index", type=int, default=None)
+    parser.add_argument("--bf16", default="false", type=str.lower, choices=BF16_CHOICES, nargs="?", const="true",
+                        help="bf16 autocast: false (default: teacher scores in float32), true, auto (bf16 where "
+                        "the GPU/CPU has it in hardware)")  # fmt: skip
     parser.add_argument("--window_rows", type=int, default=256, help="rows read and written at a time")
     parser.add_argument("--overwrite", action="store_true", help="drop existing parts and rescore everything")
     return parser

@@ -426,6 +426,31 @@ def test_score_two_ranks_equal_one_process_and_resume(tiny_model_dir, score_inpu
         assert proc.returncode == 2 and "another input or teacher" in proc.stderr
 
 
+@pytest.mark.parametrize("kind", ["cross", "bi"])
+def test_score_bf16_is_close_to_float32_and_never_reuses_float32_parts(
+    tiny_model_dir, score_input, tmp_path, kind
+):
+    """`--bf16` scores under bf16 autocast: close to float32's (not equal), and a rerun with another precision
+    is refused on the parts folder rather than mixing float32 and bf16 rows in one scored file."""
+    from dr.score.cli import main
+
+    teacher = make_cross_encoder(tmp_path / "ce", tiny_model_dir) if kind == "cross" else tiny_model_dir
+    f32, b16 = tmp_path / "f32.jsonl", tmp_path / "b16.jsonl"
+    assert main(_score_cmd(teacher, kind, score_input, f32)[2:]) == 0
+    assert main(_score_cmd(teacher, kind, score_input, b16, "--bf16")[2:]) == 0
+    expected, got = _scores(f32), _scores(b16)
+    flat = [x for _, s in expected for x in s]
+    spread = max(flat) - min(flat)
+    deltas = [abs(a - b) for (_, sa), (_, sb) in zip(expected, got) for a, b in zip(sa, sb)]
+    assert max(deltas) < 0.05 * spread + 1e-3  # bf16 keeps ~3 significant digits
+    assert max(deltas) > 0  # and it did run in bf16
+    manifest = json.loads((tmp_path / "b16.jsonl.manifest.json").read_text())
+    assert manifest["teacher"]["precision"] == "bfloat16"
+    assert "precision" not in json.loads((tmp_path / "f32.jsonl.manifest.json").read_text())["teacher"]
+    f32.unlink()  # a float32 rerun over the bf16 parts folder: refused, nothing published
+    assert main(_score_cmd(teacher, kind, score_input, b16)[2:]) == 2
+
+
 def test_bi_teacher_scores_each_pair_as_its_own_forward(tiny_model_dir):
     """Distinct texts are encoded once, length-sorted and padded together: each score still equals q.p of
     the query and the passage encoded alone, recurring queries and passages included, in input order."""
