@@ -10,7 +10,7 @@ folds back into one file. Every score then comes from a teacher that never saw t
         # D/fold-K.jsonl (the queries to score) and D/train-K.jsonl (all other folds: the teacher's data)
     python -m bench.folds merge --input M.jsonl --scored D/fold-0.scored.jsonl D/fold-1.scored.jsonl \
         --output S.jsonl   # one scored line per line of M, in M's order; fails if a query is missing or repeated
-    python -m bench.folds accuracy --scored S.jsonl   # how often the teacher puts the positive first
+    python -m bench.folds accuracy --scored S.jsonl --temperatures 0.5 1 2   # how sharp the teacher is
 
 Folds are a seeded shuffle of the query ids cut into K near-equal parts, so a rerun makes the same split.
 """
@@ -88,18 +88,31 @@ def merge(input_path: str, scored_paths: Sequence[str], output: str) -> None:
     print(f"merged {len(order)} scored groups into {output}")
 
 
-def accuracy(scored_path: str) -> None:
-    """Share of queries whose judged positive the teacher scores above every negative of the group."""
+def accuracy(scored_path: str, temperatures: Sequence[float] = (), group: int = 4, seed: int = 0) -> None:
+    """How sharp the teacher is on these groups: the share of queries whose judged positive it scores above
+    every negative, and, per temperature T, the mean softmax(score / T) mass on the positive over groups
+    of `group` passages as the student sees them (the positive + `group - 1` negatives drawn at random)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
     first = total = 0
+    groups = []
     for _, line in read_groups(scored_path):
-        group = json.loads(line)
-        positive = max(p["score"] for p in group["positive_passages"])
-        negatives = [p["score"] for p in group["negative_passages"]]
-        first += all(positive > score for score in negatives)
+        row = json.loads(line)
+        positive = max(p["score"] for p in row["positive_passages"])
+        negatives = np.array([p["score"] for p in row["negative_passages"]], dtype=np.float64)
+        first += bool((positive > negatives).all())
         total += 1
+        drawn = rng.choice(len(negatives), size=min(group - 1, len(negatives)), replace=False)
+        groups.append(np.concatenate([[positive], negatives[drawn]]))
     print(
         f"{scored_path}: positive above all negatives for {first}/{total} queries ({100 * first / total:.1f} %)"
     )
+    for temperature in temperatures:
+        mass = [
+            np.exp((g - g.max()) / temperature)[0] / np.exp((g - g.max()) / temperature).sum() for g in groups
+        ]
+        print(f"  T = {temperature:g}: mean mass on the positive in groups of {group}: {np.mean(mass):.3f}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -118,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     merge_parser.add_argument("--output", required=True)
     accuracy_parser = commands.add_parser("accuracy")
     accuracy_parser.add_argument("--scored", required=True)
+    accuracy_parser.add_argument("--temperatures", type=float, nargs="*", default=[])
+    accuracy_parser.add_argument("--group", type=int, default=4)
     args = parser.parse_args(argv)
     if args.command == "split":
         if args.folds < 2:
@@ -126,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "merge":
         merge(args.input, args.scored, args.output)
     else:
-        accuracy(args.scored)
+        accuracy(args.scored, args.temperatures, args.group)
 
 
 if __name__ == "__main__":

@@ -52,5 +52,5 @@ for ((fold = 0; fold < folds; fold++)); do
   scored+=("$out/fold-$fold.scored.jsonl")
 done
 step "$py" -m bench.folds merge --input "$mined" --scored "${scored[@]}" --output "$out/train.oof.jsonl"
-step "$py" -m bench.folds accuracy --scored "$out/train.oof.jsonl" | tee "$out/teacher-accuracy.txt"
+step "$py" -m bench.folds accuracy --scored "$out/train.oof.jsonl" --temperatures 0.5 1 2 4 | tee "$out/teacher-accuracy.txt"
 echo "wall time: $(($(date +%s) - start)) s" | tee -a "$out/teacher-accuracy.txt"

@@ -4,6 +4,7 @@ other folds only, and the merge restores the input's order and refuses a missing
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,20 @@ def test_a_line_without_query_id_is_named(tmp_path: Path) -> None:
     bad.write_text(json.dumps(_group("1", ["d1"])) + "\n" + '{"query": "no id"}\n', encoding="utf-8")
     with pytest.raises(SystemExit, match=r"bad.jsonl:2"):
         split(str(bad), folds=2, seed=1, output_dir=str(tmp_path / "folds"))
+
+
+def test_accuracy_counts_positives_first_and_the_mass_on_them(tmp_path: Path, capsys) -> None:
+    from bench.folds import accuracy
+
+    scored = tmp_path / "scored.jsonl"
+    sharp = _group("1", ["p", "a", "b", "c"], 0.0)
+    for passage, score in zip(sharp["negative_passages"], (-1.0, -2.0, -3.0)):
+        passage["score"] = score
+    wrong = _group("2", ["p", "a", "b", "c"], 0.0)
+    wrong["negative_passages"][0]["score"] = 5.0  # a negative above the positive
+    _write(scored, [sharp, wrong])
+    accuracy(str(scored), temperatures=[1.0], group=4)
+    out = capsys.readouterr().out
+    assert "1/2 queries (50.0 %)" in out
+    expected = (1 / (1 + math.exp(-1) + math.exp(-2) + math.exp(-3)) + 1 / (1 + math.exp(5) + 2)) / 2
+    assert f"{expected:.3f}" in out
