@@ -11,8 +11,8 @@
 #      with native bf16 such as AMX), NPROC (processes for dr score, default 2), PYTHON.
 # Writes OUT_DIR/train.oof.jsonl (every group scored by the teacher that did not see its query), then
 #   DISTILL: SCORED=OUT_DIR/train.oof.jsonl TEACHER_TS="0.5 1 2" bash bench/distill_scifact.sh RUN_ROOT
-# Cost on 2 cores with AMX: ~13 s/step at GROUP 4 (8 epochs of ~405 queries: ~45 min per fold), ~4 min to
-# score a fold in float32.
+# Measured on SciFact (2 cores with AMX, TRAIN_BF16=1): 8-13 s/step at GROUP 4, 32-35 min per fold (8 epochs of
+# ~405 queries, 208 steps), ~4 min to score a fold in float32; teacher and students: bench/RESULTS.md.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
