@@ -13,7 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 
-from dr.distributed import process_group
+from dr.distributed import exit_status, process_group
 from dr.model.encoder import BiEncoder
 from dr.model.text import load_tokenizer
 from dr.train.losses.contrastive import ContrastiveLoss
@@ -73,3 +73,7 @@ def _step(model_dir: str, out_path: str, gather: str, matryoshka_dims: str = "")
 
 if __name__ == "__main__":
     main(*sys.argv[1:5])
+    # Leave as the dr commands do (`dr.distributed.exit_status`): once the group is gone, interpreter
+    # finalization can still free DDP's reducer late and gloo's threads with it, which aborts the process
+    # ("terminate called without an active exception", SIGABRT) after its work was done (seen once in CI).
+    raise SystemExit(exit_status(0))
