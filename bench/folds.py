@@ -109,9 +109,8 @@ def accuracy(scored_path: str, temperatures: Sequence[float] = (), group: int = 
         f"{scored_path}: positive above all negatives for {first}/{total} queries ({100 * first / total:.1f} %)"
     )
     for temperature in temperatures:
-        mass = [
-            np.exp((g - g.max()) / temperature)[0] / np.exp((g - g.max()) / temperature).sum() for g in groups
-        ]
+        weights = [np.exp((g - g.max()) / temperature) for g in groups]  # softmax numerators, stable
+        mass = [w[0] / w.sum() for w in weights]
         print(f"  T = {temperature:g}: mean mass on the positive in groups of {group}: {np.mean(mass):.3f}")
 
 

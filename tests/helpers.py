@@ -283,11 +283,10 @@ def launch_two_nodes(
 ) -> list[subprocess.CompletedProcess]:
     """Run `args` (e.g. `["-m", "dr.encode", ...]`) as a two-node job on this machine: two torchrun agents,
     `--nnodes 2 --node_rank 0|1`, joined by a c10d rendezvous on a free localhost port, as one agent per
-    node of a cluster would be started. Each agent runs in its own session; on timeout both sessions (the
-    agents and their workers) are killed. Returns both results, node 0 first; with `check`, fails with
+    node of a cluster would be started. Each agent runs in its own session; on timeout both agents and all
+    their workers are killed (`kill_process_tree`). Returns both results, node 0 first; with `check`, fails with
     their output unless both exit 0."""
     import contextlib
-    import signal
     import tempfile
     import time
 
@@ -318,7 +317,7 @@ def launch_two_nodes(
         results = []
         for cmd, proc, out, err in agents:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)  # the agent's session: it and its workers
+                kill_process_tree(proc.pid)  # the agent and its workers (in sessions of their own)
                 proc.wait()
             out.seek(0)
             err.seek(0)
