@@ -11,7 +11,8 @@
 #      (default 1e-4). The classification head starts from random weights: at 2e-5 the listwise loss stayed
 #      at ln(GROUP) = 2.08 for the first 15 steps; at 1e-4 one epoch (51 steps) took it to 1.70 only (that
 #      cross-encoder reranked the dense top 100 to nDCG@10 0.244), four epochs to ~0.25 (reranked: 0.728;
-#      fused back with the hybrid run: 0.774; bench/RESULTS.md). Check the loss before reranking.
+#      fused back with the hybrid run: 0.774; seed 43 of this script's one 4-epoch run: 0.723 / 0.793;
+#      bench/RESULTS.md). Check the loss before reranking.
 #      NPROC (rerank ranks, default 2), DR_DATA (default ../shared/data), PYTHON (default python),
 #      R1 (the round-1 run folder whose model mines the negatives and whose run is reranked; default
 #      RUN_ROOT/fine-tuned, e.g. R1=runs/scifact-minilm/fine-tuned-seed43), TRAIN_BF16 (1: train the
