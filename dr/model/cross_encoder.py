@@ -56,11 +56,24 @@ class CrossEncoderConfig:
         return cls(**{k: v for k, v in saved.items() if k in known})
 
     @classmethod
-    def resolve(cls, model_dir: str | os.PathLike, overrides: dict[str, Any]) -> CrossEncoderConfig:
-        """Flags (non-None `overrides`) > the folder's saved settings > defaults."""
-        base = asdict(cls.load(model_dir) or cls()) if Path(model_dir).is_dir() else asdict(cls())
+    def resolve(
+        cls,
+        model_dir: str | os.PathLike,
+        overrides: dict[str, Any],
+        defaults: CrossEncoderConfig | None = None,
+    ) -> CrossEncoderConfig:
+        """Flags (non-None `overrides`) > the folder's saved settings > `defaults` (the class's if None).
+
+        `defaults` applies only to a folder dr did not write (any HF classifier), e.g. a longer pair limit."""
+        saved = cls.load(model_dir) if Path(model_dir).is_dir() else None
+        base = asdict(saved or defaults or cls())
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
+
+    def fit_to(self, tokenizer_max_length: int | None) -> None:
+        """Cap `max_length` at the tokenizer's limit (`model_max_length`; None or 0: no limit known)."""
+        if tokenizer_max_length and tokenizer_max_length < self.max_length:
+            self.max_length = tokenizer_max_length
 
     def save(self, model_dir: str | os.PathLike) -> None:
         write_json_atomic(

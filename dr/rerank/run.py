@@ -143,8 +143,7 @@ def load_reranker(args: argparse.Namespace, device: Any) -> Reranker:
     overrides = {"max_length": args.max_length, "truncation": args.truncation}
     cfg = CrossEncoderConfig.resolve(args.model_name_or_path, overrides)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name or args.model_name_or_path)
-    if tokenizer.model_max_length and tokenizer.model_max_length < cfg.max_length:
-        cfg.max_length = tokenizer.model_max_length
+    cfg.fit_to(tokenizer.model_max_length)
     try:
         precision = choose_precision(parse_bf16(args.bf16), False, "autocast", device.type)
     except ValueError as err:

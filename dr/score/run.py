@@ -134,14 +134,11 @@ class CrossTeacher:
         # A folder `dr train --model_type cross_encoder` wrote says how its pairs were tokenised (length,
         # truncation, prefixes): the defaults here, so its scores are those of the model as trained. Any
         # other classifier gets the whole pair up to 512 tokens (the usual BERT limit), longest_first.
-        saved = Path(args.model_name_or_path).is_dir() and CrossEncoderConfig.load(args.model_name_or_path)
-        overrides = {"max_length": args.max_length or (None if saved else 512), "truncation": args.truncation}
+        overrides = {"max_length": args.max_length, "truncation": args.truncation}
         self.pairs = CrossEncoderConfig.resolve(
-            args.model_name_or_path, overrides
-        )  # flags > saved > defaults
-        self.pairs.max_length = min(
-            self.pairs.max_length, self.tokenizer.model_max_length or self.pairs.max_length
+            args.model_name_or_path, overrides, defaults=CrossEncoderConfig(max_length=512)
         )
+        self.pairs.fit_to(self.tokenizer.model_max_length)
         self.model, self.forward_context = cast_for_inference(model, precision, device.type)
         self.device = device
         self.settings = {
